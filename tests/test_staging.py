@@ -1,0 +1,115 @@
+"""Staging against a real Redis: atomic batches, completion flags, the due set, and the races."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import outcome
+from worker.staging import Staging
+from worker.uris import Target
+
+pytestmark = pytest.mark.redis
+
+V1 = Target("version", "press", "v1")
+DS = Target("dataset", "press")
+EXE = Target.for_execution("exec-1")
+FILE = "exec-1/valohai.metadata.jsonl"
+
+
+def version_line(meta: str, version: str = "v1") -> bytes:
+    return b'{"dataset-version": "dataset://press/%s", "metadata": %s}' % (version.encode(), meta.encode())
+
+
+def test_batch_and_checkpoint_are_staged_together(staging: Staging) -> None:
+    due = staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], '{"offset": 10}')
+    assert due == []
+    assert staging.load_state(FILE) == '{"offset": 10}'
+    entries = list(staging.read_after(V1, None))
+    assert [e.metadata for _, e in entries] == [{"a": 1}]
+    assert entries[0][1].source.file == FILE and entries[0][1].source.line == 1
+
+
+def test_same_line_read_again_after_a_rewrite_is_staged_once(staging: Staging) -> None:
+    line = outcome(version_line('{"a": 1}'))
+    staging.stage_lines(FILE, "exec-1", [line], "s1")
+    staging.stage_lines(FILE, "exec-1", [line, outcome(version_line('{"b": 2}'), 2)], "s2")
+    assert [e.metadata for _, e in staging.read_after(V1, None)] == [{"a": 1}, {"b": 2}]
+    # A different line at the same number is new content and is staged.
+    staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 3}'))], "s3")
+    assert len(list(staging.read_after(V1, None))) == 3
+    # Replay forces re-staging.
+    staging.stage_lines(FILE, "exec-1", [line], "s4", force=True)
+    assert len(list(staging.read_after(V1, None))) == 4
+
+
+def test_entry_staged_before_completion_is_read_by_the_completion_apply(staging: Staging) -> None:
+    assert staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], "s") == []
+    assert set(staging.complete_version(V1)) == {V1.key, DS.key}
+    assert set(staging.due_targets(older_than=-1)) == {V1.key, DS.key}
+
+
+def test_entry_staged_after_completion_makes_the_version_due_by_itself(staging: Staging) -> None:
+    staging.complete_version(V1)
+    staging.finish(V1, None)
+    assert V1.key not in staging.due_targets(older_than=-1)
+    due = staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"late": true}'))], "s")
+    assert due == [V1.key]
+    assert V1.key in staging.due_targets(older_than=-1)
+
+
+def test_finish_keeps_the_target_due_when_a_newer_entry_arrived(staging: Staging) -> None:
+    staging.complete_version(V1)
+    staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], "s")
+    (first_id, _), = staging.read_after(V1, None)
+    staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"b": 2}'), 2)], "s")
+    assert staging.finish(V1, first_id) is False
+    assert V1.key in staging.due_targets(older_than=-1)
+    last_id = [i for i, _ in staging.read_after(V1, None)][-1]
+    assert staging.finish(V1, last_id) is True
+    assert V1.key not in staging.due_targets(older_than=-1)
+    # Applied entries are trimmed, the last one is kept as the anchor.
+    assert [i for i, _ in staging.read_after(V1, None)] == [last_id]
+
+
+def test_execution_completion_completes_the_versions_its_datums_feed(staging: Staging) -> None:
+    datum = b'{"file": "a.png", "metadata": {"valohai.dataset-versions": ["dataset://press/v2"]}}'
+    dataset = b'{"dataset": "dataset://press", "metadata": {"domain": "x"}}'
+    staging.stage_lines(FILE, "exec-1", [outcome(datum), outcome(dataset, 2)], "s")
+    due = staging.complete_execution("exec-1")
+    v2 = Target("version", "press", "v2")
+    assert set(due) == {EXE.key, v2.key, DS.key}
+    assert staging.is_done(v2) and staging.is_done(EXE)
+
+
+def test_late_datum_line_after_execution_completion_completes_its_version(staging: Staging) -> None:
+    staging.complete_execution("exec-1")
+    datum = b'{"file": "b.png", "metadata": {"valohai.dataset-versions": ["dataset://press/v3"]}}'
+    due = staging.stage_lines(FILE, "exec-1", [outcome(datum)], "s")
+    v3 = Target("version", "press", "v3")
+    assert set(due) == {EXE.key, v3.key, DS.key}
+    assert staging.is_done(v3)
+
+
+def test_dataset_lines_wait_for_a_trigger(staging: Staging) -> None:
+    dataset = b'{"dataset": "dataset://press", "metadata": {"domain": "x"}}'
+    assert staging.stage_lines(FILE, "exec-1", [outcome(dataset)], "s") == []
+    assert staging.due_targets(older_than=-1) == []
+
+
+def test_rejects_are_recorded_with_where_and_why(staging: Staging) -> None:
+    from worker.staging import LineOutcome, Reject
+
+    bad = LineOutcome(3, b"12345678", reject=Reject(FILE, 3, 120, "not JSON", "exec-1", "now"))
+    staging.stage_lines(FILE, "exec-1", [bad], "s")
+    staging.stage_lines(FILE, "exec-1", [bad], "s")  # read again after a rewrite: recorded once
+    (reject,) = staging.rejects()
+    assert (reject.file, reject.line, reject.offset, reject.reason) == (FILE, 3, 120, "not JSON")
+
+
+def test_sweep_enqueues_targets_due_too_long(staging: Staging) -> None:
+    staging.complete_version(V1)
+    sent: list[str] = []
+    assert set(staging.sweep(sent.append, older_than=-1)) == {V1.key, DS.key}
+    assert set(sent) == {V1.key, DS.key}
+    # The sweep bumps the score, so an immediate second sweep with a real delay sends nothing.
+    assert staging.sweep(sent.append, older_than=60) == []

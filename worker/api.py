@@ -1,0 +1,118 @@
+"""The HTTP server: webhooks in, properties out (`/api/v0/...`, shaped like the platform's API)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from .errors import InvalidEntry, NotFound
+from .staging import Staging
+from .store import queries
+from .webhooks import parse_event, signature_problem
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[str], None]
+MAX_LIMIT = 1000
+
+
+def create_app(
+    engine: Engine, staging: Staging, enqueue: Enqueue, *, webhook_secret: str | None = None
+) -> FastAPI:
+    """The ASGI app. Handlers are plain functions (run in a thread pool) over one engine."""
+    app = FastAPI(title="Dataset properties sidecar", version="0.1.0")
+
+    @app.exception_handler(NotFound)
+    def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/webhooks/events", status_code=202)
+    async def events(request: Request) -> JSONResponse:
+        body = await request.body()
+        if webhook_secret:
+            problem = signature_problem(
+                webhook_secret,
+                request.headers.get("x-sidecar-timestamp"),
+                request.headers.get("x-sidecar-signature"),
+                body,
+                time.time(),
+            )
+            if problem:
+                return JSONResponse({"error": "unauthorized", "detail": problem}, status_code=401)
+        try:
+            action = parse_event(orjson.loads(body))
+        except orjson.JSONDecodeError as exc:
+            return JSONResponse({"error": "bad_request", "detail": f"not JSON: {exc}"}, status_code=400)
+        except InvalidEntry as exc:
+            return JSONResponse({"error": "bad_request", "detail": str(exc)}, status_code=400)
+        if action.kind == "ignore":
+            return JSONResponse({"status": "ignored", "type": action.event_type}, status_code=202)
+        # Validate and enqueue, nothing more: the apply happens in the worker.
+        if action.kind == "version" and action.target is not None:
+            due = staging.complete_version(action.target)
+        else:
+            due = staging.complete_execution(action.execution)
+        for key in due:
+            try:
+                enqueue(key)
+            except Exception as exc:  # the due set keeps it; the watcher's sweep re-enqueues
+                log.warning("could not enqueue apply of %s (%s); the sweep will retry", key, exc)
+        return JSONResponse({"status": "accepted", "type": action.event_type, "due": due}, status_code=202)
+
+    @app.get("/api/v0/datasets/")
+    def list_datasets(request: Request, name: str | None = None, limit: int = 100, offset: int = 0) -> Any:
+        limit, offset = _paging(limit, offset)
+        with Session(engine) as session:
+            count, rows = queries.list_datasets(session, name=name, limit=limit, offset=offset)
+            return _page(request, count, limit, offset, [queries.dataset_json(r) for r in rows])
+
+    @app.get("/api/v0/datasets/{dataset_id}/")
+    def get_dataset(dataset_id: int) -> Any:
+        with Session(engine) as session:
+            return queries.dataset_json(queries.get_dataset(session, dataset_id))
+
+    @app.get("/api/v0/dataset-versions/")
+    def list_versions(
+        request: Request,
+        dataset: str | None = None,
+        name: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Any:
+        limit, offset = _paging(limit, offset)
+        with Session(engine) as session:
+            count, rows = queries.list_versions(session, dataset=dataset, name=name, limit=limit, offset=offset)
+            results = [queries.version_json(session, r) for r in rows]
+            return _page(request, count, limit, offset, results)
+
+    @app.get("/api/v0/dataset-versions/{version_id}/")
+    def get_version(version_id: int) -> Any:
+        with Session(engine) as session:
+            return queries.version_json(session, queries.get_version(session, version_id))
+
+    return app
+
+
+def _paging(limit: int, offset: int) -> tuple[int, int]:
+    return max(1, min(limit, MAX_LIMIT)), max(0, offset)
+
+
+def _page(request: Request, count: int, limit: int, offset: int, results: list[Any]) -> dict[str, Any]:
+    """The platform's list shape: count, next, previous, results."""
+    url = request.url
+    after = offset + limit
+    nxt = str(url.include_query_params(limit=limit, offset=after)) if after < count else None
+    prev = str(url.include_query_params(limit=limit, offset=max(0, offset - limit))) if offset > 0 else None
+    return {"count": count, "next": nxt, "previous": prev, "results": results}

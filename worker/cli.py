@@ -1,0 +1,203 @@
+"""The `sidecar` command: parse flags, build settings, call one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from . import connections
+from .errors import SidecarError
+from .settings import Settings
+from .store.db import create_schema
+from .tasks import Enqueuer, make_app
+from .uris import version_target
+
+log = logging.getLogger("sidecar")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    flags = {k: v for k, v in vars(args).items() if k in _SETTING_FLAGS}
+    try:
+        settings = Settings.load(flags)
+        _logging(settings.log_level)
+        result: int = args.run(settings, args)
+        return result
+    except SidecarError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
+    except redis.ConnectionError as exc:
+        print(f"sidecar: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from .up import run_up
+
+    return run_up(settings, concurrency=args.concurrency)
+
+
+def cmd_watch(settings: Settings, _args: argparse.Namespace) -> int:
+    from .watch import Watcher
+
+    staging = connections.staging(settings)
+    stop = _stop_on_signals()
+    watcher = Watcher(settings, staging, Enqueuer(make_app(settings)), stop)
+    log.info("watching %s", watcher.root)
+    watcher.run()
+    log.info("watcher stopped: %d files read, %d lines, %d rejects", watcher.stats.files,
+             watcher.stats.lines, watcher.stats.rejects)
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    create_schema(connections.engine(settings))
+    app = make_app(settings)
+    app.worker_main([
+        "worker",
+        "--loglevel", settings.log_level,
+        "--queues", app.conf.task_default_queue,
+        "--concurrency", str(args.concurrency),
+        "--hostname", f"sidecar-{os.getpid()}@%h",
+        "--without-gossip", "--without-mingle",
+    ])
+    return 0
+
+
+def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import create_app
+
+    engine = connections.engine(settings)
+    create_schema(engine)
+    app = create_app(
+        engine, connections.staging(settings), Enqueuer(make_app(settings)),
+        webhook_secret=settings.webhook_secret,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def cmd_complete(settings: Settings, args: argparse.Namespace) -> int:
+    target = version_target(args.uri)
+    staging = connections.staging(settings)
+    enqueue = Enqueuer(make_app(settings))
+    due = staging.complete_version(target)
+    for key in due:
+        enqueue(key)
+    print(f"completed {target.key}; apply enqueued for {', '.join(due)}")
+    return 0
+
+
+def cmd_rejects(settings: Settings, args: argparse.Namespace) -> int:
+    rejects = connections.staging(settings).rejects(args.limit)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rejects], indent=2))
+        return 0
+    for r in rejects:
+        print(f"{r.at}  {r.file}:{r.line} (offset {r.offset})  {r.reason}")
+    if not rejects:
+        print("no rejects")
+    return 0
+
+
+def cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
+    create_schema(connections.engine(settings))
+    print("database schema is up to date")
+    return 0
+
+
+# -- plumbing ---------------------------------------------------------------------------------
+
+_SETTING_FLAGS = {
+    "root", "data_dir", "database_url", "redis_url", "host", "port", "polling", "log_level",
+    "rescan_interval",
+}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="state folder (SQLite, private Redis) [SIDECAR_DATA_DIR, ./.sidecar]")
+    parser.add_argument("--database-url", help="SQLAlchemy URL [SIDECAR_DATABASE_URL, SQLite in the data dir]")
+    parser.add_argument("--redis-url", help="Redis URL [SIDECAR_REDIS_URL, the private one of `sidecar up`]")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING [SIDECAR_LOG_LEVEL, INFO]")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
+    sub = parser.add_subparsers(title="commands")
+
+    def command(name: str, run: Callable[[Settings, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _common(p)
+        p.set_defaults(run=run)
+        return p
+
+    def watching(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--root", help="folder of execution folders [SIDECAR_ROOT]")
+        p.add_argument("--polling", action="store_true", default=None,
+                       help="poll instead of inotify (network filesystems) [SIDECAR_POLLING]")
+        p.add_argument("--rescan-interval", type=float, help="seconds between full scans [30]")
+
+    def serving(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", help="HTTP bind address [SIDECAR_HOST, 127.0.0.1]")
+        p.add_argument("--port", type=int, help="HTTP port [SIDECAR_PORT, 8000]")
+
+    up = command("up", cmd_up, "run everything on one machine: Redis, watcher, worker, HTTP server")
+    watching(up)
+    serving(up)
+    up.add_argument("--concurrency", type=int, default=2, help="worker processes [2]")
+    watching(command("watch", cmd_watch, "watch a root and stage sidecar files in Redis"))
+    worker = command("worker", cmd_worker, "run a Celery worker that applies completed versions")
+    worker.add_argument("--concurrency", type=int, default=2, help="worker processes [2]")
+    serving(command("serve", cmd_serve, "run the HTTP server (API and webhooks)"))
+    complete = command("complete", cmd_complete, "mark a dataset version as completed and apply it")
+    complete.add_argument("uri", help="dataset://<name>/<version>")
+    rejects = command("rejects", cmd_rejects, "list rejected lines, newest first")
+    rejects.add_argument("--limit", type=int, default=100)
+    rejects.add_argument("--json", action="store_true")
+    db = sub.add_parser("db", help="database schema").add_subparsers(title="db commands")
+    upgrade = db.add_parser("upgrade", help="create or upgrade the database schema")
+    _common(upgrade)
+    upgrade.set_defaults(run=cmd_db_upgrade)
+    return parser
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Reading one sidecar file from its checkpoint and staging what it holds.
+
+Used by the watcher (live) and by replay. The event that led here only means "go and read this
+file to its end": a doubled or missed event changes nothing, because the checkpoint says where
+reading resumes, and the checkpoint moves only in the same Redis script that stages the lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from .errors import InvalidEntry
+from .records import Source, parse_datum_object, parse_line
+from .staging import LineOutcome, Reject, Staging, line_digest, now_iso
+from .tail import FileState, Line, read_new
+from .uris import Target
+
+log = logging.getLogger(__name__)
+
+JSONL_NAMES = ("valohai.metadata.jsonl", "outputs.metadata.jsonl")
+PER_OUTPUT_SUFFIX = ".metadata.json"
+
+
+@dataclass
+class IngestStats:
+    """Counts for one or many ingests."""
+
+    files: int = 0
+    lines: int = 0
+    entries: int = 0
+    rejects: int = 0
+    rewrites: int = 0
+    due: set[str] = field(default_factory=set)
+
+    def add(self, other: IngestStats) -> None:
+        self.files += other.files
+        self.lines += other.lines
+        self.entries += other.entries
+        self.rejects += other.rejects
+        self.rewrites += other.rewrites
+        self.due |= other.due
+
+
+def sidecar_kind(root: Path, path: Path) -> str | None:
+    """'jsonl' for an execution's metadata file, 'per-output' for `<output>.metadata.json`, else None."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        return None
+    if len(parts) == 2 and parts[1] in JSONL_NAMES:
+        return "jsonl"
+    if len(parts) >= 2 and parts[-1].endswith(PER_OUTPUT_SUFFIX) and len(parts[-1]) > len(PER_OUTPUT_SUFFIX):
+        return "per-output"
+    return None
+
+
+def inside_root(root_real: Path, path: Path) -> bool:
+    """True if `path`, with every symbolic link resolved, is still under the root."""
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(root_real)
+    except OSError:
+        return False
+
+
+class Ingestor:
+    """Reads sidecar files under one root into the staging area."""
+
+    def __init__(self, root: Path, staging: Staging, *, line_limit: int, batch_bytes: int = 1 << 20) -> None:
+        self.root = root.resolve()
+        self.staging = staging
+        self.line_limit = line_limit
+        self.batch_bytes = batch_bytes
+
+    def ingest(self, path: Path, *, force: bool = False, from_start: bool = False) -> IngestStats:
+        """Stage whatever is new in one sidecar file. `force`/`from_start` are for replay."""
+        kind = sidecar_kind(self.root, path)
+        stats = IngestStats()
+        if kind is None or not inside_root(self.root, path):
+            return stats
+        try:
+            if kind == "jsonl":
+                self._ingest_jsonl(path, stats, force=force, from_start=from_start)
+            else:
+                self._ingest_per_output(path, stats, force=force)
+        except FileNotFoundError:
+            return stats  # removed between the event and the read: nothing to stage
+        stats.files = 1
+        return stats
+
+    # -- valohai.metadata.jsonl ------------------------------------------------------------
+
+    def _ingest_jsonl(self, path: Path, stats: IngestStats, *, force: bool, from_start: bool) -> None:
+        rel = str(path.relative_to(self.root))
+        execution = path.relative_to(self.root).parts[0]
+        raw_state = None if from_start else self.staging.load_state(rel)
+        state = FileState.from_json(raw_state) if raw_state else None
+        final = False
+        # O_NOFOLLOW: the file itself must not be a link (the folders were checked by inside_root).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            while True:
+                st = os.fstat(f.fileno())
+                result = read_new(f, st, state, line_limit=self.line_limit, final=final, max_bytes=self.batch_bytes)
+                if result.rewritten:
+                    stats.rewrites += 1
+                    log.info("%s was rewritten or replaced; reading it again from the start", rel)
+                outcomes = [self._outcome(line, rel, execution) for line in result.lines]
+                if result.lines or result.state != state:
+                    due = self.staging.stage_lines(rel, execution, outcomes, result.state.to_json(), force=force)
+                    stats.due.update(due)
+                    self._count(outcomes, stats)
+                state = result.state
+                if result.at_eof:
+                    # A last line without its newline is held until the execution completes.
+                    if result.partial and not final and self.staging.is_done(Target.for_execution(execution)):
+                        final = True
+                        continue
+                    return
+
+    def _outcome(self, line: Line, rel: str, execution: str) -> LineOutcome:
+        outcome = LineOutcome(line.number, line_digest(line.data))
+        source = Source("sidecar", execution, rel, line.number, line.offset)
+        if line.data is None:
+            reason = f"line longer than the limit of {self.line_limit} bytes; skipped"
+            outcome.reject = self._reject(source, reason)
+            return outcome
+        try:
+            outcome.entries = parse_line(line.data, source)
+        except InvalidEntry as exc:
+            outcome.reject = self._reject(source, str(exc))
+        return outcome
+
+    def _reject(self, source: Source, reason: str) -> Reject:
+        # Logged once, with where and why; never the line itself (it may hold secrets).
+        log.warning("rejected %s: %s", source.where(), reason)
+        return Reject(source.file, source.line, source.offset, reason, source.execution, now_iso())
+
+    # -- <output>.metadata.json ------------------------------------------------------------
+
+    def _ingest_per_output(self, path: Path, stats: IngestStats, *, force: bool) -> None:
+        rel_path = path.relative_to(self.root)
+        rel, execution = str(rel_path), rel_path.parts[0]
+        output = str(Path(*rel_path.parts[1:]))[: -len(PER_OUTPUT_SUFFIX)]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            signature = orjson.dumps([st.st_ino, st.st_size, st.st_mtime_ns]).decode()
+            if not force and self.staging.load_state(rel) == signature:
+                return
+            data = f.read(self.line_limit + 1)
+        source = Source("sidecar", execution, rel, 1, 0)
+        outcome = LineOutcome(1, line_digest(data))
+        if len(data) > self.line_limit:
+            outcome.reject = self._reject(source, f"file larger than the limit of {self.line_limit} bytes")
+        else:
+            try:
+                outcome.entries = parse_datum_object(data, output, source)
+            except InvalidEntry as exc:
+                # The writer may still be writing it: judge it when the execution has completed.
+                if not self.staging.is_done(Target.for_execution(execution)):
+                    return
+                outcome.reject = self._reject(source, str(exc))
+        stats.due.update(self.staging.stage_lines(rel, execution, [outcome], signature, force=force))
+        self._count([outcome], stats)
+
+    @staticmethod
+    def _count(outcomes: list[LineOutcome], stats: IngestStats) -> None:
+        stats.lines += len(outcomes)
+        stats.entries += sum(len(o.entries) for o in outcomes)
+        stats.rejects += sum(1 for o in outcomes if o.reject is not None)

@@ -1,0 +1,69 @@
+"""Every Redis key in one place.
+
+All keys of one deployment share the hash tag `{<prefix>}`, so every multi-key script and
+transaction touches a single slot and keeps working on Redis Cluster. The price is that one
+deployment's keys live on one shard; one Redis comfortably stages far more lines per second
+than runners write (see docs/benchmarks.md), so we keep atomicity over sharding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .uris import Target
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key templates under one prefix (`SIDECAR_REDIS_PREFIX`, default `sidecar`)."""
+
+    prefix: str = "sidecar"
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.prefix + "}"
+
+    def stream(self, target: Target) -> str:
+        """Stream of staged entries for one target, in arrival order (XADD ids are the order)."""
+        return f"{self.tag}:stream:{target.key}"
+
+    def done(self, target: Target) -> str:
+        """Set once a version (or an execution) has completed; its value is the ISO time."""
+        return f"{self.tag}:done:{target.key}"
+
+    @property
+    def due(self) -> str:
+        """Sorted set: targets with entries waiting for an apply, scored by when they became due."""
+        return f"{self.tag}:due"
+
+    @property
+    def offsets(self) -> str:
+        """Hash: tailed file (relative to the root) -> its FileState JSON."""
+        return f"{self.tag}:offsets"
+
+    def lines(self, file: str) -> str:
+        """Hash: line number -> digest of the line staged there (makes a re-read after a rewrite idempotent)."""
+        return f"{self.tag}:lines:{file}"
+
+    def execution_targets(self, execution: str) -> str:
+        """Set of `<op>:<target>` an execution's lines staged for (`m:` membership, `d:`, `v:`, `x:`)."""
+        return f"{self.tag}:exec-targets:{execution}"
+
+    @property
+    def rejects(self) -> str:
+        """List of rejected lines (newest first), capped."""
+        return f"{self.tag}:rejects"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel: execution ids whose completion watchers should flush (a hint only)."""
+        return f"{self.tag}:events"
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue the apply tasks go to."""
+        return f"{self.prefix}.apply"
+
+    def pattern(self) -> str:
+        """Glob matching every key of this prefix (for tests and `sidecar reset`)."""
+        return f"{self.tag}:*"

@@ -1,0 +1,187 @@
+"""Pure core: the bytes of one sidecar line (or an API write) become staged entries, or a reason why not.
+
+No Redis, database or clock in here; the watcher, the API, replay and the tests all share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from . import schemas
+from .errors import BadURI, InvalidEntry, ReservedKey
+from .uris import Target, dataset_target, version_target
+
+RESERVED_PREFIX = "valohai."
+MAX_KEY_LENGTH = 256
+MAX_DEPTH = 32
+DATASET_VERSIONS_KEY = "valohai.dataset-versions"
+
+Origin = Literal["sidecar", "api", "platform"]
+Op = Literal["set", "member"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an entry came from: a sidecar line (execution, file, line, byte offset) or an API call."""
+
+    origin: Origin
+    execution: str = ""
+    file: str = ""
+    line: int = 0
+    offset: int = 0
+
+    def where(self) -> str:
+        """Human form for rejects and logs: `file:line (offset N)`."""
+        if self.origin != "sidecar":
+            return self.origin
+        return f"{self.file}:{self.line} (offset {self.offset})"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One staged change for one target.
+
+    `set`: shallow-merge `metadata` into the target's properties (for an execution target, into the
+    properties of the datum at `path`); a null value deletes the key.
+    `member`: the datum (`source.execution`, `path`) joins the version `target`.
+    """
+
+    target: Target
+    op: Op
+    source: Source
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["target"] = self.target.key
+        return orjson.dumps(data)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Entry:
+        data = orjson.loads(raw)
+        return cls(
+            target=Target.parse(data["target"]),
+            op=data["op"],
+            source=Source(**data["source"]),
+            metadata=data["metadata"],
+            path=data["path"],
+        )
+
+
+def parse_line(raw: bytes, source: Source) -> list[Entry]:
+    """Turn one line of `valohai.metadata.jsonl` into entries; raise InvalidEntry with the reason.
+
+    A datum line yields a `set` on its execution plus one `member` per version it names.
+    """
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEntry(f"not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidEntry(f"expected a JSON object, got {type(document).__name__}")
+    if "dataset-version" in document:
+        return [_target_entry(document, "dataset-version", source)]
+    if "dataset" in document:
+        return [_target_entry(document, "dataset", source)]
+    if "file" in document:
+        schema_error = schemas.first_error("datum-line", document)
+        if schema_error:
+            raise InvalidEntry(schema_error)
+        return datum_entries(document["file"], document["metadata"], source)
+    raise InvalidEntry("line has none of the keys 'dataset', 'dataset-version' or 'file'")
+
+
+def parse_datum_object(raw: bytes, path: str, source: Source) -> list[Entry]:
+    """Entries from a per-output `<path>.metadata.json` file holding that output's metadata."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEntry(f"not JSON: {exc}") from None
+    wrapped = {"file": path, "metadata": document}
+    schema_error = schemas.first_error("datum-line", wrapped)
+    if schema_error:
+        raise InvalidEntry(schema_error)
+    return datum_entries(path, document, source)
+
+
+def datum_entries(path: str, metadata: dict[str, Any], source: Source) -> list[Entry]:
+    """A datum's `set` entry and one `member` entry per version in `valohai.dataset-versions`."""
+    check_properties(metadata, allow_reserved=True)
+    entries = [Entry(Target.for_execution(source.execution), "set", source, metadata, path)]
+    seen: set[Target] = set()
+    for item in metadata.get(DATASET_VERSIONS_KEY) or []:
+        uri = item if isinstance(item, str) else item["uri"]
+        target = _version(uri)
+        if target not in seen:
+            seen.add(target)
+            entries.append(Entry(target, "member", source, {}, path))
+    return entries
+
+
+def user_write(target: Target, metadata: Any, source: Source) -> Entry:
+    """Validate an API write (a JSON object of properties) for a dataset or version target."""
+    if not isinstance(metadata, dict):
+        raise InvalidEntry("expected a JSON object of properties")
+    check_properties(metadata)
+    return Entry(target, "set", source, metadata)
+
+
+def check_properties(metadata: dict[str, Any], *, allow_reserved: bool = False) -> None:
+    """Refuse empty or over-long keys, over-deep values and (unless allowed) reserved keys."""
+    for key, value in metadata.items():
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise InvalidEntry(f"key length must be 1..{MAX_KEY_LENGTH} characters", key)
+        if not allow_reserved and key.startswith(RESERVED_PREFIX):
+            raise ReservedKey(key)
+        if _depth(value) > MAX_DEPTH:
+            raise InvalidEntry(f"value of {key!r} is nested deeper than {MAX_DEPTH} levels", key)
+
+
+def _target_entry(document: dict[str, Any], kind: str, source: Source) -> Entry:
+    schema_name = "dataset-version-line" if kind == "dataset-version" else "dataset-line"
+    uri = document.get(kind)
+    # Parse the URI first so that a malformed one gets its own precise reason.
+    target = _version(uri) if kind == "dataset-version" else _dataset(uri)
+    schema_error = schemas.first_error(schema_name, document)
+    if schema_error:
+        raise InvalidEntry(schema_error)
+    metadata = document["metadata"]
+    check_properties(metadata)
+    return Entry(target, "set", source, metadata)
+
+
+def _version(uri: Any) -> Target:
+    try:
+        return version_target(uri)
+    except BadURI as exc:
+        raise InvalidEntry(str(exc)) from None
+
+
+def _dataset(uri: Any) -> Target:
+    try:
+        return dataset_target(uri)
+    except BadURI as exc:
+        raise InvalidEntry(str(exc)) from None
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (scalars are 0), iterative so deep input cannot blow the stack."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest

@@ -1,0 +1,148 @@
+"""One frozen settings object: flags first, then SIDECAR_* environment variables, then defaults.
+
+Read once at the edge (the CLI) and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a sidecar process needs to know; see `Settings.load`."""
+
+    data_dir: Path = Path(".sidecar")
+    root: Path | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = "sidecar"
+    webhook_secret: str | None = None
+    api_token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    polling: bool = False
+    rescan_interval: float = 30.0
+    sweep_after: float = 5.0
+    line_limit: int = MiB
+    visibility_timeout: int = 900
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(
+        cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from `flags` (None means "not given"), else `SIDECAR_<NAME>`, else defaults."""
+        flags = flags or {}
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            given = flags.get(f.name)
+            if given is not None:
+                values[f.name] = _convert(f.name, given)
+                continue
+            raw = env.get("SIDECAR_" + f.name.upper())
+            if raw not in (None, ""):
+                values[f.name] = _convert(f.name, raw)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that cannot work."""
+        if self.line_limit < 1024:
+            raise ConfigError("SIDECAR_LINE_LIMIT", "must be at least 1024 bytes")
+        if not 0 < self.port < 65536:
+            raise ConfigError("SIDECAR_PORT", f"{self.port} is not a TCP port")
+        if self.rescan_interval <= 0:
+            raise ConfigError("SIDECAR_RESCAN_INTERVAL", "must be positive")
+        if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
+            raise ConfigError("SIDECAR_REDIS_PREFIX", "must be non-empty without braces or spaces")
+
+    @property
+    def redis_url_file(self) -> Path:
+        """Where `sidecar up` writes the URL of the private Redis it started."""
+        return self.data_dir / "redis.url"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL: the setting, else SQLite under the data folder."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'sidecar.db').resolve()}"
+
+    def effective_redis_url(self) -> str:
+        """The Redis URL: the setting, else the private server a running `sidecar up` announced."""
+        if self.redis_url:
+            return self.redis_url
+        try:
+            return self.redis_url_file.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(
+                "SIDECAR_REDIS_URL",
+                f"not set, and no running `sidecar up` announced one in {self.redis_url_file}",
+            ) from None
+
+    def require_root(self) -> Path:
+        """The watched root, or a ConfigError when none was given."""
+        if self.root is None:
+            raise ConfigError("SIDECAR_ROOT", "no root folder given (--root or SIDECAR_ROOT)")
+        return self.root
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (for `sidecar up` handing settings to its children)."""
+        return replace(self, **changes)
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as SIDECAR_* variables, so a child process rebuilds the same object."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out["SIDECAR_" + f.name.upper()] = _render(value)
+        return out
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean")
+
+
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "data_dir": Path,
+    "root": Path,
+    "port": int,
+    "polling": _to_bool,
+    "rescan_interval": float,
+    "sweep_after": float,
+    "line_limit": int,
+    "visibility_timeout": int,
+}
+
+
+def _convert(name: str, raw: Any) -> Any:
+    convert = _CONVERTERS.get(name, str)
+    try:
+        return convert(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("SIDECAR_" + name.upper(), f"bad value {raw!r}: {exc}") from None

@@ -1,0 +1,315 @@
+"""Staging in Redis: entries per target in arrival order, file checkpoints, completion flags, the due set.
+
+Every write that must go with another goes in one Lua script: a batch of lines is staged together
+with the checkpoint of the file they came from, so a watcher killed at any instant either staged
+a batch and moved its offset, or did neither. The database, not Redis, decides what was applied
+(see store/apply.py); Redis only has to never lose an entry that its offset claims was handed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import orjson
+import redis
+
+from .keys import Keys
+from .records import Entry
+from .uris import Target
+
+Enqueue = Callable[[str], None]
+REJECTS_KEPT = 10_000
+READ_BATCH = 1000
+
+# KEYS: 1 offsets, 2 due, 3 rejects, 4 line digests of the file, 5 the execution's target set,
+#       6.. streams and done flags referenced by index from ARGV.
+# ARGV: 1 file, 2 state JSON ("" = leave), 3 now (ms), 4 "1" = skip the digest check (replay),
+#       5 ISO time, 6 rejects kept, then groups of 8:
+#       line number, digest (8 bytes), op, stream idx, version-done idx, execution-done idx,
+#       payload, execution-target member.
+_STAGE = """
+local now, force, iso, kept = ARGV[3], ARGV[4] == '1', ARGV[5], tonumber(ARGV[6])
+local due = {}
+local skip = {}
+local function mark(target) if not due[target] then due[target] = true end end
+for i = 7, #ARGV, 8 do
+  local n, digest, op = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]
+  local si, vi, xi = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local payload, member = ARGV[i + 6], ARGV[i + 7]
+  if skip[n] == nil then
+    -- A line already staged at this number with the same bytes is the same line read again
+    -- after a rewrite (valohai-utils rewrites the whole file): stage it once only.
+    local pos = (n - 1) * 8
+    local seen = redis.call('GETRANGE', KEYS[4], pos, pos + 7)
+    skip[n] = (not force) and seen == digest
+    if not skip[n] then redis.call('SETRANGE', KEYS[4], pos, digest) end
+  end
+  if not skip[n] then
+    if op == 'reject' then
+      redis.call('LPUSH', KEYS[3], payload)
+    else
+      local id = redis.call('XADD', KEYS[si], '*', 'e', payload)
+      redis.call('SADD', KEYS[5], member)
+      local target = string.sub(member, 3)
+      local exec_done = xi > 0 and redis.call('EXISTS', KEYS[xi]) == 1
+      local is_due
+      if op == 'member' then
+        -- The execution completed before this late datum line arrived: the version it feeds
+        -- is complete too (execution_completed completes the versions its datums name).
+        if exec_done and redis.call('EXISTS', KEYS[vi]) == 0 then
+          redis.call('SET', KEYS[vi], iso)
+          local ds = string.match(target, '^(dataset://[^/]+)/')
+          redis.call('ZADD', KEYS[2], 'NX', now, ds)
+          mark(ds)
+        end
+        is_due = redis.call('EXISTS', KEYS[vi]) == 1
+      elseif vi > 0 then
+        is_due = redis.call('EXISTS', KEYS[vi]) == 1
+      else
+        is_due = exec_done
+      end
+      if is_due then
+        redis.call('ZADD', KEYS[2], 'NX', now, target)
+        mark(target)
+      end
+    end
+  end
+end
+redis.call('LTRIM', KEYS[3], 0, kept - 1)
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+local out = {}
+for target, _ in pairs(due) do out[#out + 1] = target end
+return out
+"""
+
+# Drop a target from the due set only if nothing newer than the applied watermark was staged
+# meanwhile (a line staged during the apply keeps the target due), then trim what was applied.
+_FINISH = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local function newer(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+if ARGV[2] == '' or #last == 0 or not newer(last[1][1], ARGV[2]) then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if ARGV[2] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2]) end
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A line that could not be staged, and why; never holds the line's content (it may hold secrets)."""
+
+    file: str
+    line: int
+    offset: int
+    reason: str
+    execution: str = ""
+    at: str = ""
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+
+@dataclass
+class LineOutcome:
+    """What one line of a file became: entries to stage, or a reject."""
+
+    number: int
+    digest: bytes
+    entries: list[Entry] = field(default_factory=list)
+    reject: Reject | None = None
+
+
+def line_digest(data: bytes | None) -> bytes:
+    """8-byte digest of a line's bytes (an over-long line, whose bytes were not kept, has a fixed one)."""
+    return hashlib.blake2b(b"\x00over-long" if data is None else data, digest_size=8).digest()
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Staging:
+    """The staging area of one deployment: a Redis client and the key layout."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._stage = client.register_script(_STAGE)
+        self._finish = client.register_script(_FINISH)
+
+    # -- the watcher's side ------------------------------------------------------------------
+
+    def load_state(self, file: str) -> str | None:
+        """The checkpoint JSON of a tailed file, or None if never seen."""
+        raw = self.redis.hget(self.keys.offsets, file)
+        return raw.decode() if isinstance(raw, bytes) else cast(str | None, raw)
+
+    def stage_lines(
+        self,
+        file: str,
+        execution: str,
+        outcomes: Iterable[LineOutcome],
+        state_json: str,
+        *,
+        force: bool = False,
+    ) -> list[str]:
+        """Stage a batch of lines and the file's new checkpoint atomically; return targets now due."""
+        index: dict[str, int] = {}
+        keys = [
+            self.keys.offsets,
+            self.keys.due,
+            self.keys.rejects,
+            self.keys.lines(file),
+            self.keys.execution_targets(execution),
+        ]
+
+        def key_index(key: str) -> int:
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            return index[key]
+
+        exec_done = key_index(self.keys.done(Target.for_execution(execution)))
+        args: list[Any] = [file, state_json, _now_ms(), "1" if force else "0", now_iso(), REJECTS_KEPT]
+        for outcome in outcomes:
+            if outcome.reject is not None:
+                args += [outcome.number, outcome.digest, "reject", 0, 0, 0, outcome.reject.to_json(), ""]
+            for entry in outcome.entries:
+                target = entry.target
+                version_done = key_index(self.keys.done(target)) if target.kind == "version" else 0
+                args += [
+                    outcome.number,
+                    outcome.digest,
+                    entry.op,
+                    key_index(self.keys.stream(target)),
+                    version_done,
+                    exec_done,
+                    entry.to_json(),
+                    _member(entry),
+                ]
+        due = self._stage(keys=keys, args=args)
+        return [d.decode() if isinstance(d, bytes) else d for d in due]
+
+    def stage_entry(self, entry: Entry) -> bool:
+        """Stage one entry that has no file (an API write on a building version); True if now due."""
+        target = entry.target
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(self.keys.stream(target), {"e": entry.to_json()})
+        pipe.exists(self.keys.done(target))
+        _, done = pipe.execute()
+        # Race: the version may complete between the XADD and this check. Either the completion's
+        # apply reads our entry (it was added first), or we see the flag and make it due ourselves.
+        if done:
+            self.redis.zadd(self.keys.due, {target.key: _now_ms()}, nx=True)
+        return bool(done)
+
+    def record_reject(self, reject: Reject) -> None:
+        """Record a reject that belongs to no staged batch (e.g. an unreadable file)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lpush(self.keys.rejects, reject.to_json())
+        pipe.ltrim(self.keys.rejects, 0, REJECTS_KEPT - 1)
+        pipe.execute()
+
+    def rejects(self, limit: int = 100) -> list[Reject]:
+        """The newest rejects first."""
+        raw = cast(list[bytes], self.redis.lrange(self.keys.rejects, 0, limit - 1))
+        return [Reject(**orjson.loads(r)) for r in raw]
+
+    # -- completion --------------------------------------------------------------------------
+
+    def is_done(self, target: Target) -> bool:
+        return bool(self.redis.exists(self.keys.done(target)))
+
+    def complete_version(self, target: Target) -> list[str]:
+        """Mark a version complete; it and its dataset become due. Returns the due targets."""
+        # Race with the watcher: the flag is set in the same transaction that makes the version
+        # due, and the staging script checks the flag atomically with its XADD. An entry staged
+        # before this point is read by the apply this completion triggers; one staged after it
+        # sees the flag and makes the version due again by itself. Neither order strands it.
+        dataset = target.dataset_target
+        now = _now_ms()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.done(target), now_iso(), nx=True)
+        pipe.zadd(self.keys.due, {target.key: now, dataset.key: now}, nx=True)
+        pipe.execute()
+        return [target.key, dataset.key]
+
+    def complete_execution(self, execution: str) -> list[str]:
+        """Mark an execution complete: its datums and dataset lines become due, and the versions
+        its datums put files into complete. Watchers are told to flush its last partial line."""
+        exe = Target.for_execution(execution)
+        # Order matters: the flag first, then the read of the target set. A line staged before
+        # the flag is in the set we read; one staged after sees the flag in the staging script.
+        self.redis.set(self.keys.done(exe), now_iso(), nx=True)
+        self.redis.publish(self.keys.events, execution)
+        members = cast(set[bytes], self.redis.smembers(self.keys.execution_targets(execution)))
+        due = {exe.key}
+        for raw in sorted(members):
+            op, key = raw.decode()[:1], raw.decode()[2:]
+            if op == "m":
+                due.update(self.complete_version(Target.parse(key)))
+            elif op == "d":
+                due.add(key)
+        now = _now_ms()
+        self.redis.zadd(self.keys.due, dict.fromkeys(due, now), nx=True)
+        return sorted(due)
+
+    # -- the apply side ----------------------------------------------------------------------
+
+    def read_after(self, target: Target, watermark: str | None) -> Iterator[tuple[str, Entry]]:
+        """Staged entries of a target after `watermark` (exclusive), in order, as (stream id, entry)."""
+        stream = self.keys.stream(target)
+        start = f"({watermark}" if watermark else "-"
+        while True:
+            batch = self.redis.xrange(stream, min=start, max="+", count=READ_BATCH)
+            if not batch:
+                return
+            for raw_id, fields in batch:
+                stream_id = raw_id.decode()
+                yield stream_id, Entry.from_json(fields[b"e"])
+            start = f"({stream_id}"
+
+    def finish(self, target: Target, watermark: str | None) -> bool:
+        """After a commit: leave the due set unless newer entries arrived; trim applied entries."""
+        done = self._finish(
+            keys=[self.keys.stream(target), self.keys.due], args=[target.key, watermark or ""]
+        )
+        return bool(done)
+
+    def due_targets(self, older_than: float) -> list[str]:
+        """Targets due for longer than `older_than` seconds (their apply was lost or is slow)."""
+        limit = _now_ms() - int(older_than * 1000)
+        raw = cast(list[bytes], self.redis.zrangebyscore(self.keys.due, "-inf", limit))
+        return [r.decode() for r in raw]
+
+    def sweep(self, enqueue: Enqueue, older_than: float) -> list[str]:
+        """Enqueue an apply for every target due for too long: the backstop for a lost task."""
+        targets = self.due_targets(older_than)
+        if targets:
+            self.redis.zadd(self.keys.due, dict.fromkeys(targets, _now_ms()), xx=True)
+        for key in targets:
+            enqueue(key)
+        return targets
+
+
+def _member(entry: Entry) -> str:
+    """How the execution's target set remembers this entry's target."""
+    kind = entry.target.kind
+    if entry.op == "member":
+        return "m:" + entry.target.key
+    return {"dataset": "d:", "version": "v:", "execution": "x:"}[kind] + entry.target.key
+
+
+def _now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)

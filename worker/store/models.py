@@ -1,0 +1,99 @@
+"""Tables. Properties live as one JSON object per owner; every change is also kept in `property_changes`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JsonType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JsonType, Any: JsonType}
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    versions: Mapped[list[DatasetVersion]] = relationship(back_populates="dataset")
+
+
+class DatasetVersion(Base):
+    __tablename__ = "dataset_versions"
+    __table_args__ = (UniqueConstraint("dataset_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default="building")
+    properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    dataset: Mapped[Dataset] = relationship(back_populates="versions")
+
+    @property
+    def uri(self) -> str:
+        return f"dataset://{self.dataset.name}/{self.name}"
+
+
+class Datum(Base):
+    __tablename__ = "datums"
+    __table_args__ = (UniqueConstraint("execution", "path"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    execution: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text)
+    properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class VersionFile(Base):
+    """Membership: a datum is one of a version's files."""
+
+    __tablename__ = "version_files"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"), primary_key=True)
+    datum_id: Mapped[int] = mapped_column(ForeignKey("datums.id"), primary_key=True)
+
+
+class PropertyChange(Base):
+    """History: one row per key that really changed, with where the change came from."""
+
+    __tablename__ = "property_changes"
+    __table_args__ = (Index("ix_property_changes_owner", "owner_kind", "owner_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_kind: Mapped[str] = mapped_column(String(16))
+    owner_id: Mapped[int]
+    key: Mapped[str] = mapped_column(String(256))
+    old: Mapped[Any] = mapped_column(nullable=True)
+    new: Mapped[Any] = mapped_column(nullable=True)
+    source: Mapped[dict[str, Any]]
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Watermark(Base):
+    """The last staged entry applied for a target, written in the same transaction as its effects.
+
+    A redelivered or duplicated apply reads only entries after this id, so it changes nothing.
+    """
+
+    __tablename__ = "watermarks"
+
+    target: Mapped[str] = mapped_column(String(600), primary_key=True)
+    stream_id: Mapped[str | None] = mapped_column(String(64))
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

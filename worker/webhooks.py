@@ -1,0 +1,77 @@
+"""Pure core of the webhook: check the HMAC signature, and turn a platform payload into an action."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadURI, InvalidEntry
+from .uris import Target, version_target
+
+MAX_SKEW_SECONDS = 300
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The `X-Sidecar-Signature` value for a body: what valohai-utils' Webhook sends with
+    hmac_format=b"%(timestamp)d.%(body)s", auth_secret_prefix="sha256="."""
+    digest = hmac.new(secret.encode(), b"%d.%s" % (timestamp, body), hashlib.sha256).hexdigest()
+    return "sha256=" + digest
+
+
+def signature_problem(secret: str, timestamp: str | None, signature: str | None, body: bytes, now: float) -> str | None:
+    """Why a request's signature is not acceptable, or None when it is."""
+    if not timestamp or not signature:
+        return "missing X-Sidecar-Timestamp or X-Sidecar-Signature header"
+    try:
+        ts = int(timestamp)
+    except ValueError:
+        return "X-Sidecar-Timestamp is not unix seconds"
+    if abs(now - ts) > MAX_SKEW_SECONDS:
+        return f"timestamp is more than {MAX_SKEW_SECONDS} s off"
+    if not hmac.compare_digest(sign(secret, ts, body).encode(), signature.strip().encode()):
+        return "signature does not match"
+    return None
+
+
+@dataclass(frozen=True)
+class Action:
+    """What an event asks for: complete a version, complete an execution, or nothing."""
+
+    kind: str  # "version" | "execution" | "ignore"
+    target: Target | None = None
+    execution: str = ""
+    event_type: str = ""
+
+
+def parse_event(payload: Any) -> Action:
+    """Map a notification payload to an Action; raise InvalidEntry naming the missing field."""
+    if not isinstance(payload, dict):
+        raise InvalidEntry("expected a JSON object")
+    event_type = payload.get("type")
+    data = payload.get("data")
+    if event_type == "dataset_version_created":
+        if not isinstance(data, dict):
+            raise InvalidEntry("data: expected an object")
+        return Action("version", target=_version_of(data), event_type=event_type)
+    if event_type == "execution_completed":
+        execution = data.get("valohai.execution-id") if isinstance(data, dict) else None
+        if not isinstance(execution, str) or not execution or "/" in execution or execution in (".", ".."):
+            raise InvalidEntry("data.valohai.execution-id: expected an execution id")
+        return Action("execution", execution=execution, event_type=event_type)
+    return Action("ignore", event_type=str(event_type))
+
+
+def _version_of(data: dict[str, Any]) -> Target:
+    version = data.get("version") if isinstance(data.get("version"), dict) else {}
+    uri = version.get("uri")
+    if not uri:
+        dataset = data.get("dataset") if isinstance(data.get("dataset"), dict) else {}
+        if not dataset.get("name") or not version.get("name"):
+            raise InvalidEntry("data.version.uri (or data.dataset.name and data.version.name) is required")
+        uri = f"dataset://{dataset['name']}/{version['name']}"
+    try:
+        return version_target(uri)
+    except BadURI as exc:
+        raise InvalidEntry(f"data.version.uri: {exc}") from None
