@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine
 
 from worker.keys import Keys
@@ -30,6 +32,12 @@ from worker.store.models import Base
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The machines are shared and noisy: judge hypothesis tests by their assertions, not their speed.
+hypothesis_settings.register_profile(
+    "sidecar", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=100
+)
+hypothesis_settings.load_profile("sidecar")
 
 
 def _free_port() -> int:

@@ -1,0 +1,91 @@
+"""Pure core: one line's bytes become entries or a clear reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import src
+from worker.errors import InvalidEntry, ReservedKey
+from worker.records import Entry, parse_datum_object, parse_line, user_write
+from worker.uris import Target
+
+
+def test_the_three_line_kinds() -> None:
+    (ds,) = parse_line(b'{"dataset": "dataset://press", "metadata": {"machine": "press-04"}}', src())
+    assert ds.target == Target("dataset", "press") and ds.op == "set" and ds.metadata == {"machine": "press-04"}
+    (ver,) = parse_line(b'{"dataset-version": "dataset://press/20240912-101530", "metadata": {"n": 1}}', src())
+    assert ver.target == Target("version", "press", "20240912-101530")
+    datum = b'{"file": "sub/a.png", "metadata": {"valohai.dataset-versions": ["dataset://press/v1", '
+    datum += b'{"uri": "dataset://press/v2", "from": "dataset://press/v1"}, "dataset://press/v1"], "k": 1}}'
+    entries = parse_line(datum, src())
+    assert [(e.target.key, e.op, e.path) for e in entries] == [
+        ("execution:exec-1", "set", "sub/a.png"),
+        ("dataset://press/v1", "member", "sub/a.png"),
+        ("dataset://press/v2", "member", "sub/a.png"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b'{"metadata": {}}', "none of the keys"),
+        (b'{"dataset": "dataset://a/b", "metadata": {}}', "without a version"),
+        (b'{"dataset": "s3://a", "metadata": {}}', "must start with dataset://"),
+        (b'{"dataset-version": "dataset://a", "metadata": {}}', "expected dataset://<name>/<version>"),
+        (b'{"dataset-version": "dataset://a/b c", "metadata": {}}', "may only hold"),
+        (b'{"dataset-version": "dataset://a//b", "metadata": {}}', "expected dataset://<name> or"),
+        (b'{"dataset-version": "dataset://a/latest", "metadata": {}}', "'latest'"),
+        (b'{"dataset": "dataset://a", "metadata": [1]}', "is not of type 'object'"),
+        (b'{"dataset": "dataset://a"}', "'metadata' is a required property"),
+        (b'{"dataset": "dataset://a", "metadata": {"": 1}}', "dataset-line.metadata"),
+        (b'{"file": "../etc/passwd", "metadata": {}}', "datum-line.file"),
+        (b'{"file": "/abs", "metadata": {}}', "datum-line.file"),
+        (b'{"file": "a", "metadata": {"valohai.tags": "x"}}', "valohai.tags"),
+        (b'{"file": "a", "metadata": {"valohai.dataset-versions": ["dataset://a"]}}', "dataset-versions"),
+    ],
+)
+def test_bad_lines_say_why(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidEntry) as info:
+        parse_line(raw, src())
+    assert reason in str(info.value)
+
+
+def test_reserved_keys_refuse_the_whole_line() -> None:
+    with pytest.raises(ReservedKey) as info:
+        parse_line(b'{"dataset": "dataset://a", "metadata": {"ok": 1, "valohai.last-used": "x"}}', src())
+    assert info.value.key == "valohai.last-used"
+    # Datum lines keep their reserved keys (tags, alias, dataset-versions, model-versions).
+    parse_line(b'{"file": "a", "metadata": {"valohai.tags": ["t"], "valohai.model-versions": ["model://m/"]}}', src())
+
+
+def test_depth_and_key_length_limits() -> None:
+    deep = "[" * 33 + "]" * 33
+    with pytest.raises(InvalidEntry, match="deeper than 32"):
+        parse_line(b'{"dataset": "dataset://a", "metadata": {"k": %s}}' % deep.encode(), src())
+    ok = "[" * 32 + "]" * 32
+    parse_line(b'{"dataset": "dataset://a", "metadata": {"k": %s}}' % ok.encode(), src())
+    with pytest.raises(InvalidEntry, match="key length"):
+        user_write(Target("dataset", "a"), {"k" * 257: 1}, src())
+
+
+def test_per_output_metadata_file() -> None:
+    entries = parse_datum_object(b'{\n "label": "cat",\n "valohai.dataset-versions": ["dataset://d/v"]\n}', "out/x.jpg", src())
+    assert [(e.target.key, e.op, e.path) for e in entries] == [
+        ("execution:exec-1", "set", "out/x.jpg"),
+        ("dataset://d/v", "member", "out/x.jpg"),
+    ]
+
+
+def test_entry_json_round_trip() -> None:
+    (entry,) = parse_line(b'{"dataset-version": "dataset://a/v", "metadata": {"x": {"y": [1, null]}}}', src(line=7, offset=99))
+    assert Entry.from_json(entry.to_json()) == entry
+
+
+def test_errors_survive_pickling() -> None:
+    import pickle
+
+    for exc in (ReservedKey("valohai.x"), InvalidEntry("bad", "k")):
+        again = pickle.loads(pickle.dumps(exc))
+        assert str(again) == str(exc) and type(again) is type(exc)

@@ -1,0 +1,38 @@
+"""Settings: flags over SIDECAR_* variables over defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ConfigError
+from worker.settings import Settings
+
+
+def test_precedence() -> None:
+    env = {"SIDECAR_PORT": "9000", "SIDECAR_ROOT": "/env/root", "SIDECAR_POLLING": "yes"}
+    s = Settings.load({"port": 9100, "root": None}, env=env)
+    assert s.port == 9100 and s.root == Path("/env/root") and s.polling is True
+    assert Settings.load({}, env={}).port == 8000
+
+
+def test_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="SIDECAR_PORT"):
+        Settings.load({}, env={"SIDECAR_PORT": "eighty"})
+    with pytest.raises(ConfigError, match="SIDECAR_LINE_LIMIT"):
+        Settings.load({}, env={"SIDECAR_LINE_LIMIT": "10"})
+
+
+def test_defaults_find_the_private_redis(tmp_path: Path) -> None:
+    s = Settings.load({"data_dir": tmp_path}, env={})
+    with pytest.raises(ConfigError, match="SIDECAR_REDIS_URL"):
+        s.effective_redis_url()
+    s.redis_url_file.write_text("redis://127.0.0.1:1234/0\n")
+    assert s.effective_redis_url() == "redis://127.0.0.1:1234/0"
+    assert s.effective_database_url.startswith("sqlite:///") and s.effective_database_url.endswith("sidecar.db")
+
+
+def test_round_trip_through_the_environment(tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path, root=tmp_path / "r", redis_url="redis://x/1", polling=True, port=1234)
+    assert Settings.load({}, env=s.as_env()) == s
