@@ -1,0 +1,33 @@
+# One entry point for people and CI. Everything installs into ./.venv.
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+ROOT ?= demo/root
+
+.PHONY: install demo run test lint bench clean
+
+$(BIN)/sidecar: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/sidecar
+
+# Writes a demo execution folder, then runs everything (Redis, watcher, worker, API) on it.
+demo: install
+	$(BIN)/python scripts/demo.py $(ROOT)
+	$(BIN)/sidecar up --root $(ROOT)
+
+run: install
+	$(BIN)/sidecar up --root $(ROOT)
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check worker tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .sidecar demo
