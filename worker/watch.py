@@ -27,6 +27,7 @@ from .staging import Staging
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
+_CHANGES = frozenset({"created", "modified", "moved", "closed"})
 
 
 class _Dirty(FileSystemEventHandler):
@@ -40,6 +41,10 @@ class _Dirty(FileSystemEventHandler):
         self.wake = threading.Event()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        # Our own reads raise "opened" and "closed_no_write" events: reacting to them would
+        # make the watcher read forever. Deletions leave nothing to read.
+        if event.event_type not in _CHANGES:
+            return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             if not raw:
                 continue

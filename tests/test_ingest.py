@@ -1,0 +1,135 @@
+"""Reading real files into a real Redis: appends, partial lines, rewrites, rejects, links."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from worker.ingest import Ingestor
+from worker.staging import Staging
+from worker.uris import Target
+
+pytestmark = pytest.mark.redis
+
+V1 = Target("version", "press", "v1")
+EXE = Target.for_execution("exec-1")
+
+
+def vline(**meta: object) -> str:
+    return json.dumps({"dataset-version": "dataset://press/v1", "metadata": meta}) + "\n"
+
+
+def datum(path: str, **meta: object) -> str:
+    meta = {"valohai.dataset-versions": ["dataset://press/v1"], **meta}
+    return json.dumps({"file": path, "metadata": meta}) + "\n"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root" / "exec-1").mkdir(parents=True)
+    return tmp_path / "root"
+
+
+@pytest.fixture
+def ingestor(root: Path, staging: Staging) -> Ingestor:
+    return Ingestor(root, staging, line_limit=4096)
+
+
+def metas(staging: Staging, target: Target = V1) -> list[dict[str, object]]:
+    return [e.metadata for _, e in staging.read_after(target, None)]
+
+
+def test_appends_partial_lines_and_flush_at_completion(root: Path, ingestor: Ingestor, staging: Staging) -> None:
+    path = root / "exec-1" / "valohai.metadata.jsonl"
+    path.write_text(vline(a=1))
+    ingestor.ingest(path)
+    with open(path, "a") as f:
+        f.write(vline(b=2) + vline(c=3)[:10])  # the last line is still being written
+    ingestor.ingest(path)
+    assert metas(staging) == [{"a": 1}, {"b": 2}]
+    with open(path, "a") as f:
+        f.write(vline(c=3)[10:-1])  # finished, but the newline never comes
+    ingestor.ingest(path)
+    assert metas(staging) == [{"a": 1}, {"b": 2}]
+    staging.complete_execution("exec-1")
+    ingestor.ingest(path)
+    assert metas(staging) == [{"a": 1}, {"b": 2}, {"c": 3}]
+    entries = [e for _, e in staging.read_after(V1, None)]
+    assert [(e.source.line, e.source.offset) for e in entries] == [(1, 0), (2, len(vline(a=1))), (3, len(vline(a=1) + vline(b=2)))]
+
+
+def test_whole_file_rewrite_stages_only_what_is_new(root: Path, ingestor: Ingestor, staging: Staging) -> None:
+    path = root / "exec-1" / "valohai.metadata.jsonl"
+    path.write_text(datum("a.png", k=1) + vline(x=1))
+    ingestor.ingest(path)
+    # valohai-utils rewrites the whole file in place, keeping datum lines and dropping version lines.
+    path.write_text(datum("a.png", k=1) + datum("b.png", k=2))
+    stats = ingestor.ingest(path)
+    assert stats.rewrites == 1
+    datums = [(e.path, e.metadata.get("k")) for _, e in staging.read_after(EXE, None)]
+    assert datums == [("a.png", 1), ("b.png", 2)]
+    assert metas(staging) == [{}, {"x": 1}, {}]  # member(a), the version line, member(b)
+
+
+def test_truncation_and_replacement(root: Path, ingestor: Ingestor, staging: Staging) -> None:
+    path = root / "exec-1" / "valohai.metadata.jsonl"
+    path.write_text(vline(a=1) + vline(b=2))
+    ingestor.ingest(path)
+    path.write_text("")
+    ingestor.ingest(path)
+    path.write_text(vline(c=3))
+    ingestor.ingest(path)
+    tmp = root / "exec-1" / "tmp"
+    tmp.write_text(vline(c=3) + vline(d=4))
+    os.replace(tmp, path)  # a new inode with the same first line
+    ingestor.ingest(path)
+    assert metas(staging) == [{"a": 1}, {"b": 2}, {"c": 3}, {"d": 4}]
+
+
+def test_bad_lines_are_rejected_and_the_rest_lands(root: Path, ingestor: Ingestor, staging: Staging) -> None:
+    path = root / "exec-1" / "valohai.metadata.jsonl"
+    lines = [vline(a=1), "not json\n", '{"dataset": "dataset://a/b", "metadata": {}}\n', "x" * 5000 + "\n",
+             vline(**{"valohai.last-used": "now"}), "\n", vline(b=2)]
+    path.write_text("".join(lines))
+    stats = ingestor.ingest(path)
+    assert stats.rejects == 4
+    assert metas(staging) == [{"a": 1}, {"b": 2}]
+    rejects = sorted(staging.rejects(), key=lambda r: r.line)
+    offsets = [sum(len(x) for x in lines[:i]) for i in range(len(lines))]
+    assert [(r.line, r.offset) for r in rejects] == [(2, offsets[1]), (3, offsets[2]), (4, offsets[3]), (5, offsets[4])]
+    assert "not JSON" in rejects[0].reason and "longer than the limit" in rejects[2].reason
+    assert "valohai.last-used" in rejects[3].reason
+    assert all(r.file == "exec-1/valohai.metadata.jsonl" for r in rejects)
+
+
+def test_older_file_name_and_per_output_files(root: Path, ingestor: Ingestor, staging: Staging) -> None:
+    (root / "exec-1" / "outputs.metadata.jsonl").write_text(vline(old=True))
+    ingestor.ingest(root / "exec-1" / "outputs.metadata.jsonl")
+    assert metas(staging) == [{"old": True}]
+    out = root / "exec-1" / "images" / "cat.jpg.metadata.json"
+    out.parent.mkdir()
+    out.write_text('{\n  "label": "cat",\n  "valohai.dataset-versions": ["dataset://press/v1"]\n}\n')
+    ingestor.ingest(out)
+    ingestor.ingest(out)  # unchanged: nothing new
+    assert [(e.path, e.metadata["label"]) for _, e in staging.read_after(EXE, None)] == [("images/cat.jpg", "cat")]
+    half = root / "exec-1" / "dog.jpg.metadata.json"
+    half.write_text('{"label": "do')  # still being written: held, not rejected
+    ingestor.ingest(half)
+    assert staging.rejects() == []
+    staging.complete_execution("exec-1")
+    ingestor.ingest(half)
+    assert len(staging.rejects()) == 1
+
+
+def test_links_leaving_the_root_are_never_read(root: Path, tmp_path: Path, ingestor: Ingestor, staging: Staging) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "valohai.metadata.jsonl").write_text(vline(secret=1))
+    os.symlink(outside, root / "exec-2")
+    (root / "exec-1" / "valohai.metadata.jsonl").symlink_to(outside / "valohai.metadata.jsonl")
+    assert ingestor.ingest(root / "exec-2" / "valohai.metadata.jsonl").files == 0
+    assert ingestor.ingest(root / "exec-1" / "valohai.metadata.jsonl").files == 0
+    assert metas(staging) == []
