@@ -54,11 +54,19 @@ def test_apply_folds_in_order_and_is_idempotent(engine: Engine, staging: Staging
         assert row is not None and row.status == "completed"
         history = s.scalars(select(PropertyChange).order_by(PropertyChange.id)).all()
         assert [(h.key, h.old, h.new) for h in history] == [
-            ("a", None, 1), ("b", None, "x"), ("a", 1, 2), ("c", None, [1, 2]), ("b", "x", None),
+            ("a", None, 1),
+            ("b", None, "x"),
+            ("a", 1, 2),
+            ("c", None, [1, 2]),
+            ("b", "x", None),
             ("d", None, {"e": True}),
         ]
         assert history[0].source == {
-            "origin": "sidecar", "execution": "exec-1", "file": FILE, "line": 1, "offset": 0,
+            "origin": "sidecar",
+            "execution": "exec-1",
+            "file": FILE,
+            "line": 1,
+            "offset": 0,
         }
 
 
@@ -72,7 +80,9 @@ def test_late_entry_is_applied_after_completion(engine: Engine, staging: Staging
     assert V1.key not in staging.due_targets(older_than=-1)
 
 
-def test_completion_before_any_line_creates_an_empty_completed_version(engine: Engine, staging: Staging) -> None:
+def test_completion_before_any_line_creates_an_empty_completed_version(
+    engine: Engine, staging: Staging
+) -> None:
     staging.complete_version(V1)
     apply_target(engine, staging, V1)
     assert version_props(engine) == {}
@@ -95,7 +105,7 @@ def test_datums_and_membership(engine: Engine, staging: Staging) -> None:
 
 
 def test_concurrent_applies_never_apply_twice(engine: Engine, staging: Staging) -> None:
-    lines = [outcome(vline('{"n%d": %d}' % (i, i)), i) for i in range(1, 201)]
+    lines = [outcome(vline(f'{{"n{i}": {i}}}'), i) for i in range(1, 201)]
     staging.stage_lines(FILE, "exec-1", lines, "s")
     staging.complete_version(V1)
     results: list[int] = []

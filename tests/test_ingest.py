@@ -42,7 +42,9 @@ def metas(staging: Staging, target: Target = V1) -> list[dict[str, object]]:
     return [e.metadata for _, e in staging.read_after(target, None)]
 
 
-def test_appends_partial_lines_and_flush_at_completion(root: Path, ingestor: Ingestor, staging: Staging) -> None:
+def test_appends_partial_lines_and_flush_at_completion(
+    root: Path, ingestor: Ingestor, staging: Staging
+) -> None:
     path = root / "exec-1" / "valohai.metadata.jsonl"
     path.write_text(vline(a=1))
     ingestor.ingest(path)
@@ -58,7 +60,11 @@ def test_appends_partial_lines_and_flush_at_completion(root: Path, ingestor: Ing
     ingestor.ingest(path)
     assert metas(staging) == [{"a": 1}, {"b": 2}, {"c": 3}]
     entries = [e for _, e in staging.read_after(V1, None)]
-    assert [(e.source.line, e.source.offset) for e in entries] == [(1, 0), (2, len(vline(a=1))), (3, len(vline(a=1) + vline(b=2)))]
+    assert [(e.source.line, e.source.offset) for e in entries] == [
+        (1, 0),
+        (2, len(vline(a=1))),
+        (3, len(vline(a=1) + vline(b=2))),
+    ]
 
 
 def test_whole_file_rewrite_stages_only_what_is_new(root: Path, ingestor: Ingestor, staging: Staging) -> None:
@@ -91,15 +97,27 @@ def test_truncation_and_replacement(root: Path, ingestor: Ingestor, staging: Sta
 
 def test_bad_lines_are_rejected_and_the_rest_lands(root: Path, ingestor: Ingestor, staging: Staging) -> None:
     path = root / "exec-1" / "valohai.metadata.jsonl"
-    lines = [vline(a=1), "not json\n", '{"dataset": "dataset://a/b", "metadata": {}}\n', "x" * 5000 + "\n",
-             vline(**{"valohai.last-used": "now"}), "\n", vline(b=2)]
+    lines = [
+        vline(a=1),
+        "not json\n",
+        '{"dataset": "dataset://a/b", "metadata": {}}\n',
+        "x" * 5000 + "\n",
+        vline(**{"valohai.last-used": "now"}),
+        "\n",
+        vline(b=2),
+    ]
     path.write_text("".join(lines))
     stats = ingestor.ingest(path)
     assert stats.rejects == 4
     assert metas(staging) == [{"a": 1}, {"b": 2}]
     rejects = sorted(staging.rejects(), key=lambda r: r.line)
     offsets = [sum(len(x) for x in lines[:i]) for i in range(len(lines))]
-    assert [(r.line, r.offset) for r in rejects] == [(2, offsets[1]), (3, offsets[2]), (4, offsets[3]), (5, offsets[4])]
+    assert [(r.line, r.offset) for r in rejects] == [
+        (2, offsets[1]),
+        (3, offsets[2]),
+        (4, offsets[3]),
+        (5, offsets[4]),
+    ]
     assert "not JSON" in rejects[0].reason and "longer than the limit" in rejects[2].reason
     assert "valohai.last-used" in rejects[3].reason
     assert all(r.file == "exec-1/valohai.metadata.jsonl" for r in rejects)
@@ -114,7 +132,9 @@ def test_older_file_name_and_per_output_files(root: Path, ingestor: Ingestor, st
     out.write_text('{\n  "label": "cat",\n  "valohai.dataset-versions": ["dataset://press/v1"]\n}\n')
     ingestor.ingest(out)
     ingestor.ingest(out)  # unchanged: nothing new
-    assert [(e.path, e.metadata["label"]) for _, e in staging.read_after(EXE, None)] == [("images/cat.jpg", "cat")]
+    assert [(e.path, e.metadata["label"]) for _, e in staging.read_after(EXE, None)] == [
+        ("images/cat.jpg", "cat")
+    ]
     half = root / "exec-1" / "dog.jpg.metadata.json"
     half.write_text('{"label": "do')  # still being written: held, not rejected
     ingestor.ingest(half)
@@ -124,7 +144,9 @@ def test_older_file_name_and_per_output_files(root: Path, ingestor: Ingestor, st
     assert len(staging.rejects()) == 1
 
 
-def test_links_leaving_the_root_are_never_read(root: Path, tmp_path: Path, ingestor: Ingestor, staging: Staging) -> None:
+def test_links_leaving_the_root_are_never_read(
+    root: Path, tmp_path: Path, ingestor: Ingestor, staging: Staging
+) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "valohai.metadata.jsonl").write_text(vline(secret=1))

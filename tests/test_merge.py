@@ -10,8 +10,15 @@ from hypothesis import strategies as st
 from tests.helpers import fold
 from worker.merge import Change, merge
 
-values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=3),
-                   st.lists(st.integers(0, 2), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=False),
+    st.text(max_size=3),
+    st.lists(st.integers(0, 2), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
 change_sets = st.lists(st.dictionaries(st.sampled_from("abcde"), values, max_size=4), max_size=8)
 
 

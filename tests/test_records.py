@@ -12,8 +12,12 @@ from worker.uris import Target
 
 def test_the_three_line_kinds() -> None:
     (ds,) = parse_line(b'{"dataset": "dataset://press", "metadata": {"machine": "press-04"}}', src())
-    assert ds.target == Target("dataset", "press") and ds.op == "set" and ds.metadata == {"machine": "press-04"}
-    (ver,) = parse_line(b'{"dataset-version": "dataset://press/20240912-101530", "metadata": {"n": 1}}', src())
+    assert (
+        ds.target == Target("dataset", "press") and ds.op == "set" and ds.metadata == {"machine": "press-04"}
+    )
+    (ver,) = parse_line(
+        b'{"dataset-version": "dataset://press/20240912-101530", "metadata": {"n": 1}}', src()
+    )
     assert ver.target == Target("version", "press", "20240912-101530")
     datum = b'{"file": "sub/a.png", "metadata": {"valohai.dataset-versions": ["dataset://press/v1", '
     datum += b'{"uri": "dataset://press/v2", "from": "dataset://press/v1"}, "dataset://press/v1"], "k": 1}}'
@@ -57,7 +61,9 @@ def test_reserved_keys_refuse_the_whole_line() -> None:
         parse_line(b'{"dataset": "dataset://a", "metadata": {"ok": 1, "valohai.last-used": "x"}}', src())
     assert info.value.key == "valohai.last-used"
     # Datum lines keep their reserved keys (tags, alias, dataset-versions, model-versions).
-    parse_line(b'{"file": "a", "metadata": {"valohai.tags": ["t"], "valohai.model-versions": ["model://m/"]}}', src())
+    parse_line(
+        b'{"file": "a", "metadata": {"valohai.tags": ["t"], "valohai.model-versions": ["model://m/"]}}', src()
+    )
 
 
 def test_depth_and_key_length_limits() -> None:
@@ -71,7 +77,9 @@ def test_depth_and_key_length_limits() -> None:
 
 
 def test_per_output_metadata_file() -> None:
-    entries = parse_datum_object(b'{\n "label": "cat",\n "valohai.dataset-versions": ["dataset://d/v"]\n}', "out/x.jpg", src())
+    entries = parse_datum_object(
+        b'{\n "label": "cat",\n "valohai.dataset-versions": ["dataset://d/v"]\n}', "out/x.jpg", src()
+    )
     assert [(e.target.key, e.op, e.path) for e in entries] == [
         ("execution:exec-1", "set", "out/x.jpg"),
         ("dataset://d/v", "member", "out/x.jpg"),
@@ -79,7 +87,9 @@ def test_per_output_metadata_file() -> None:
 
 
 def test_entry_json_round_trip() -> None:
-    (entry,) = parse_line(b'{"dataset-version": "dataset://a/v", "metadata": {"x": {"y": [1, null]}}}', src(line=7, offset=99))
+    (entry,) = parse_line(
+        b'{"dataset-version": "dataset://a/v", "metadata": {"x": {"y": [1, null]}}}', src(line=7, offset=99)
+    )
     assert Entry.from_json(entry.to_json()) == entry
 
 

@@ -30,7 +30,9 @@ def test_defaults_find_the_private_redis(tmp_path: Path) -> None:
         s.effective_redis_url()
     s.redis_url_file.write_text("redis://127.0.0.1:1234/0\n")
     assert s.effective_redis_url() == "redis://127.0.0.1:1234/0"
-    assert s.effective_database_url.startswith("sqlite:///") and s.effective_database_url.endswith("sidecar.db")
+    assert s.effective_database_url.startswith("sqlite:///") and s.effective_database_url.endswith(
+        "sidecar.db"
+    )
 
 
 def test_round_trip_through_the_environment(tmp_path: Path) -> None:

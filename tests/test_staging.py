@@ -60,7 +60,7 @@ def test_entry_staged_after_completion_makes_the_version_due_by_itself(staging: 
 def test_finish_keeps_the_target_due_when_a_newer_entry_arrived(staging: Staging) -> None:
     staging.complete_version(V1)
     staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], "s")
-    (first_id, _), = staging.read_after(V1, None)
+    ((first_id, _),) = staging.read_after(V1, None)
     staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"b": 2}'), 2)], "s")
     assert staging.finish(V1, first_id) is False
     assert V1.key in staging.due_targets(older_than=-1)

@@ -365,7 +365,13 @@ def test_line_longer_than_max_bytes_but_within_limit(path: Path) -> None:
 
 def test_state_json_round_trip() -> None:
     state = FileState(
-        dev=5, inode=123, offset=77, line=4, head="ab" * 8, tail="cd" * 8, skipping=True,
+        dev=5,
+        inode=123,
+        offset=77,
+        line=4,
+        head="ab" * 8,
+        tail="cd" * 8,
+        skipping=True,
         generation=3,
     )
     raw = state.to_json()
@@ -425,9 +431,7 @@ def reference(content: bytes, limit: int) -> list[tuple[int, int, bytes | None]]
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    content=st.binary(max_size=400).map(
-        lambda raw: bytes(ALPHABET[byte % len(ALPHABET)] for byte in raw)
-    ),
+    content=st.binary(max_size=400).map(lambda raw: bytes(ALPHABET[byte % len(ALPHABET)] for byte in raw)),
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
     max_bytes=st.integers(min_value=1, max_value=64),
     line_limit=st.integers(min_value=1, max_value=40),
@@ -449,9 +453,7 @@ def test_random_appends_match_direct_split(
         got, state, results = drain(path, state, line_limit=line_limit, max_bytes=max_bytes)
         lines.extend(got)
         assert not any(r.rewritten for r in results)
-    got, state, results = drain(
-        path, state, line_limit=line_limit, max_bytes=max_bytes, final=True
-    )
+    got, state, results = drain(path, state, line_limit=line_limit, max_bytes=max_bytes, final=True)
     lines.extend(got)
     assert not results[-1].partial
     assert triples(lines) == reference(content, line_limit)

@@ -68,8 +68,9 @@ def staged(staging: Staging) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("polling", [False, True])
-def test_existing_and_new_files_are_staged(settings: Settings, staging: Staging, start: Callable[..., Running],
-                                           polling: bool) -> None:
+def test_existing_and_new_files_are_staged(
+    settings: Settings, staging: Staging, start: Callable[..., Running], polling: bool
+) -> None:
     root = settings.require_root()
     (root / "exec-0").mkdir()
     (root / "exec-0" / "valohai.metadata.jsonl").write_text(vline(before=1))
@@ -83,7 +84,9 @@ def test_existing_and_new_files_are_staged(settings: Settings, staging: Staging,
     wait_until(lambda: {"more": 3} in staged(staging))
 
 
-def test_rescan_catches_what_events_missed(settings: Settings, staging: Staging, start: Callable[..., Running]) -> None:
+def test_rescan_catches_what_events_missed(
+    settings: Settings, staging: Staging, start: Callable[..., Running]
+) -> None:
     r = start(rescan_interval=0.5)
     # Simulate an overflowed inotify queue: stop the event handler from hearing anything.
     r.watcher.dirty.on_any_event = lambda event: None  # type: ignore[method-assign]
@@ -93,8 +96,9 @@ def test_rescan_catches_what_events_missed(settings: Settings, staging: Staging,
     wait_until(lambda: staged(staging) == [{"missed": 1}])
 
 
-def test_late_line_is_enqueued_and_the_sweep_retries(settings: Settings, staging: Staging,
-                                                     start: Callable[..., Running]) -> None:
+def test_late_line_is_enqueued_and_the_sweep_retries(
+    settings: Settings, staging: Staging, start: Callable[..., Running]
+) -> None:
     staging.complete_version(V1)
     r = start(sweep_after=0.3)
     root = settings.require_root()
@@ -105,8 +109,9 @@ def test_late_line_is_enqueued_and_the_sweep_retries(settings: Settings, staging
     wait_until(lambda: r.sent.count(V1.key) >= 2)
 
 
-def test_execution_completion_flushes_the_last_partial_line(settings: Settings, staging: Staging,
-                                                            start: Callable[..., Running]) -> None:
+def test_execution_completion_flushes_the_last_partial_line(
+    settings: Settings, staging: Staging, start: Callable[..., Running]
+) -> None:
     start(rescan_interval=60.0)
     root = settings.require_root()
     (root / "exec-1").mkdir()
@@ -116,8 +121,9 @@ def test_execution_completion_flushes_the_last_partial_line(settings: Settings, 
     wait_until(lambda: staged(staging) == [{"a": 1}, {"b": 2}])
 
 
-def test_folders_linked_from_outside_are_not_followed(settings: Settings, staging: Staging, tmp_path: Path,
-                                                      start: Callable[..., Running]) -> None:
+def test_folders_linked_from_outside_are_not_followed(
+    settings: Settings, staging: Staging, tmp_path: Path, start: Callable[..., Running]
+) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "valohai.metadata.jsonl").write_text(vline(secret=1))

@@ -16,8 +16,9 @@ BODY = b'{"type": "dataset_version_created"}'
 
 def test_signature_matches_valohai_utils_format() -> None:
     # valohai.webhooks.Webhook: hmac_format=b"%(timestamp)d.%(body)s", prefix "sha256=".
-    expected = hmac.new(b"s3cret", b"%(timestamp)d.%(body)s" % {b"timestamp": 1700000000, b"body": BODY},
-                        hashlib.sha256).hexdigest()
+    expected = hmac.new(
+        b"s3cret", b"%(timestamp)d.%(body)s" % {b"timestamp": 1700000000, b"body": BODY}, hashlib.sha256
+    ).hexdigest()
     assert sign("s3cret", 1700000000, BODY) == "sha256=" + expected
 
 
@@ -32,8 +33,10 @@ def test_signature_checks() -> None:
 
 
 def test_parse_events() -> None:
-    created = {"type": "dataset_version_created",
-               "data": {"dataset": {"name": "press"}, "version": {"name": "v1", "uri": "dataset://press/v1"}}}
+    created = {
+        "type": "dataset_version_created",
+        "data": {"dataset": {"name": "press"}, "version": {"name": "v1", "uri": "dataset://press/v1"}},
+    }
     assert parse_event(created).target == Target("version", "press", "v1")
     no_uri = {"type": "dataset_version_created", "data": {"dataset": {"name": "p"}, "version": {"name": "v"}}}
     assert parse_event(no_uri).target == Target("version", "p", "v")
@@ -42,11 +45,17 @@ def test_parse_events() -> None:
     assert parse_event({"type": "something_else"}).kind == "ignore"
 
 
-@pytest.mark.parametrize("payload", [
-    [], {"type": "dataset_version_created"}, {"type": "dataset_version_created", "data": {"version": {}}},
-    {"type": "dataset_version_created", "data": {"version": {"uri": "dataset://a"}}},
-    {"type": "execution_completed", "data": {}}, {"type": "execution_completed", "data": {"valohai.execution-id": "../x"}},
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [],
+        {"type": "dataset_version_created"},
+        {"type": "dataset_version_created", "data": {"version": {}}},
+        {"type": "dataset_version_created", "data": {"version": {"uri": "dataset://a"}}},
+        {"type": "execution_completed", "data": {}},
+        {"type": "execution_completed", "data": {"valohai.execution-id": "../x"}},
+    ],
+)
 def test_bad_payloads(payload: object) -> None:
     with pytest.raises(InvalidEntry):
         parse_event(payload)

@@ -27,7 +27,7 @@ MAX_LIMIT = 1000
 def create_app(
     engine: Engine, staging: Staging, enqueue: Enqueue, *, webhook_secret: str | None = None
 ) -> FastAPI:
-    """The ASGI app. Handlers are plain functions (run in a thread pool) over one engine."""
+    """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine."""
     app = FastAPI(title="Dataset properties sidecar", version="0.1.0")
 
     @app.exception_handler(NotFound)
@@ -38,28 +38,34 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    _webhook_routes(app, staging, enqueue, webhook_secret)
+    _read_routes(app, engine)
+    return app
+
+
+def _webhook_routes(app: FastAPI, staging: Staging, enqueue: Enqueue, secret: str | None) -> None:
     @app.post("/webhooks/events", status_code=202)
     async def events(request: Request) -> JSONResponse:
+        """Validate and enqueue, nothing more: the apply happens in the worker."""
         body = await request.body()
-        if webhook_secret:
+        if secret:
             problem = signature_problem(
-                webhook_secret,
+                secret,
                 request.headers.get("x-sidecar-timestamp"),
                 request.headers.get("x-sidecar-signature"),
                 body,
                 time.time(),
             )
             if problem:
-                return JSONResponse({"error": "unauthorized", "detail": problem}, status_code=401)
+                return _error(401, "unauthorized", problem)
         try:
             action = parse_event(orjson.loads(body))
         except orjson.JSONDecodeError as exc:
-            return JSONResponse({"error": "bad_request", "detail": f"not JSON: {exc}"}, status_code=400)
+            return _error(400, "bad_request", f"not JSON: {exc}")
         except InvalidEntry as exc:
-            return JSONResponse({"error": "bad_request", "detail": str(exc)}, status_code=400)
+            return _error(400, "bad_request", str(exc))
         if action.kind == "ignore":
             return JSONResponse({"status": "ignored", "type": action.event_type}, status_code=202)
-        # Validate and enqueue, nothing more: the apply happens in the worker.
         if action.kind == "version" and action.target is not None:
             due = staging.complete_version(action.target)
         else:
@@ -71,6 +77,8 @@ def create_app(
                 log.warning("could not enqueue apply of %s (%s); the sweep will retry", key, exc)
         return JSONResponse({"status": "accepted", "type": action.event_type, "due": due}, status_code=202)
 
+
+def _read_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/api/v0/datasets/")
     def list_datasets(request: Request, name: str | None = None, limit: int = 100, offset: int = 0) -> Any:
         limit, offset = _paging(limit, offset)
@@ -93,7 +101,9 @@ def create_app(
     ) -> Any:
         limit, offset = _paging(limit, offset)
         with Session(engine) as session:
-            count, rows = queries.list_versions(session, dataset=dataset, name=name, limit=limit, offset=offset)
+            count, rows = queries.list_versions(
+                session, dataset=dataset, name=name, limit=limit, offset=offset
+            )
             results = [queries.version_json(session, r) for r in rows]
             return _page(request, count, limit, offset, results)
 
@@ -102,7 +112,9 @@ def create_app(
         with Session(engine) as session:
             return queries.version_json(session, queries.get_version(session, version_id))
 
-    return app
+
+def _error(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
 
 
 def _paging(limit: int, offset: int) -> tuple[int, int]:

@@ -63,22 +63,33 @@ def cmd_watch(settings: Settings, _args: argparse.Namespace) -> int:
     watcher = Watcher(settings, staging, Enqueuer(make_app(settings)), stop)
     log.info("watching %s", watcher.root)
     watcher.run()
-    log.info("watcher stopped: %d files read, %d lines, %d rejects", watcher.stats.files,
-             watcher.stats.lines, watcher.stats.rejects)
+    log.info(
+        "watcher stopped: %d files read, %d lines, %d rejects",
+        watcher.stats.files,
+        watcher.stats.lines,
+        watcher.stats.rejects,
+    )
     return 0
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     create_schema(connections.engine(settings))
     app = make_app(settings)
-    app.worker_main([
-        "worker",
-        "--loglevel", settings.log_level,
-        "--queues", app.conf.task_default_queue,
-        "--concurrency", str(args.concurrency),
-        "--hostname", f"sidecar-{os.getpid()}@%h",
-        "--without-gossip", "--without-mingle",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--loglevel",
+            settings.log_level,
+            "--queues",
+            app.conf.task_default_queue,
+            "--concurrency",
+            str(args.concurrency),
+            "--hostname",
+            f"sidecar-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
     return 0
 
 
@@ -90,7 +101,9 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
     engine = connections.engine(settings)
     create_schema(engine)
     app = create_app(
-        engine, connections.staging(settings), Enqueuer(make_app(settings)),
+        engine,
+        connections.staging(settings),
+        Enqueuer(make_app(settings)),
         webhook_secret=settings.webhook_secret,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
@@ -129,14 +142,25 @@ def cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
 # -- plumbing ---------------------------------------------------------------------------------
 
 _SETTING_FLAGS = {
-    "root", "data_dir", "database_url", "redis_url", "host", "port", "polling", "log_level",
+    "root",
+    "data_dir",
+    "database_url",
+    "redis_url",
+    "host",
+    "port",
+    "polling",
+    "log_level",
     "rescan_interval",
 }
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="state folder (SQLite, private Redis) [SIDECAR_DATA_DIR, ./.sidecar]")
-    parser.add_argument("--database-url", help="SQLAlchemy URL [SIDECAR_DATABASE_URL, SQLite in the data dir]")
+    parser.add_argument(
+        "--data-dir", help="state folder (SQLite, private Redis) [SIDECAR_DATA_DIR, ./.sidecar]"
+    )
+    parser.add_argument(
+        "--database-url", help="SQLAlchemy URL [SIDECAR_DATABASE_URL, SQLite in the data dir]"
+    )
     parser.add_argument("--redis-url", help="Redis URL [SIDECAR_REDIS_URL, the private one of `sidecar up`]")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING [SIDECAR_LOG_LEVEL, INFO]")
 
@@ -145,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
     sub = parser.add_subparsers(title="commands")
 
-    def command(name: str, run: Callable[[Settings, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, run: Callable[[Settings, argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         _common(p)
         p.set_defaults(run=run)
@@ -153,8 +179,12 @@ def _parser() -> argparse.ArgumentParser:
 
     def watching(p: argparse.ArgumentParser) -> None:
         p.add_argument("--root", help="folder of execution folders [SIDECAR_ROOT]")
-        p.add_argument("--polling", action="store_true", default=None,
-                       help="poll instead of inotify (network filesystems) [SIDECAR_POLLING]")
+        p.add_argument(
+            "--polling",
+            action="store_true",
+            default=None,
+            help="poll instead of inotify (network filesystems) [SIDECAR_POLLING]",
+        )
         p.add_argument("--rescan-interval", type=float, help="seconds between full scans [30]")
 
     def serving(p: argparse.ArgumentParser) -> None:

@@ -105,13 +105,17 @@ class Ingestor:
         with os.fdopen(fd, "rb") as f:
             while True:
                 st = os.fstat(f.fileno())
-                result = read_new(f, st, state, line_limit=self.line_limit, final=final, max_bytes=self.batch_bytes)
+                result = read_new(
+                    f, st, state, line_limit=self.line_limit, final=final, max_bytes=self.batch_bytes
+                )
                 if result.rewritten:
                     stats.rewrites += 1
                     log.info("%s was rewritten or replaced; reading it again from the start", rel)
                 outcomes = [self._outcome(line, rel, execution) for line in result.lines]
                 if result.lines or result.state != state:
-                    due = self.staging.stage_lines(rel, execution, outcomes, result.state.to_json(), force=force)
+                    due = self.staging.stage_lines(
+                        rel, execution, outcomes, result.state.to_json(), force=force
+                    )
                     stats.due.update(due)
                     self._count(outcomes, stats)
                 state = result.state

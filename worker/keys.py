@@ -42,7 +42,7 @@ class Keys:
         return f"{self.tag}:offsets"
 
     def lines(self, file: str) -> str:
-        """Hash: line number -> digest of the line staged there (makes a re-read after a rewrite idempotent)."""
+        """String of 8-byte digests, one per line number: a re-read after a rewrite stages nothing twice."""
         return f"{self.tag}:lines:{file}"
 
     def execution_targets(self, execution: str) -> str:

@@ -37,9 +37,7 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def load(
-        cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
-    ) -> Settings:
+    def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `flags` (None means "not given"), else `SIDECAR_<NAME>`, else defaults."""
         flags = flags or {}
         env = os.environ if env is None else env

@@ -153,7 +153,7 @@ class Staging:
     def load_state(self, file: str) -> str | None:
         """The checkpoint JSON of a tailed file, or None if never seen."""
         raw = self.redis.hget(self.keys.offsets, file)
-        return raw.decode() if isinstance(raw, bytes) else cast(str | None, raw)
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     def stage_lines(
         self,
@@ -275,7 +275,7 @@ class Staging:
             batch = self.redis.xrange(stream, min=start, max="+", count=READ_BATCH)
             if not batch:
                 return
-            for raw_id, fields in batch:
+            for raw_id, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], batch):
                 stream_id = raw_id.decode()
                 yield stream_id, Entry.from_json(fields[b"e"])
             start = f"({stream_id}"

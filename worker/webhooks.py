@@ -20,7 +20,9 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return "sha256=" + digest
 
 
-def signature_problem(secret: str, timestamp: str | None, signature: str | None, body: bytes, now: float) -> str | None:
+def signature_problem(
+    secret: str, timestamp: str | None, signature: str | None, body: bytes, now: float
+) -> str | None:
     """Why a request's signature is not acceptable, or None when it is."""
     if not timestamp or not signature:
         return "missing X-Sidecar-Timestamp or X-Sidecar-Signature header"
@@ -64,10 +66,10 @@ def parse_event(payload: Any) -> Action:
 
 
 def _version_of(data: dict[str, Any]) -> Target:
-    version = data.get("version") if isinstance(data.get("version"), dict) else {}
+    version = _object(data.get("version"))
     uri = version.get("uri")
     if not uri:
-        dataset = data.get("dataset") if isinstance(data.get("dataset"), dict) else {}
+        dataset = _object(data.get("dataset"))
         if not dataset.get("name") or not version.get("name"):
             raise InvalidEntry("data.version.uri (or data.dataset.name and data.version.name) is required")
         uri = f"dataset://{dataset['name']}/{version['name']}"
@@ -75,3 +77,7 @@ def _version_of(data: dict[str, Any]) -> Target:
         return version_target(uri)
     except BadURI as exc:
         raise InvalidEntry(f"data.version.uri: {exc}") from None
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

@@ -67,9 +67,7 @@ def _lock_watermark(session: Session, target: str) -> Watermark:
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     session.execute(insert(Watermark).values(target=target).on_conflict_do_nothing())
-    return session.scalars(
-        select(Watermark).where(Watermark.target == target).with_for_update()
-    ).one()
+    return session.scalars(select(Watermark).where(Watermark.target == target).with_for_update()).one()
 
 
 def _version_completed(session: Session, staging: Staging, target: Target) -> bool:
@@ -169,21 +167,15 @@ class _Applier:
             )
         return self.datums[key]
 
-    def _get_or_create(
-        self, model: type[_Row], natural: dict[str, Any], defaults: dict[str, Any]
-    ) -> _Row:
+    def _get_or_create(self, model: type[_Row], natural: dict[str, Any], defaults: dict[str, Any]) -> _Row:
         # INSERT .. ON CONFLICT DO NOTHING, then SELECT: two applies of different targets that
         # create the same dataset or datum at once both succeed (the second waits for the first
         # on PostgreSQL's unique index) instead of one failing with an IntegrityError.
         where = [getattr(model, k) == v for k, v in natural.items()]
         row = self.session.scalar(select(model).where(*where))
         if row is None:
-            insert = (
-                pg_insert if self.session.get_bind().dialect.name == "postgresql" else sqlite_insert
-            )
-            self.session.execute(
-                insert(model).values(**natural, **defaults).on_conflict_do_nothing()
-            )
+            insert = pg_insert if self.session.get_bind().dialect.name == "postgresql" else sqlite_insert
+            self.session.execute(insert(model).values(**natural, **defaults).on_conflict_do_nothing())
             row = self.session.scalar(select(model).where(*where))
         assert row is not None
         return row

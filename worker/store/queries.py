@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -11,7 +12,9 @@ from ..errors import NotFound
 from .models import Dataset, DatasetVersion, Datum, VersionFile
 
 
-def list_datasets(session: Session, *, name: str | None, limit: int, offset: int) -> tuple[int, list[Dataset]]:
+def list_datasets(
+    session: Session, *, name: str | None, limit: int, offset: int
+) -> tuple[int, list[Dataset]]:
     query = select(Dataset)
     if name is not None:
         query = query.where(Dataset.name == name)
@@ -30,7 +33,10 @@ def list_versions(
         query = query.where(DatasetVersion.name == name)
     count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(
-        query.options(joinedload(DatasetVersion.dataset)).order_by(DatasetVersion.id).limit(limit).offset(offset)
+        query.options(joinedload(DatasetVersion.dataset))
+        .order_by(DatasetVersion.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
     return count, list(rows)
 
@@ -55,7 +61,7 @@ def dataset_json(row: Dataset) -> dict[str, Any]:
         "name": row.name,
         "uri": f"dataset://{row.name}",
         "properties": row.properties or {},
-        "created_at": row.created_at.isoformat() if row.created_at else None,
+        "created_at": iso(row.created_at),
     }
 
 
@@ -74,5 +80,14 @@ def version_json(session: Session, row: DatasetVersion) -> dict[str, Any]:
         "status": row.status,
         "properties": row.properties or {},
         "files": [{"execution": e, "path": p, "properties": props or {}} for e, p, props in files],
-        "completed_at": row.completed_at.isoformat() if row.completed_at else None,
+        "completed_at": iso(row.completed_at),
     }
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO-8601 in UTC. SQLite hands back naive datetimes; everything we store is UTC."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat()
