@@ -35,7 +35,10 @@ def test_nothing_is_visible_before_completion(engine: Engine, staging: Staging) 
     staging.stage_lines(FILE, "exec-1", [outcome(vline('{"a": 1}'))], "s")
     result = apply_target(engine, staging, V1)
     assert result.skipped == "version is still building" and result.applied == 0
-    assert version_props(engine) is None
+    # The version is registered as building, with none of its staged properties.
+    assert version_props(engine) == {}
+    with Session(engine) as s:
+        assert s.scalar(select(DatasetVersion.status)) == "building"
 
 
 def test_apply_folds_in_order_and_is_idempotent(engine: Engine, staging: Staging) -> None:

@@ -22,10 +22,15 @@ def version_line(meta: str, version: str = "v1") -> bytes:
 
 def test_batch_and_checkpoint_are_staged_together(staging: Staging) -> None:
     due = staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], '{"offset": 10}')
-    assert due == []
-    assert staging.load_state(FILE) == '{"offset": 10}'
+    # A version seen for the first time is handed out (an apply registers it as building) ...
+    assert due == [V1.key]
+    # ... but it is not due: nothing is applied before completion.
+    assert staging.due_targets(older_than=-1) == []
+    again = staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"b": 1}'), 2)], "{}")
+    assert again == []
+    assert staging.load_state(FILE) == "{}"
     entries = list(staging.read_after(V1, None))
-    assert [e.metadata for _, e in entries] == [{"a": 1}]
+    assert [e.metadata for _, e in entries] == [{"a": 1}, {"b": 1}]
     assert entries[0][1].source.file == FILE and entries[0][1].source.line == 1
 
 
@@ -43,7 +48,8 @@ def test_same_line_read_again_after_a_rewrite_is_staged_once(staging: Staging) -
 
 
 def test_entry_staged_before_completion_is_read_by_the_completion_apply(staging: Staging) -> None:
-    assert staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], "s") == []
+    staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], "s")
+    assert staging.due_targets(older_than=-1) == []
     assert set(staging.complete_version(V1)) == {V1.key, DS.key}
     assert set(staging.due_targets(older_than=-1)) == {V1.key, DS.key}
 

@@ -50,6 +50,11 @@ class Keys:
         return f"{self.tag}:exec-targets:{execution}"
 
     @property
+    def known_versions(self) -> str:
+        """Set of versions ever staged for (the first sighting registers a building version)."""
+        return f"{self.tag}:known-versions"
+
+    @property
     def rejects(self) -> str:
         """List of rejected lines (newest first), capped."""
         return f"{self.tag}:rejects"

@@ -26,7 +26,7 @@ REJECTS_KEPT = 10_000
 READ_BATCH = 1000
 
 # KEYS: 1 offsets, 2 due, 3 rejects, 4 line digests of the file, 5 the execution's target set,
-#       6.. streams and done flags referenced by index from ARGV.
+#       6 known versions, 7.. streams and done flags referenced by index from ARGV.
 # ARGV: 1 file, 2 state JSON ("" = leave), 3 now (ms), 4 "1" = skip the digest check (replay),
 #       5 ISO time, 6 rejects kept, then groups of 8:
 #       line number, digest (8 bytes), op, stream idx, version-done idx, execution-done idx,
@@ -55,6 +55,8 @@ for i = 7, #ARGV, 8 do
       local id = redis.call('XADD', KEYS[si], '*', 'e', payload)
       redis.call('SADD', KEYS[5], member)
       local target = string.sub(member, 3)
+      -- A version seen for the first time: hand it out so an apply registers it as building.
+      if vi > 0 and redis.call('SADD', KEYS[6], target) == 1 then mark(target) end
       local exec_done = xi > 0 and redis.call('EXISTS', KEYS[xi]) == 1
       local is_due
       if op == 'member' then
@@ -172,6 +174,7 @@ class Staging:
             self.keys.rejects,
             self.keys.lines(file),
             self.keys.execution_targets(execution),
+            self.keys.known_versions,
         ]
 
         def key_index(key: str) -> int:

@@ -16,6 +16,7 @@ from ..records import Entry, Source
 from ..staging import Staging
 from ..uris import Target
 from .db import writer
+from .index import reindex
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile, Watermark
 
 _Row = TypeVar("_Row", Dataset, DatasetVersion, Datum)
@@ -43,16 +44,19 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     with Session(writer(engine), expire_on_commit=False) as session, session.begin():
         mark = _lock_watermark(session, target.key)
         result.watermark = mark.stream_id
+        applier = _Applier(session, datetime.now(UTC))
         if target.kind == "version" and not _version_completed(session, staging, target):
+            # Register it, so the API can show a building version; its entries stay staged.
+            applier.version(target)
             result.skipped = "version is still building"
             return result
-        applier = _Applier(session, datetime.now(UTC))
         if target.kind == "version":
             applier.complete_version(target)
         for stream_id, entry in staging.read_after(target, mark.stream_id):
             applier.apply(entry)
             mark.stream_id = stream_id
             result.applied += 1
+        applier.reindex()
         mark.applied_at = applier.now
         result.watermark = mark.stream_id
     if target.kind == "version":
@@ -90,6 +94,7 @@ class _Applier:
     datasets: dict[str, Dataset] = field(default_factory=dict)
     versions: dict[tuple[str, str], DatasetVersion] = field(default_factory=dict)
     datums: dict[tuple[str, str], Datum] = field(default_factory=dict)
+    touched: dict[tuple[str, int], Dataset | DatasetVersion] = field(default_factory=dict)
 
     def apply(self, entry: Entry) -> None:
         target = entry.target
@@ -118,6 +123,8 @@ class _Applier:
             return
         owner.properties = new
         owner.updated_at = self.now
+        if not isinstance(owner, Datum):
+            self.touched[(kind, owner.id)] = owner
         source = _source_json(entry.source)
         self.session.add_all(
             PropertyChange(
@@ -131,6 +138,11 @@ class _Applier:
             )
             for c in changes
         )
+
+    def reindex(self) -> None:
+        """Refresh the search index once per owner touched (not once per entry)."""
+        for (kind, owner_id), owner in self.touched.items():
+            reindex(self.session, kind, owner_id, owner.properties)
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:

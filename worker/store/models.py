@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -97,3 +97,32 @@ class Watermark(Base):
     target: Mapped[str] = mapped_column(String(600), primary_key=True)
     stream_id: Mapped[str | None] = mapped_column(String(64))
     applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PropertyIndex(Base):
+    """Search index: one row per property path of a dataset or version, typed.
+
+    `path` is the JSON array of keys (`["a", "b"]` for `a.b`), so keys holding dots stay
+    unambiguous. Exactly one of `num`, `str_value`, `bool_value` is set for scalar values; objects
+    and arrays get a row with only `vtype` (for `exists`). `str_key` is the first 200 characters
+    of a string, indexed (a btree cannot hold arbitrarily long values); `str_lower` is the string
+    lowercased in Python, so `ilike` means the same on SQLite and PostgreSQL.
+    """
+
+    __tablename__ = "property_index"
+    __table_args__ = (
+        Index("ix_property_index_num", "owner_kind", "path", "num"),
+        Index("ix_property_index_str", "owner_kind", "path", "str_key"),
+        Index("ix_property_index_owner", "owner_kind", "owner_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_kind: Mapped[str] = mapped_column(String(16))
+    owner_id: Mapped[int]
+    path: Mapped[str] = mapped_column(String(2048))
+    vtype: Mapped[str] = mapped_column(String(8))
+    num: Mapped[float | None] = mapped_column(Float(53))
+    str_key: Mapped[str | None] = mapped_column(String(200))
+    str_value: Mapped[str | None] = mapped_column(Text)
+    str_lower: Mapped[str | None] = mapped_column(Text)
+    bool_value: Mapped[bool | None]
