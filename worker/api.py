@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from .errors import InvalidEntry, NotFound
+from .errors import BadURI, InvalidEntry, NotFound
 from .staging import Staging
 from .store import queries
+from .store.writes import current_properties, resolve, target_of, touch_last_used, write_properties
+from .uris import Target, parse_uri
 from .webhooks import parse_event, signature_problem
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
 MAX_LIMIT = 1000
+MAX_BODY = 1024 * 1024
 
 
 def create_app(
-    engine: Engine, staging: Staging, enqueue: Enqueue, *, webhook_secret: str | None = None
+    engine: Engine,
+    staging: Staging,
+    enqueue: Enqueue,
+    *,
+    webhook_secret: str | None = None,
+    api_token: str | None = None,
 ) -> FastAPI:
     """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine."""
     app = FastAPI(title="Dataset properties sidecar", version="0.1.0")
@@ -38,9 +48,82 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    if api_token:
+        _require_token(app, api_token)
     _webhook_routes(app, staging, enqueue, webhook_secret)
+    _resolve_route(app, engine)  # before /dataset-versions/{id}/, which would match "resolve"
     _read_routes(app, engine)
+    for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
+        _metadata_routes(app, engine, staging, kind, base)
     return app
+
+
+def _require_token(app: FastAPI, token: str) -> None:
+    """`Authorization: Token <token>` on every /api/ request, compared in constant time."""
+    expected = f"Token {token}".encode()
+
+    @app.middleware("http")
+    async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path.startswith("/api/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "unauthorized", "missing or wrong 'Authorization: Token <token>' header")
+        return await call_next(request)
+
+
+def _metadata_routes(app: FastAPI, engine: Engine, staging: Staging, kind: str, base: str) -> None:
+    @app.get(f"/api/v0/{base}/{{owner_id}}/metadata/", name=f"get_{kind}_metadata")
+    def get_metadata(owner_id: int) -> dict[str, Any]:
+        return current_properties(engine, kind, owner_id)
+
+    @app.post(f"/api/v0/{base}/{{owner_id}}/metadata/", name=f"set_{kind}_metadata")
+    async def set_metadata(owner_id: int, request: Request) -> JSONResponse:
+        """Set each key of the JSON object body; null deletes. Answers the full set after the change."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY:
+            return _error(413, "too_large", f"body over {MAX_BODY} bytes")
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return _error(413, "too_large", f"body over {MAX_BODY} bytes")
+        try:
+            payload = orjson.loads(body)
+            result = await run_in_threadpool(write_properties, engine, staging, kind, owner_id, payload)
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "bad_request", f"not JSON: {exc}")
+        except InvalidEntry as exc:
+            return JSONResponse({"error": "bad_request", "detail": str(exc), "key": exc.key}, status_code=400)
+        if result.staged:
+            # The version is still building: the write is staged and applied at completion.
+            return JSONResponse(result.properties, status_code=202, headers={"X-Sidecar-Staged": "true"})
+        return JSONResponse(result.properties)
+
+    @app.get(f"/api/v0/{base}/{{owner_id}}/metadata/history/", name=f"{kind}_history")
+    def get_history(request: Request, owner_id: int, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        limit, offset = _paging(limit, offset)
+        with Session(engine) as session:
+            target_of(session, kind, owner_id)  # 404 for an unknown id
+            count, rows = queries.history(session, kind, owner_id, limit=limit, offset=offset)
+        return _page(request, count, limit, offset, rows)
+
+
+def _resolve_route(app: FastAPI, engine: Engine) -> None:
+    @app.get("/api/v0/dataset-versions/resolve/")
+    def resolve_version(uri: str) -> Any:
+        """Resolve `dataset://<name>/<version>` (`latest` = newest completed) and mark it used."""
+        try:
+            name, version = parse_uri(uri, allow_latest=True)
+        except BadURI as exc:
+            return _error(400, "bad_request", str(exc))
+        if version is None:
+            return _error(400, "bad_request", "expected dataset://<name>/<version>")
+        with Session(engine) as session:
+            row = resolve(session, name, version)
+            if row is None:
+                raise NotFound(uri)
+            target = Target("version", name, row.name)
+        touch_last_used(engine, target)
+        with Session(engine) as session:
+            return queries.version_json(session, queries.get_version(session, row.id))
 
 
 def _webhook_routes(app: FastAPI, staging: Staging, enqueue: Enqueue, secret: str | None) -> None:

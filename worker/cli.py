@@ -105,6 +105,7 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
         connections.staging(settings),
         Enqueuer(make_app(settings)),
         webhook_secret=settings.webhook_secret,
+        api_token=settings.api_token,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0

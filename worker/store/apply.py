@@ -42,10 +42,10 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     """
     result = ApplyResult(target.key)
     with Session(writer(engine), expire_on_commit=False) as session, session.begin():
-        mark = _lock_watermark(session, target.key)
+        mark = lock_watermark(session, target.key)
         result.watermark = mark.stream_id
-        applier = _Applier(session, datetime.now(UTC))
-        if target.kind == "version" and not _version_completed(session, staging, target):
+        applier = Applier(session, datetime.now(UTC))
+        if target.kind == "version" and not version_completed(session, staging, target):
             # Register it, so the API can show a building version; its entries stay staged.
             applier.version(target)
             result.skipped = "version is still building"
@@ -67,14 +67,14 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     return result
 
 
-def _lock_watermark(session: Session, target: str) -> Watermark:
+def lock_watermark(session: Session, target: str) -> Watermark:
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     session.execute(insert(Watermark).values(target=target).on_conflict_do_nothing())
     return session.scalars(select(Watermark).where(Watermark.target == target).with_for_update()).one()
 
 
-def _version_completed(session: Session, staging: Staging, target: Target) -> bool:
+def version_completed(session: Session, staging: Staging, target: Target) -> bool:
     if staging.is_done(target):
         return True
     status = session.scalar(
@@ -86,7 +86,7 @@ def _version_completed(session: Session, staging: Staging, target: Target) -> bo
 
 
 @dataclass
-class _Applier:
+class Applier:
     """Applies entries inside one session, caching the rows it touches."""
 
     session: Session

@@ -64,7 +64,9 @@ def lower(text: str) -> str:
 def reindex(session: Session, owner_kind: str, owner_id: int, properties: dict[str, Any]) -> None:
     """Replace an owner's index rows with those of its current properties."""
     session.execute(
-        delete(PropertyIndex).where(PropertyIndex.owner_kind == owner_kind, PropertyIndex.owner_id == owner_id)
+        delete(PropertyIndex).where(
+            PropertyIndex.owner_kind == owner_kind, PropertyIndex.owner_id == owner_id
+        )
     )
     rows = [
         {

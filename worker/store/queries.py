@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
 from ..errors import NotFound
-from .models import Dataset, DatasetVersion, Datum, VersionFile
+from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile
 
 
 def list_datasets(
@@ -91,3 +91,18 @@ def iso(moment: datetime | None) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat()
+
+
+def history(
+    session: Session, kind: str, owner_id: int, *, limit: int, offset: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """Changes to one dataset's or version's properties, oldest first."""
+    where = (PropertyChange.owner_kind == kind, PropertyChange.owner_id == owner_id)
+    count = session.scalar(select(func.count()).select_from(PropertyChange).where(*where)) or 0
+    rows = session.scalars(
+        select(PropertyChange).where(*where).order_by(PropertyChange.id).limit(limit).offset(offset)
+    )
+    return count, [
+        {"key": r.key, "old": r.old, "new": r.new, "source": r.source, "changed_at": iso(r.changed_at)}
+        for r in rows
+    ]

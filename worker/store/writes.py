@@ -1,0 +1,91 @@
+"""Writes that do not come from a sidecar file: API calls (user) and `valohai.last-used` (platform)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from ..records import Entry, Source, user_write
+from ..staging import Staging
+from ..uris import Target
+from .apply import Applier, apply_target, lock_watermark, version_completed
+from .db import writer
+from .models import Dataset, DatasetVersion
+from .queries import get_dataset, get_version
+
+LAST_USED = "valohai.last-used"
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """The property set after a write, and whether the write is only staged (version building)."""
+
+    properties: dict[str, Any]
+    staged: bool
+
+
+def target_of(session: Session, kind: str, owner_id: int) -> Target:
+    """The staging target of a dataset or version id; NotFound if there is none."""
+    if kind == "dataset":
+        return Target("dataset", get_dataset(session, owner_id).name)
+    version = get_version(session, owner_id)
+    return Target("version", version.dataset.name, version.name)
+
+
+def write_properties(
+    engine: Engine, staging: Staging, kind: str, owner_id: int, metadata: Any
+) -> WriteResult:
+    """Apply a user's property write (null deletes) to a dataset or version.
+
+    The write goes through the same stream as sidecar lines, so it is ordered after every line
+    staged before it. On a completed target it is applied at once (the same apply the worker
+    runs); on a version still building it stays staged and is applied at completion.
+    """
+    with Session(engine) as session:
+        target = target_of(session, kind, owner_id)
+    entry: Entry = user_write(target, metadata, Source("api"))
+    staging.stage_entry(entry)
+    with Session(engine) as session:
+        building = target.kind == "version" and not version_completed(session, staging, target)
+    if building:
+        return WriteResult(current_properties(engine, kind, owner_id), staged=True)
+    apply_target(engine, staging, target)
+    return WriteResult(current_properties(engine, kind, owner_id), staged=False)
+
+
+def current_properties(engine: Engine, kind: str, owner_id: int) -> dict[str, Any]:
+    with Session(engine) as session:
+        owner = get_dataset(session, owner_id) if kind == "dataset" else get_version(session, owner_id)
+        return dict(owner.properties or {})
+
+
+def touch_last_used(engine: Engine, version: Target, now: datetime | None = None) -> None:
+    """Record that a version (and so its dataset) was referenced: `valohai.last-used` on both."""
+    stamp = {LAST_USED: (now or datetime.now(UTC)).isoformat()}
+    source = Source("platform")
+    for target in (version, version.dataset_target):
+        # The same lock as an apply of that target, so the two never overwrite each other.
+        with Session(writer(engine), expire_on_commit=False) as session, session.begin():
+            lock_watermark(session, target.key)
+            applier = Applier(session, datetime.now(UTC))
+            if target.kind == "version":
+                applier.set(applier.version(target), "version", Entry(target, "set", source, stamp))
+            else:
+                applier.set(applier.dataset(target.dataset), "dataset", Entry(target, "set", source, stamp))
+            applier.reindex()
+
+
+def resolve(session: Session, name: str, version: str) -> DatasetVersion | None:
+    """A version by name; `latest` is the newest completed version of the dataset."""
+    query = select(DatasetVersion).join(Dataset).where(Dataset.name == name)
+    if version == "latest":
+        query = query.where(DatasetVersion.status == "completed").order_by(
+            DatasetVersion.completed_at.desc(), DatasetVersion.id.desc()
+        )
+    else:
+        query = query.where(DatasetVersion.name == version)
+    return session.scalars(query.limit(1)).first()
