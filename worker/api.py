@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from .errors import BadURI, InvalidEntry, NotFound
+from .query import FilterError
 from .staging import Staging
 from .store import queries
 from .store.writes import current_properties, resolve, target_of, touch_last_used, write_properties
@@ -39,6 +40,11 @@ def create_app(
 ) -> FastAPI:
     """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine."""
     app = FastAPI(title="Dataset properties sidecar", version="0.1.0")
+
+    @app.exception_handler(FilterError)
+    def _bad_filter(_request: Request, exc: FilterError) -> JSONResponse:
+        body = {"error": "bad_filter", "detail": str(exc), "position": exc.position, "expected": exc.expected}
+        return JSONResponse(body, status_code=400)
 
     @app.exception_handler(NotFound)
     def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
@@ -163,10 +169,19 @@ def _webhook_routes(app: FastAPI, staging: Staging, enqueue: Enqueue, secret: st
 
 def _read_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/api/v0/datasets/")
-    def list_datasets(request: Request, name: str | None = None, limit: int = 100, offset: int = 0) -> Any:
+    def list_datasets(
+        request: Request,
+        name: str | None = None,
+        filter: str | None = None,
+        ordering: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Any:
+        """Datasets; `filter` takes the filter language, `ordering` a key (`-key` descending)."""
         limit, offset = _paging(limit, offset)
+        ask = queries.ListQuery(name=name, filter=filter, ordering=ordering, limit=limit, offset=offset)
         with Session(engine) as session:
-            count, rows = queries.list_datasets(session, name=name, limit=limit, offset=offset)
+            count, rows = queries.list_datasets(session, ask)
             return _page(request, count, limit, offset, [queries.dataset_json(r) for r in rows])
 
     @app.get("/api/v0/datasets/{dataset_id}/")
@@ -179,14 +194,18 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
         request: Request,
         dataset: str | None = None,
         name: str | None = None,
+        filter: str | None = None,
+        ordering: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> Any:
+        """Versions; `filter` takes the filter language, `ordering` a key (`-key` descending)."""
         limit, offset = _paging(limit, offset)
+        ask = queries.ListQuery(
+            name=name, dataset=dataset, filter=filter, ordering=ordering, limit=limit, offset=offset
+        )
         with Session(engine) as session:
-            count, rows = queries.list_versions(
-                session, dataset=dataset, name=name, limit=limit, offset=offset
-            )
+            count, rows = queries.list_versions(session, ask)
             results = [queries.version_json(session, r) for r in rows]
             return _page(request, count, limit, offset, results)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,34 +11,53 @@ from sqlalchemy.orm import Session, joinedload
 
 from ..errors import NotFound
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile
+from .search import OwnerKind, filter_condition, order_by, ordering_key
 
 
-def list_datasets(
-    session: Session, *, name: str | None, limit: int, offset: int
-) -> tuple[int, list[Dataset]]:
+@dataclass(frozen=True)
+class ListQuery:
+    """What a list request asks for: exact names, a filter expression, an ordering key, a page."""
+
+    name: str | None = None
+    dataset: str | None = None
+    filter: str | None = None
+    ordering: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def list_datasets(session: Session, ask: ListQuery) -> tuple[int, list[Dataset]]:
+    """Datasets matching `ask`; FilterError if its filter or ordering does not parse."""
     query = select(Dataset)
-    if name is not None:
-        query = query.where(Dataset.name == name)
-    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Dataset.id).limit(limit).offset(offset)).all()
-    return count, list(rows)
+    if ask.name is not None:
+        query = query.where(Dataset.name == ask.name)
+    return _run(session, query, ask, "dataset", Dataset.id)
 
 
-def list_versions(
-    session: Session, *, dataset: str | None, name: str | None, limit: int, offset: int
-) -> tuple[int, list[DatasetVersion]]:
+def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVersion]]:
+    """Versions matching `ask`; FilterError if its filter or ordering does not parse."""
     query = select(DatasetVersion).join(Dataset)
-    if dataset is not None:
-        query = query.where(Dataset.name == dataset)
-    if name is not None:
-        query = query.where(DatasetVersion.name == name)
-    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.options(joinedload(DatasetVersion.dataset))
-        .order_by(DatasetVersion.id)
-        .limit(limit)
-        .offset(offset)
-    ).all()
+    if ask.dataset is not None:
+        query = query.where(Dataset.name == ask.dataset)
+    if ask.name is not None:
+        query = query.where(DatasetVersion.name == ask.name)
+    query = query.options(joinedload(DatasetVersion.dataset))
+    return _run(session, query, ask, "version", DatasetVersion.id)
+
+
+def _run(
+    session: Session, query: Any, ask: ListQuery, kind: OwnerKind, owner_id: Any
+) -> tuple[int, list[Any]]:
+    dialect = session.get_bind().dialect.name
+    if ask.filter:
+        query = query.where(filter_condition(ask.filter, kind, owner_id, dialect))
+    count = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
+    if ask.ordering:
+        key, descending = ordering_key(ask.ordering)
+        query = order_by(query, kind, owner_id, key, descending, dialect)
+    else:
+        query = query.order_by(owner_id)
+    rows = session.scalars(query.limit(ask.limit).offset(ask.offset)).unique().all()
     return count, list(rows)
 
 
