@@ -19,8 +19,8 @@ from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
 from .staging import Staging
 from .store import queries
-from .store.writes import current_properties, resolve, target_of, touch_last_used, write_properties
-from .uris import Target, parse_uri
+from .store.writes import current_properties, target_of, touch_last_used, write_properties
+from .uris import Target
 from .webhooks import parse_event, signature_problem
 
 log = logging.getLogger(__name__)
@@ -116,20 +116,18 @@ def _resolve_route(app: FastAPI, engine: Engine) -> None:
     @app.get("/api/v0/dataset-versions/resolve/")
     def resolve_version(uri: str) -> Any:
         """Resolve `dataset://<name>/<version>` (`latest` = newest completed) and mark it used."""
-        try:
-            name, version = parse_uri(uri, allow_latest=True)
-        except BadURI as exc:
-            return _error(400, "bad_request", str(exc))
-        if version is None:
-            return _error(400, "bad_request", "expected dataset://<name>/<version>")
         with Session(engine) as session:
-            row = resolve(session, name, version)
-            if row is None:
-                raise NotFound(uri)
-            target = Target("version", name, row.name)
+            try:
+                kind, version_id = queries.find_by_uri(session, uri)
+            except BadURI as exc:
+                return _error(400, "bad_request", str(exc))
+            if kind != "version":
+                return _error(400, "bad_request", "expected dataset://<name>/<version>")
+            row = queries.get_version(session, version_id)
+            target = Target("version", row.dataset.name, row.name)
         touch_last_used(engine, target)
         with Session(engine) as session:
-            return queries.version_json(session, queries.get_version(session, row.id))
+            return queries.version_json(session, queries.get_version(session, version_id))
 
 
 def _webhook_routes(app: FastAPI, staging: Staging, enqueue: Enqueue, secret: str | None) -> None:

@@ -16,6 +16,7 @@ import redis
 
 from . import connections
 from .errors import SidecarError
+from .props_cli import add_commands
 from .settings import Settings
 from .store.db import create_schema
 from .tasks import Enqueuer, make_app
@@ -205,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     rejects = command("rejects", cmd_rejects, "list rejected lines, newest first")
     rejects.add_argument("--limit", type=int, default=100)
     rejects.add_argument("--json", action="store_true")
+    add_commands(sub, _common)
     db = sub.add_parser("db", help="database schema").add_subparsers(title="db commands")
     upgrade = db.add_parser("upgrade", help="create or upgrade the database schema")
     _common(upgrade)

@@ -326,7 +326,8 @@ class _Lexer:
         return _Token("number", start, match.group())
 
     def _string(self, start: int) -> _Token:
-        text, chars, i = self.text, [], start + 1
+        text, i = self.text, start + 1
+        chars: list[str] = []
         while i < len(text):
             char = text[i]
             if char == '"':

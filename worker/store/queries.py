@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
 from ..errors import NotFound
+from ..uris import parse_uri
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile
 from .search import OwnerKind, filter_condition, order_by, ordering_key
 
@@ -108,9 +109,7 @@ def iso(moment: datetime | None) -> str | None:
     """ISO-8601 in UTC. SQLite hands back naive datetimes; everything we store is UTC."""
     if moment is None:
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat()
+    return _aware(moment).astimezone(UTC).isoformat()
 
 
 def history(
@@ -126,3 +125,50 @@ def history(
         {"key": r.key, "old": r.old, "new": r.new, "source": r.source, "changed_at": iso(r.changed_at)}
         for r in rows
     ]
+
+
+def find_by_uri(session: Session, uri: str) -> tuple[str, int]:
+    """(`dataset` or `version`, id) of `dataset://<name>` or `dataset://<name>/<version>`."""
+    name, version = parse_uri(uri, allow_latest=True)
+    dataset = session.scalar(select(Dataset).where(Dataset.name == name))
+    if dataset is None:
+        raise NotFound(f"dataset://{name}")
+    if version is None:
+        return "dataset", dataset.id
+    query = select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id)
+    if version == "latest":
+        query = query.where(DatasetVersion.status == "completed").order_by(
+            DatasetVersion.completed_at.desc(), DatasetVersion.id.desc()
+        )
+    else:
+        query = query.where(DatasetVersion.name == version)
+    row = session.scalars(query.limit(1)).first()
+    if row is None:
+        raise NotFound(uri)
+    return "version", row.id
+
+
+def stale(session: Session, cutoff: datetime) -> list[dict[str, Any]]:
+    """Datasets and versions not used since `cutoff` (never used: created before it)."""
+    out: list[dict[str, Any]] = []
+    owners: list[tuple[str, Any]] = [("dataset", Dataset), ("version", DatasetVersion)]
+    for kind, model in owners:
+        for row in session.scalars(select(model).order_by(model.id)):
+            used = (row.properties or {}).get("valohai.last-used")
+            when = _parse_time(used) if isinstance(used, str) else None
+            reference = when or _aware(row.created_at)
+            if reference < cutoff:
+                uri = f"dataset://{row.name}" if kind == "dataset" else row.uri
+                out.append({"kind": kind, "id": row.id, "uri": uri, "last_used": used})
+    return out
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        return _aware(datetime.fromisoformat(text))
+    except ValueError:
+        return None
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ..records import Entry, Source, user_write
@@ -14,7 +14,6 @@ from ..staging import Staging
 from ..uris import Target
 from .apply import Applier, apply_target, lock_watermark, version_completed
 from .db import writer
-from .models import Dataset, DatasetVersion
 from .queries import get_dataset, get_version
 
 LAST_USED = "valohai.last-used"
@@ -77,15 +76,3 @@ def touch_last_used(engine: Engine, version: Target, now: datetime | None = None
             else:
                 applier.set(applier.dataset(target.dataset), "dataset", Entry(target, "set", source, stamp))
             applier.reindex()
-
-
-def resolve(session: Session, name: str, version: str) -> DatasetVersion | None:
-    """A version by name; `latest` is the newest completed version of the dataset."""
-    query = select(DatasetVersion).join(Dataset).where(Dataset.name == name)
-    if version == "latest":
-        query = query.where(DatasetVersion.status == "completed").order_by(
-            DatasetVersion.completed_at.desc(), DatasetVersion.id.desc()
-        )
-    else:
-        query = query.where(DatasetVersion.name == version)
-    return session.scalars(query.limit(1)).first()

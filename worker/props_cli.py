@@ -1,0 +1,194 @@
+"""The data commands of the CLI: `sidecar props`, `query`, `history`, `stale`.
+
+They work on the same database and Redis as a running `sidecar up` (same --data-dir), through the
+same functions the HTTP API uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from . import connections
+from .errors import ConfigError, InvalidEntry
+from .settings import Settings
+from .store import queries
+from .store.writes import write_properties
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`key=value`; the value is JSON when it parses as JSON, else the plain string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise InvalidEntry(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `45s`, `2w`."""
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ConfigError("--unused-for", f"{text!r} is not a duration like 30d, 12h, 90m")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+@contextmanager
+def _engine(settings: Settings) -> Iterator[Engine]:
+    """The database for one command, closed when it is done."""
+    engine = connections.engine(settings)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def cmd_props(settings: Settings, args: argparse.Namespace) -> int:
+    with _engine(settings) as engine:
+        return _props(settings, engine, args)
+
+
+def _props(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
+    with Session(engine) as session:
+        kind, owner_id = queries.find_by_uri(session, args.uri)
+    if args.action == "get":
+        with Session(engine) as session:
+            owner = (
+                queries.get_dataset(session, owner_id)
+                if kind == "dataset"
+                else queries.get_version(session, owner_id)
+            )
+            _print_json(owner.properties or {})
+        return 0
+    if args.action == "set":
+        changes = dict(parse_assignment(a) for a in args.items)
+    else:
+        changes = dict.fromkeys(args.items)
+    if not changes:
+        raise InvalidEntry("name at least one key")
+    staging = connections.staging(settings)
+    try:
+        result = write_properties(engine, staging, kind, owner_id, changes)
+    finally:
+        staging.redis.close()
+    _print_json(result.properties)
+    if result.staged:
+        print("(the version is still building: the change is staged and applied at completion)")
+    return 0
+
+
+def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
+    ask = queries.ListQuery(filter=args.expr, ordering=args.ordering, limit=args.limit)
+    with _engine(settings) as engine, Session(engine) as session:
+        if args.versions:
+            count, versions = queries.list_versions(session, ask)
+            rows = [{"uri": v.uri, "status": v.status, "properties": v.properties or {}} for v in versions]
+        else:
+            count, datasets = queries.list_datasets(session, ask)
+            rows = [{"uri": f"dataset://{d.name}", "properties": d.properties or {}} for d in datasets]
+    if args.json:
+        _print_json({"count": count, "results": rows})
+        return 0
+    _print_table(rows)
+    print(f"{count} matching" + (f", {len(rows)} shown" if count > len(rows) else ""))
+    return 0
+
+
+def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
+    with _engine(settings) as engine, Session(engine) as session:
+        kind, owner_id = queries.find_by_uri(session, args.uri)
+        _, changes = queries.history(session, kind, owner_id, limit=args.limit, offset=0)
+    if args.json:
+        _print_json(changes)
+        return 0
+    for c in changes:
+        change = f"{c['key']}: {_short(c['old'])} -> {_short(c['new'])}"
+        print(f"{c['changed_at']}  {change}  [{_source(c['source'])}]")
+    if not changes:
+        print("no changes recorded")
+    return 0
+
+
+def cmd_stale(settings: Settings, args: argparse.Namespace) -> int:
+    cutoff = datetime.now(UTC) - parse_duration(args.unused_for)
+    with _engine(settings) as engine, Session(engine) as session:
+        rows = queries.stale(session, cutoff)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['kind']:8} {r['uri']}  last used: {r['last_used'] or 'never'}")
+    print(f"{len(rows)} not used for {args.unused_for}")
+    return 0
+
+
+def add_commands(sub: Any, common: Any) -> None:
+    """Register the data commands on the `sidecar` parser."""
+    props = sub.add_parser("props", help="get, set or unset properties of a dataset or version")
+    actions = props.add_subparsers(title="actions", dest="action", required=True)
+    for action, help_text, items in (
+        ("get", "print the properties as JSON", None),
+        ("set", "set key=value ... (values are JSON when they parse, else strings)", "key=value"),
+        ("unset", "remove keys", "key"),
+    ):
+        p = actions.add_parser(action, help=help_text, description=help_text)
+        common(p)
+        p.add_argument("uri", help="dataset://<name> or dataset://<name>/<version>")
+        if items:
+            p.add_argument("items", nargs="+", metavar=items)
+        p.set_defaults(run=cmd_props)
+    query = sub.add_parser("query", help="search datasets (or versions) by property values")
+    common(query)
+    query.add_argument("expr", help="a filter, e.g. 'domain = \"manufacturing\" and defect_rate < 0.01'")
+    query.add_argument("--versions", action="store_true", help="search dataset versions")
+    query.add_argument("--ordering", help="sort by a property key; -key for descending")
+    query.add_argument("--limit", type=int, default=100)
+    query.add_argument("--json", action="store_true")
+    query.set_defaults(run=cmd_query)
+    history = sub.add_parser("history", help="changes to the properties of a dataset or version")
+    common(history)
+    history.add_argument("uri")
+    history.add_argument("--limit", type=int, default=1000)
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(run=cmd_history)
+    stale = sub.add_parser("stale", help="datasets and versions not used for a while")
+    common(stale)
+    stale.add_argument("--unused-for", default="30d", help="a duration: 30d, 12h, 2w [30d]")
+    stale.add_argument("--json", action="store_true")
+    stale.set_defaults(run=cmd_stale)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False))
+
+
+def _print_table(rows: Sequence[dict[str, Any]]) -> None:
+    """One row per target: its URI, (status), then each property as key=value."""
+    for row in rows:
+        props = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in row["properties"].items())
+        status = f" ({row['status']})" if "status" in row else ""
+        print(f"{row['uri']}{status}  {props}")
+
+
+def _short(value: Any) -> str:
+    text = "-" if value is None else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _source(source: dict[str, Any]) -> str:
+    if source.get("origin") == "sidecar":
+        return f"{source['file']}:{source['line']}"
+    return str(source.get("origin"))
