@@ -143,3 +143,39 @@ def test_token_auth(engine: Engine, staging: Staging) -> None:
         assert c.get("/api/v0/datasets/", headers={"Authorization": "Token wrong"}).status_code == 401
         assert c.get("/api/v0/datasets/", headers={"Authorization": "Token t0ken"}).status_code == 200
         assert c.get("/healthz").status_code == 200
+
+
+def test_webhook_inputs_mark_last_used(
+    client: TestClient, engine: Engine, staging: Staging, sent: list[str]
+) -> None:
+    complete(engine, staging, V1)
+    event = {
+        "type": "execution_started",
+        "data": {"inputs": {"train": ["dataset://press/latest", "dataset://nope/v1"]}},
+    }
+    answer = client.post("/webhooks/events", json=event)
+    assert answer.status_code == 202 and answer.json()["status"] == "ignored"
+    (version,) = client.get("/api/v0/dataset-versions/").json()["results"]
+    assert "valohai.last-used" in version["properties"]
+    done = client.post(
+        "/webhooks/events",
+        json={"type": "dataset_version_created", "data": {"version": {"uri": "dataset://press/v2"}}},
+    )
+    assert done.status_code == 202 and set(sent) >= {"dataset://press/v2", "dataset://press"}
+
+
+def test_openapi_describes_the_routes(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path in (
+        "/api/v0/datasets/",
+        "/api/v0/dataset-versions/",
+        "/api/v0/datasets/{owner_id}/metadata/",
+        "/api/v0/dataset-versions/{owner_id}/metadata/history/",
+        "/api/v0/dataset-versions/resolve/",
+        "/webhooks/events",
+    ):
+        assert path in spec["paths"], path
+    post = spec["paths"]["/api/v0/datasets/{owner_id}/metadata/"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["type"] == "object"
+    params = {p["name"] for p in spec["paths"]["/api/v0/dataset-versions/"]["get"]["parameters"]}
+    assert {"filter", "ordering", "dataset", "name", "limit", "offset"} <= params

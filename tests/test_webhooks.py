@@ -59,3 +59,14 @@ def test_parse_events() -> None:
 def test_bad_payloads(payload: object) -> None:
     with pytest.raises(InvalidEntry):
         parse_event(payload)
+
+
+def test_inputs_named_in_events() -> None:
+    data = {
+        "valohai.execution-id": "e1",
+        "inputs": {"train": ["dataset://press/v1", "s3://bucket/x"], "extra": "dataset://press/latest"},
+        "valohai.inputs": [{"uri": "dataset://other/v9"}],
+        "note": "dataset://not/an-input",
+    }
+    action = parse_event({"type": "execution_completed", "data": data})
+    assert action.inputs == ("dataset://other/v9", "dataset://press/latest", "dataset://press/v1")

@@ -56,7 +56,7 @@ def create_app(
 
     if api_token:
         _require_token(app, api_token)
-    _webhook_routes(app, staging, enqueue, webhook_secret)
+    _webhook_routes(app, engine, staging, enqueue, webhook_secret)
     _resolve_route(app, engine)  # before /dataset-versions/{id}/, which would match "resolve"
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
@@ -82,7 +82,17 @@ def _metadata_routes(app: FastAPI, engine: Engine, staging: Staging, kind: str, 
     def get_metadata(owner_id: int) -> dict[str, Any]:
         return current_properties(engine, kind, owner_id)
 
-    @app.post(f"/api/v0/{base}/{{owner_id}}/metadata/", name=f"set_{kind}_metadata")
+    @app.post(
+        f"/api/v0/{base}/{{owner_id}}/metadata/",
+        name=f"set_{kind}_metadata",
+        openapi_extra=_json_body("Properties to set; a null value deletes the key. Keys 1..256 characters."),
+        responses={
+            202: {"description": "The version is still building: the write is staged until completion."},
+            400: {"description": "Not JSON, not an object, a reserved `valohai.` key, a bad key or depth."},
+            404: {"description": "No such dataset or version."},
+            413: {"description": "Body over 1 MiB."},
+        },
+    )
     async def set_metadata(owner_id: int, request: Request) -> JSONResponse:
         """Set each key of the JSON object body; null deletes. Answers the full set after the change."""
         length = request.headers.get("content-length")
@@ -130,8 +140,31 @@ def _resolve_route(app: FastAPI, engine: Engine) -> None:
             return queries.version_json(session, queries.get_version(session, version_id))
 
 
-def _webhook_routes(app: FastAPI, staging: Staging, enqueue: Enqueue, secret: str | None) -> None:
-    @app.post("/webhooks/events", status_code=202)
+def _mark_used(engine: Engine, uris: tuple[str, ...]) -> None:
+    """`valohai.last-used` on the versions an event names as inputs (unknown ones are skipped)."""
+    for uri in uris:
+        try:
+            with Session(engine) as session:
+                _, version_id = queries.find_by_uri(session, uri)
+                row = queries.get_version(session, version_id)
+                target = Target("version", row.dataset.name, row.name)
+        except (BadURI, NotFound):
+            continue
+        touch_last_used(engine, target)
+
+
+def _webhook_routes(
+    app: FastAPI, engine: Engine, staging: Staging, enqueue: Enqueue, secret: str | None
+) -> None:
+    @app.post(
+        "/webhooks/events",
+        status_code=202,
+        openapi_extra=_json_body("A platform notification: dataset_version_created or execution_completed."),
+        responses={
+            400: {"description": "Not JSON, or a required field is missing."},
+            401: {"description": "Missing or wrong signature, or a stale timestamp."},
+        },
+    )
     async def events(request: Request) -> JSONResponse:
         """Validate and enqueue, nothing more: the apply happens in the worker."""
         body = await request.body()
@@ -151,6 +184,8 @@ def _webhook_routes(app: FastAPI, staging: Staging, enqueue: Enqueue, secret: st
             return _error(400, "bad_request", f"not JSON: {exc}")
         except InvalidEntry as exc:
             return _error(400, "bad_request", str(exc))
+        if action.inputs:
+            await run_in_threadpool(_mark_used, engine, action.inputs)
         if action.kind == "ignore":
             return JSONResponse({"status": "ignored", "type": action.event_type}, status_code=202)
         if action.kind == "version" and action.target is not None:
@@ -211,6 +246,12 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
     def get_version(version_id: int) -> Any:
         with Session(engine) as session:
             return queries.version_json(session, queries.get_version(session, version_id))
+
+
+def _json_body(description: str) -> dict[str, Any]:
+    """OpenAPI for a JSON object body that the handler reads itself (to bound and check it)."""
+    schema = {"type": "object", "additionalProperties": True, "description": description}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _error(status: int, error: str, detail: str) -> JSONResponse:

@@ -45,6 +45,23 @@ class Action:
     target: Target | None = None
     execution: str = ""
     event_type: str = ""
+    inputs: tuple[str, ...] = ()  # dataset version URIs the event names as inputs
+
+
+def input_uris(data: Any) -> tuple[str, ...]:
+    """Dataset version URIs found under any key that mentions "input" (e.g. `inputs`,
+    `valohai.inputs`), at any depth: the versions an execution used, for `valohai.last-used`."""
+    found: list[str] = []
+    stack: list[tuple[bool, Any]] = [(False, data)]
+    while stack:
+        under_input, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((under_input or "input" in str(k).lower(), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((under_input, v) for v in node)
+        elif under_input and isinstance(node, str) and node.startswith("dataset://") and node.count("/") == 3:
+            found.append(node)
+    return tuple(dict.fromkeys(sorted(found)))
 
 
 def parse_event(payload: Any) -> Action:
@@ -53,16 +70,17 @@ def parse_event(payload: Any) -> Action:
         raise InvalidEntry("expected a JSON object")
     event_type = payload.get("type")
     data = payload.get("data")
+    inputs = input_uris(data)
     if event_type == "dataset_version_created":
         if not isinstance(data, dict):
             raise InvalidEntry("data: expected an object")
-        return Action("version", target=_version_of(data), event_type=event_type)
+        return Action("version", target=_version_of(data), event_type=event_type, inputs=inputs)
     if event_type == "execution_completed":
         execution = data.get("valohai.execution-id") if isinstance(data, dict) else None
         if not isinstance(execution, str) or not execution or "/" in execution or execution in (".", ".."):
             raise InvalidEntry("data.valohai.execution-id: expected an execution id")
-        return Action("execution", execution=execution, event_type=event_type)
-    return Action("ignore", event_type=str(event_type))
+        return Action("execution", execution=execution, event_type=event_type, inputs=inputs)
+    return Action("ignore", event_type=str(event_type), inputs=inputs)
 
 
 def _version_of(data: dict[str, Any]) -> Target:
