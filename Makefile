@@ -25,6 +25,11 @@ run: install
 test: install
 	$(BIN)/pytest
 
+# Benchmarks against the real Redis and PostgreSQL (see docs/benchmarks.md); QUICK=1 for a smoke run.
+bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
+
 lint: install
 	$(BIN)/ruff check worker tests
 	$(BIN)/mypy

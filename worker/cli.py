@@ -18,7 +18,7 @@ from . import connections
 from .errors import SidecarError
 from .props_cli import add_commands
 from .settings import Settings
-from .store.db import create_schema
+from .store.migrate import upgrade
 from .tasks import Enqueuer, make_app
 from .uris import version_target
 
@@ -74,7 +74,8 @@ def cmd_watch(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    create_schema(connections.engine(settings))
+    if args.migrate:
+        upgrade(connections.engine(settings))
     app = make_app(settings)
     app.worker_main(
         [
@@ -94,13 +95,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api import create_app
 
     engine = connections.engine(settings)
-    create_schema(engine)
+    if args.migrate:
+        upgrade(engine)
     app = create_app(
         engine,
         connections.staging(settings),
@@ -136,8 +138,8 @@ def cmd_rejects(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
-    create_schema(connections.engine(settings))
-    print("database schema is up to date")
+    upgrade(connections.engine(settings))
+    print("database schema is at the newest revision")
     return 0
 
 
@@ -200,7 +202,10 @@ def _parser() -> argparse.ArgumentParser:
     watching(command("watch", cmd_watch, "watch a root and stage sidecar files in Redis"))
     worker = command("worker", cmd_worker, "run a Celery worker that applies completed versions")
     worker.add_argument("--concurrency", type=int, default=2, help="worker processes [2]")
-    serving(command("serve", cmd_serve, "run the HTTP server (API and webhooks)"))
+    serve = command("serve", cmd_serve, "run the HTTP server (API and webhooks)")
+    serving(serve)
+    for p in (worker, serve):
+        p.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
     complete = command("complete", cmd_complete, "mark a dataset version as completed and apply it")
     complete.add_argument("uri", help="dataset://<name>/<version>")
     rejects = command("rejects", cmd_rejects, "list rejected lines, newest first")

@@ -24,7 +24,7 @@ import redis
 from . import connections
 from .errors import ConfigError, ServiceUnavailable
 from .settings import Settings
-from .store.db import create_schema
+from .store.migrate import upgrade
 
 log = logging.getLogger("sidecar.up")
 STOP_GRACE_SECONDS = 15
@@ -50,7 +50,7 @@ def run_up(settings: Settings, *, concurrency: int) -> int:
             redis_proc, url = _start_private_redis(settings.data_dir)
             settings = settings.with_(redis_url=url)
             settings.redis_url_file.write_text(url + "\n")
-        create_schema(connections.engine(settings))
+        upgrade(connections.engine(settings))
         env = {**os.environ, **settings.as_env()}
         parts = {"worker": ["--concurrency", str(concurrency)], "watch": [], "serve": []}
         for part, extra in parts.items():

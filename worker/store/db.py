@@ -7,8 +7,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from .models import Base
-
 SQLITE_BUSY_MS = 30_000
 
 
@@ -34,21 +32,6 @@ def writer(engine: Engine) -> Engine:
     """The engine for apply transactions. On SQLite they start with `BEGIN IMMEDIATE`, taking the
     database's write lock up front, so two applies never interleave and never deadlock on upgrade."""
     return engine.execution_options(sqlite_begin="IMMEDIATE")
-
-
-SCHEMA_LOCK_ID = 0x5DEC_A2  # any constant shared by every sidecar process
-
-
-def create_schema(engine: Engine) -> None:
-    """Create missing tables (idempotent).
-
-    The API and the workers all call this at start; on PostgreSQL an advisory lock makes them take
-    turns, since two CREATE TABLEs racing on a fresh database would fail one of them.
-    """
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
-        Base.metadata.create_all(conn)
 
 
 def _sqlite_setup(engine: Engine) -> None:
