@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.helpers import outcome
@@ -115,7 +117,11 @@ def test_rejects_are_recorded_with_where_and_why(staging: Staging) -> None:
 def test_sweep_enqueues_targets_due_too_long(staging: Staging) -> None:
     staging.complete_version(V1)
     sent: list[str] = []
-    assert set(staging.sweep(sent.append, older_than=-1)) == {V1.key, DS.key}
+    assert staging.sweep(sent.append, older_than=0.2) == []  # not due for long enough yet
+    time.sleep(0.3)
+    assert set(staging.sweep(sent.append, older_than=0.2)) == {V1.key, DS.key}
     assert set(sent) == {V1.key, DS.key}
-    # The sweep bumps the score, so an immediate second sweep with a real delay sends nothing.
-    assert staging.sweep(sent.append, older_than=60) == []
+    # Still due, but this process sent them a moment ago: not again yet.
+    assert staging.sweep(sent.append, older_than=0.2) == []
+    count, age = staging.backlog()
+    assert count == 2 and age >= 0.3  # the due score keeps the time it first became due

@@ -11,10 +11,12 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from . import metrics
 from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
 from .staging import Staging
@@ -37,6 +39,7 @@ def create_app(
     *,
     webhook_secret: str | None = None,
     api_token: str | None = None,
+    watcher_max_age: float = 120.0,
 ) -> FastAPI:
     """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine."""
     app = FastAPI(title="Dataset properties sidecar", version="0.1.0")
@@ -50,9 +53,7 @@ def create_app(
     def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    _health_routes(app, engine, staging, watcher_max_age)
 
     if api_token:
         _require_token(app, api_token)
@@ -62,6 +63,59 @@ def create_app(
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _metadata_routes(app, engine, staging, kind, base)
     return app
+
+
+def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_age: float) -> None:
+    metrics.register_backlog(staging)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Redis and the database answer, and a watcher has scanned recently; 503 naming what fails."""
+        checks = {"redis": _check_redis(staging), "database": _check_database(engine)}
+        checks["watcher"] = (
+            _check_watchers(staging, watcher_max_age) if checks["redis"] == "ok" else "unknown"
+        )
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+        )
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _check_redis(staging: Staging) -> str:
+    try:
+        staging.redis.ping()
+        return "ok"
+    except Exception as exc:  # any failure is "not ready", with its reason
+        return f"failing: {exc}"
+
+
+def _check_database(engine: Engine) -> str:
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return "ok"
+    except Exception as exc:
+        return f"failing: {exc}"
+
+
+def _check_watchers(staging: Staging, max_age: float) -> str:
+    watchers = [h for h in staging.heartbeats() if h.get("role") == "watcher"]
+    if not watchers:
+        return "failing: no watcher has reported"
+    freshest = min(float(h.get("last_scan_age", 1e9)) for h in watchers)
+    if freshest > max_age:
+        return f"failing: last full scan {freshest:.0f} s ago (limit {max_age:.0f} s)"
+    return "ok"
 
 
 def _require_token(app: FastAPI, token: str) -> None:
@@ -177,13 +231,17 @@ def _webhook_routes(
                 time.time(),
             )
             if problem:
+                metrics.WEBHOOKS.labels("unauthorized").inc()
                 return _error(401, "unauthorized", problem)
         try:
             action = parse_event(orjson.loads(body))
         except orjson.JSONDecodeError as exc:
+            metrics.WEBHOOKS.labels("bad_request").inc()
             return _error(400, "bad_request", f"not JSON: {exc}")
         except InvalidEntry as exc:
+            metrics.WEBHOOKS.labels("bad_request").inc()
             return _error(400, "bad_request", str(exc))
+        metrics.WEBHOOKS.labels("ignored" if action.kind == "ignore" else "accepted").inc()
         if action.inputs:
             await run_in_threadpool(_mark_used, engine, action.inputs)
         if action.kind == "ignore":
@@ -192,6 +250,7 @@ def _webhook_routes(
             due = staging.complete_version(action.target)
         else:
             due = staging.complete_execution(action.execution)
+        metrics.VERSIONS_COMPLETED.labels(action.kind).inc()
         for key in due:
             try:
                 enqueue(key)

@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +20,8 @@ from . import connections
 from .errors import SidecarError
 from .props_cli import add_commands
 from .settings import Settings
+from .staging import Staging
+from .status import cmd_status
 from .store.migrate import upgrade
 from .tasks import Enqueuer, make_app
 from .uris import version_target
@@ -34,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {k: v for k, v in vars(args).items() if k in _SETTING_FLAGS}
     try:
         settings = Settings.load(flags)
-        _logging(settings.log_level)
+        _logging(settings.log_level, settings.log_format)
         result: int = args.run(settings, args)
         return result
     except SidecarError as exc:
@@ -56,9 +60,10 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     return run_up(settings, concurrency=args.concurrency)
 
 
-def cmd_watch(settings: Settings, _args: argparse.Namespace) -> int:
+def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     from .watch import Watcher
 
+    _serve_metrics(args.metrics_port)
     staging = connections.staging(settings)
     stop = _stop_on_signals()
     watcher = Watcher(settings, staging, Enqueuer(make_app(settings)), stop)
@@ -76,7 +81,15 @@ def cmd_watch(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if args.migrate:
         upgrade(connections.engine(settings))
+    _serve_metrics(args.metrics_port)
     app = make_app(settings)
+    name = f"sidecar-{os.getpid()}@{socket.gethostname()}"
+    _heartbeat_thread(
+        connections.staging(settings), name, {"concurrency": args.concurrency, "pool": args.pool}
+    )
+    # The threads pool by default: applies wait on the database and Redis, not on the CPU, and
+    # one process keeps the metrics in one registry. SIGTERM is Celery's warm shutdown: running
+    # applies finish; unacknowledged ones are redelivered (acks_late) or swept.
     app.worker_main(
         [
             "worker",
@@ -86,8 +99,10 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             app.conf.task_default_queue,
             "--concurrency",
             str(args.concurrency),
+            "--pool",
+            args.pool,
             "--hostname",
-            f"sidecar-{os.getpid()}@%h",
+            name,
             "--without-gossip",
             "--without-mingle",
         ]
@@ -109,6 +124,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         Enqueuer(make_app(settings)),
         webhook_secret=settings.webhook_secret,
         api_token=settings.api_token,
+        watcher_max_age=3 * settings.rescan_interval + 30,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
@@ -155,6 +171,7 @@ _SETTING_FLAGS = {
     "polling",
     "log_level",
     "rescan_interval",
+    "log_format",
 }
 
 
@@ -167,6 +184,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--redis-url", help="Redis URL [SIDECAR_REDIS_URL, the private one of `sidecar up`]")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING [SIDECAR_LOG_LEVEL, INFO]")
+    parser.add_argument("--log-format", choices=["text", "json"], help="[SIDECAR_LOG_FORMAT, text]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -198,25 +216,56 @@ def _parser() -> argparse.ArgumentParser:
     up = command("up", cmd_up, "run everything on one machine: Redis, watcher, worker, HTTP server")
     watching(up)
     serving(up)
-    up.add_argument("--concurrency", type=int, default=2, help="worker processes [2]")
-    watching(command("watch", cmd_watch, "watch a root and stage sidecar files in Redis"))
+    up.add_argument("--concurrency", type=int, default=2, help="applies at once [2]")
+    watch = command("watch", cmd_watch, "watch a root and stage sidecar files in Redis")
+    watching(watch)
     worker = command("worker", cmd_worker, "run a Celery worker that applies completed versions")
-    worker.add_argument("--concurrency", type=int, default=2, help="worker processes [2]")
+    worker.add_argument("--concurrency", type=int, default=2, help="applies at once [2]")
+    worker.add_argument("--pool", default="threads", help="Celery pool: threads, prefork, solo [threads]")
     serve = command("serve", cmd_serve, "run the HTTP server (API and webhooks)")
     serving(serve)
     for p in (worker, serve):
         p.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
+    for p in (worker, watch):
+        p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     complete = command("complete", cmd_complete, "mark a dataset version as completed and apply it")
     complete.add_argument("uri", help="dataset://<name>/<version>")
     rejects = command("rejects", cmd_rejects, "list rejected lines, newest first")
     rejects.add_argument("--limit", type=int, default=100)
     rejects.add_argument("--json", action="store_true")
     add_commands(sub, _common)
+    status = command("status", cmd_status, "backlog, watchers and workers; exit 1 when something is stuck")
+    status.add_argument("--json", action="store_true")
+    status.add_argument(
+        "--stuck-after", type=float, default=300.0, help="seconds before a wait is stuck [300]"
+    )
     db = sub.add_parser("db", help="database schema").add_subparsers(title="db commands")
     upgrade = db.add_parser("upgrade", help="create or upgrade the database schema")
     _common(upgrade)
     upgrade.set_defaults(run=cmd_db_upgrade)
     return parser
+
+
+def _serve_metrics(port: int | None) -> None:
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="127.0.0.1")
+        log.info("metrics on http://127.0.0.1:%d/metrics", port)
+
+
+def _heartbeat_thread(staging: Staging, name: str, info: dict[str, Any]) -> None:
+    """A worker's heartbeat for `sidecar status`, every few seconds, until the process ends."""
+
+    def beat() -> None:
+        while True:
+            try:
+                staging.beat("worker", name, info, ttl=30)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            time.sleep(5)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 def _stop_on_signals() -> threading.Event:
@@ -230,11 +279,29 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 if __name__ == "__main__":

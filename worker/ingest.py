@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 
+from . import metrics
 from .errors import InvalidEntry
 from .records import Source, parse_datum_object, parse_line
 from .staging import LineOutcome, Reject, Staging, line_digest, now_iso
@@ -35,6 +37,7 @@ class IngestStats:
     entries: int = 0
     rejects: int = 0
     rewrites: int = 0
+    pending_bytes: int = 0  # bytes after the checkpoint (a held partial line, or not read yet)
     due: set[str] = field(default_factory=set)
 
     def add(self, other: IngestStats) -> None:
@@ -43,6 +46,7 @@ class IngestStats:
         self.entries += other.entries
         self.rejects += other.rejects
         self.rewrites += other.rewrites
+        self.pending_bytes += other.pending_bytes
         self.due |= other.due
 
 
@@ -110,6 +114,7 @@ class Ingestor:
                 )
                 if result.rewritten:
                     stats.rewrites += 1
+                    metrics.FILE_REWRITES.inc()
                     log.info("%s was rewritten or replaced; reading it again from the start", rel)
                 outcomes = [self._outcome(line, rel, execution) for line in result.lines]
                 if result.lines or result.state != state:
@@ -118,7 +123,10 @@ class Ingestor:
                     )
                     stats.due.update(due)
                     self._count(outcomes, stats)
+                    if result.lines:
+                        metrics.APPEND_TO_STAGED.observe(max(0.0, time.time() - st.st_mtime))
                 state = result.state
+                stats.pending_bytes = max(0, st.st_size - state.offset)
                 if result.at_eof:
                     # A last line without its newline is held until the execution completes.
                     if result.partial and not final and self.staging.is_done(Target.for_execution(execution)):
@@ -174,6 +182,12 @@ class Ingestor:
 
     @staticmethod
     def _count(outcomes: list[LineOutcome], stats: IngestStats) -> None:
+        entries = sum(len(o.entries) for o in outcomes)
+        rejects = [o.reject for o in outcomes if o.reject is not None]
         stats.lines += len(outcomes)
-        stats.entries += sum(len(o.entries) for o in outcomes)
-        stats.rejects += sum(1 for o in outcomes if o.reject is not None)
+        stats.entries += entries
+        stats.rejects += len(rejects)
+        metrics.LINES_INGESTED.inc(len(outcomes) - len(rejects))
+        metrics.ENTRIES_STAGED.inc(entries)
+        for reject in rejects:
+            metrics.LINES_REJECTED.labels(metrics.reject_reason(reject.reason)).inc()

@@ -59,6 +59,14 @@ class Keys:
         """List of rejected lines (newest first), capped."""
         return f"{self.tag}:rejects"
 
+    def heartbeat(self, role: str, name: str) -> str:
+        """A process's heartbeat (JSON, with a TTL): role is `watcher` or `worker`."""
+        return f"{self.tag}:heartbeat:{role}:{name}"
+
+    @property
+    def heartbeat_pattern(self) -> str:
+        return f"{self.tag}:heartbeat:*"
+
     @property
     def events(self) -> str:
         """Pub/sub channel: execution ids whose completion watchers should flush (a hint only)."""

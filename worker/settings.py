@@ -35,6 +35,7 @@ class Settings:
     line_limit: int = MiB
     visibility_timeout: int = 900
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -62,6 +63,8 @@ class Settings:
             raise ConfigError("SIDECAR_PORT", f"{self.port} is not a TCP port")
         if self.rescan_interval <= 0:
             raise ConfigError("SIDECAR_RESCAN_INTERVAL", "must be positive")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("SIDECAR_LOG_FORMAT", "must be text or json")
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
             raise ConfigError("SIDECAR_REDIS_PREFIX", "must be non-empty without braces or spaces")
 

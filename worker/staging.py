@@ -9,6 +9,7 @@ a batch and moved its offset, or did neither. The database, not Redis, decides w
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -147,6 +148,7 @@ class Staging:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.redis = client
         self.keys = keys
+        self._last_swept: dict[str, float] = {}
         self._stage = client.register_script(_STAGE)
         self._finish = client.register_script(_FINISH)
 
@@ -296,13 +298,41 @@ class Staging:
         raw = cast(list[bytes], self.redis.zrangebyscore(self.keys.due, "-inf", limit))
         return [r.decode() for r in raw]
 
+    def backlog(self) -> tuple[int, float]:
+        """(targets due for an apply, seconds the oldest of them has been due)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.keys.due)
+        pipe.zrange(self.keys.due, 0, 0, withscores=True)
+        count, oldest = pipe.execute()
+        age = max(0.0, (_now_ms() - oldest[0][1]) / 1000) if oldest else 0.0
+        return int(count), age
+
+    def beat(self, role: str, name: str, info: dict[str, Any], ttl: float) -> None:
+        """Announce that a watcher or worker is alive, with what it wants `sidecar status` to show."""
+        payload = {"role": role, "name": name, "at": now_iso(), **info}
+        self.redis.set(self.keys.heartbeat(role, name), orjson.dumps(payload), px=int(ttl * 1000))
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        """Every live heartbeat (expired ones are gone by themselves)."""
+        keys = sorted(self.redis.scan_iter(match=self.keys.heartbeat_pattern, count=1000))
+        values = cast(list[bytes | None], self.redis.mget(keys)) if keys else []
+        return [orjson.loads(v) for v in values if v is not None]
+
     def sweep(self, enqueue: Enqueue, older_than: float) -> list[str]:
-        """Enqueue an apply for every target due for too long: the backstop for a lost task."""
-        targets = self.due_targets(older_than)
-        if targets:
-            self.redis.zadd(self.keys.due, dict.fromkeys(targets, _now_ms()), xx=True)
+        """Enqueue an apply for every target due for too long: the backstop for a lost task.
+
+        A target is sent again at most every `older_than` seconds by this process. The due
+        score is left alone: it says since when the target has waited (`sidecar status`).
+        """
+        now = time.monotonic()
+        targets = [
+            t for t in self.due_targets(older_than) if now - self._last_swept.get(t, -1e9) >= older_than
+        ]
         for key in targets:
+            self._last_swept[key] = now
             enqueue(key)
+        if len(self._last_swept) > 100_000:
+            self._last_swept.clear()
         return targets
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import sqlalchemy.exc
 from celery import Celery, Task
 from sqlalchemy import Engine
 
-from . import connections
+from . import connections, metrics
 from .keys import Keys
 from .settings import Settings
 from .staging import Staging
@@ -87,7 +88,15 @@ def make_app(settings: Settings) -> Celery:
     )
     def apply(self: Task[Any, Any], target_key: str) -> dict[str, Any]:
         engine, staging = resources.get()
-        result = apply_target(engine, staging, Target.parse(target_key))
+        started = time.perf_counter()
+        try:
+            result = apply_target(engine, staging, Target.parse(target_key))
+        except TRANSIENT:
+            metrics.APPLIES.labels("retry").inc()
+            raise
+        metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+        metrics.APPLIES.labels("skipped" if result.skipped else "applied" if result.applied else "noop").inc()
+        metrics.ENTRIES_APPLIED.inc(result.applied)
         if result.applied or result.skipped:
             log.info(
                 "apply %s: %d entries, watermark %s%s",

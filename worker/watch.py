@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from .staging import Staging
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
+HEARTBEAT_SECONDS = 5.0
 _CHANGES = frozenset({"created", "modified", "moved", "closed"})
 
 
@@ -87,6 +89,8 @@ class Watcher:
         self.dirty = _Dirty(self.root)
         self.last_scan = 0.0
         self.stats = IngestStats()
+        self.files_seen = self.pending_bytes = 0
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self) -> None:
         """Scan once, then follow events, rescanning every `rescan_interval` and sweeping the due set."""
@@ -96,7 +100,7 @@ class Watcher:
         pubsub = self._subscribe()
         try:
             self.scan()
-            last_sweep = time.monotonic()
+            last_sweep = last_beat = 0.0
             while not self.stop.is_set():
                 self.dirty.wake.wait(timeout=0.25)
                 self._drain()
@@ -107,6 +111,9 @@ class Watcher:
                 if now - last_sweep >= self.settings.sweep_after:
                     self._sweep()
                     last_sweep = now
+                if now - last_beat >= HEARTBEAT_SECONDS:
+                    self._beat()
+                    last_beat = now
         finally:
             if observer is not None:
                 observer.stop()
@@ -116,9 +123,17 @@ class Watcher:
 
     def scan(self) -> None:
         """Read every sidecar file under the root: the backstop for events that never came."""
+        files = pending = 0
         for path in self._sidecar_files(self.root, depth=0):
-            self._ingest(path)
+            # Shutdown between files: each file's batches were checkpointed as they were staged.
+            if self.stop.is_set():
+                return
+            stats = self._ingest(path)
+            files += 1
+            pending += stats.pending_bytes if stats else 0
         self.last_scan = time.monotonic()
+        self.files_seen, self.pending_bytes = files, pending
+        self._beat()
 
     def _drain(self) -> None:
         paths, folders = self.dirty.take()
@@ -126,21 +141,41 @@ class Watcher:
             if folder.is_dir() and not folder.is_symlink():
                 paths.update(self._sidecar_files(folder, depth=len(folder.relative_to(self.root).parts)))
         for path in sorted(paths):
+            if self.stop.is_set():
+                return  # the rest is read again at the next start (its checkpoints did not move)
             self._ingest(path)
 
-    def _ingest(self, path: Path) -> None:
+    def _ingest(self, path: Path) -> IngestStats | None:
         try:
             stats = self.ingestor.ingest(path)
         except OSError as exc:
             log.warning("cannot read %s: %s", path, exc)
-            return
+            return None
         except redis.RedisError as exc:
             # Nothing was checkpointed: the next scan reads the same lines again.
             log.warning("staging %s failed (%s); will retry at the next scan", path, exc)
-            return
+            return None
         self.stats.add(stats)
         for target in sorted(stats.due):
             self._enqueue(target)
+        return stats
+
+    def _beat(self) -> None:
+        """Tell `sidecar status` and `/readyz` what this watcher is doing."""
+        info = {
+            "root": str(self.root),
+            "files": self.files_seen,
+            "pending_bytes": self.pending_bytes,
+            "queued": len(self.dirty.paths),
+            "last_scan_age": round(time.monotonic() - self.last_scan, 3),
+            "lines": self.stats.lines,
+            "rejects": self.stats.rejects,
+        }
+        ttl = max(30.0, 3 * self.settings.rescan_interval)
+        try:
+            self.staging.beat("watcher", self.name, info, ttl)
+        except redis.RedisError as exc:
+            log.warning("heartbeat failed: %s", exc)
 
     def _enqueue(self, target: str) -> None:
         try:

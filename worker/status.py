@@ -1,0 +1,87 @@
+"""`sidecar status`: the backlog, the watchers and the workers, read from Redis; exit 1 if stuck."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from . import connections
+from .settings import Settings
+from .staging import Staging
+from .uris import Target
+
+
+def collect(staging: Staging, *, stuck_after: float) -> dict[str, Any]:
+    """Everything `sidecar status` shows, as one JSON-able dict; `problems` lists what is stuck."""
+    due_count, oldest = staging.backlog()
+    building, completed_unapplied = _versions(staging)
+    beats = staging.heartbeats()
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    recent = [r for r in staging.rejects(limit=10_000) if r.at and datetime.fromisoformat(r.at) >= hour_ago]
+    problems = []
+    if oldest > stuck_after:
+        problems.append(f"a target has waited {oldest:.0f} s for its apply (limit {stuck_after:.0f} s)")
+    if due_count and not any(b["role"] == "worker" for b in beats):
+        problems.append("entries wait for an apply and no worker is alive")
+    return {
+        "building": building,
+        "completed_unapplied": completed_unapplied,
+        "due_targets": due_count,
+        "oldest_unapplied_seconds": round(oldest, 3),
+        "rejects_last_hour": len(recent),
+        "watchers": [b for b in beats if b["role"] == "watcher"],
+        "workers": [b for b in beats if b["role"] == "worker"],
+        "problems": problems,
+    }
+
+
+def _versions(staging: Staging) -> tuple[list[dict[str, Any]], list[str]]:
+    """Versions still building with their staged counts, and due versions already completed."""
+    known = sorted(m.decode() for m in cast(set[bytes], staging.redis.smembers(staging.keys.known_versions)))
+    due = set(staging.due_targets(older_than=-1))
+    pipe = staging.redis.pipeline(transaction=False)
+    for key in known:
+        target = Target.parse(key)
+        pipe.exists(staging.keys.done(target))
+        pipe.xlen(staging.keys.stream(target))
+    answers = pipe.execute()
+    building = []
+    for i, key in enumerate(known):
+        done, staged = answers[2 * i], answers[2 * i + 1]
+        if not done:
+            building.append({"uri": key, "staged": staged})
+    return building, sorted(k for k in due if k.count("/") == 3)
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    staging = connections.staging(settings)
+    report = collect(staging, stuck_after=args.stuck_after)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    return 1 if report["problems"] else 0
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"building versions: {len(report['building'])}")
+    for v in report["building"][:20]:
+        print(f"  {v['uri']}  {v['staged']} staged")
+    print(f"completed, not yet applied: {len(report['completed_unapplied'])}")
+    for uri in report["completed_unapplied"][:20]:
+        print(f"  {uri}")
+    print(f"due targets: {report['due_targets']}, oldest waiting {report['oldest_unapplied_seconds']:.1f} s")
+    print(f"rejects in the last hour: {report['rejects_last_hour']}")
+    for w in report["watchers"]:
+        print(
+            f"watcher {w['name']}: {w['root']}, {w['files']} files, {w['pending_bytes']} bytes pending, "
+            f"last scan {w['last_scan_age']:.0f} s ago"
+        )
+    for w in report["workers"]:
+        print(f"worker {w['name']}: alive at {w['at']}")
+    if not report["workers"]:
+        print("no worker alive")
+    for problem in report["problems"]:
+        print(f"PROBLEM: {problem}")
