@@ -92,7 +92,7 @@ def redis_client(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
 
 def _clean(client: redis.Redis, prefix: str) -> None:
     keys = Keys(prefix)
-    for pattern in (keys.pattern(), f"{keys.queue}*", f"_kombu.binding.{keys.queue}*"):
+    for pattern in (keys.pattern(), f"{keys.queue}*", f"_kombu.binding*.{keys.queue}*"):
         for key in client.scan_iter(match=pattern, count=1000):
             client.delete(key)
 

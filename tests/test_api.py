@@ -179,3 +179,17 @@ def test_openapi_describes_the_routes(client: TestClient) -> None:
     assert post["requestBody"]["content"]["application/json"]["schema"]["type"] == "object"
     params = {p["name"] for p in spec["paths"]["/api/v0/dataset-versions/"]["get"]["parameters"]}
     assert {"filter", "ordering", "dataset", "name", "limit", "offset"} <= params
+
+
+def test_redis_down_is_a_json_503(engine: Engine) -> None:
+    import redis as redis_lib
+
+    from worker.keys import Keys
+
+    dead = Staging(redis_lib.Redis(port=1, socket_connect_timeout=0.2), Keys("dead"))
+    with TestClient(create_app(engine, dead, lambda key: None)) as c:
+        answer = c.post(
+            "/webhooks/events",
+            json={"type": "dataset_version_created", "data": {"version": {"uri": "dataset://a/b"}}},
+        )
+        assert answer.status_code == 503 and answer.json()["error"] == "unavailable"

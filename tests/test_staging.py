@@ -125,3 +125,34 @@ def test_sweep_enqueues_targets_due_too_long(staging: Staging) -> None:
     assert staging.sweep(sent.append, older_than=0.2) == []
     count, age = staging.backlog()
     assert count == 2 and age >= 0.3  # the due score keeps the time it first became due
+
+
+def test_a_changed_line_restages_every_line_after_it(staging: Staging) -> None:
+    # Written "w" twice: line 1 changed, line 2 byte-identical. The fold of what was read, in
+    # order, must end on line 2's value, so line 2 is staged again after the new line 1.
+    first = [outcome(version_line('{"k": "x"}')), outcome(version_line('{"k": "y"}'), 2)]
+    staging.stage_lines(FILE, "exec-1", first, "s1")
+    again = [outcome(version_line('{"k": "z"}')), outcome(version_line('{"k": "y"}'), 2)]
+    staging.stage_lines(FILE, "exec-1", again, "s2")
+    assert [e.metadata["k"] for _, e in staging.read_after(V1, None)] == ["x", "y", "z", "y"]
+    # The same change read once more stages nothing.
+    staging.stage_lines(FILE, "exec-1", again, "s3")
+    assert len(list(staging.read_after(V1, None))) == 4
+
+
+def test_a_change_in_a_later_batch_keeps_the_unchanged_start(staging: Staging) -> None:
+    lines = [outcome(version_line(f'{{"n": {i}}}'), i) for i in range(1, 5)]
+    staging.stage_lines(FILE, "exec-1", lines[:2], "s")
+    staging.stage_lines(FILE, "exec-1", lines[2:], "s")
+    changed = [*lines[:2], outcome(version_line('{"n": 30}'), 3), lines[3]]
+    staging.stage_lines(FILE, "exec-1", changed[:3], "s")  # a rewrite read in two batches
+    staging.stage_lines(FILE, "exec-1", changed[3:], "s")
+    assert [e.metadata["n"] for _, e in staging.read_after(V1, None)] == [1, 2, 3, 4, 30, 4]
+
+
+def test_first_apply_keeps_the_target_due_if_entries_arrived_meanwhile(staging: Staging) -> None:
+    staging.complete_version(V1)
+    staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], "s")
+    # An apply that read nothing (it ran before the line) must not drop the target.
+    assert staging.finish(V1, None) is False
+    assert V1.key in staging.due_targets(older_than=-1)

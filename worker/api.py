@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import redis
+import sqlalchemy.exc
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,7 +25,7 @@ from .staging import Staging
 from .store import queries
 from .store.writes import current_properties, target_of, touch_last_used, write_properties
 from .uris import Target
-from .webhooks import parse_event, signature_problem
+from .webhooks import Action, parse_event, signature_problem
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,12 @@ def create_app(
     def _bad_filter(_request: Request, exc: FilterError) -> JSONResponse:
         body = {"error": "bad_filter", "detail": str(exc), "position": exc.position, "expected": exc.expected}
         return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(redis.RedisError)
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        log.warning("service unavailable: %s", exc)
+        return _error(503, "unavailable", f"{type(exc).__name__}: {exc}")
 
     @app.exception_handler(NotFound)
     def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
@@ -246,17 +254,24 @@ def _webhook_routes(
             await run_in_threadpool(_mark_used, engine, action.inputs)
         if action.kind == "ignore":
             return JSONResponse({"status": "ignored", "type": action.event_type}, status_code=202)
-        if action.kind == "version" and action.target is not None:
-            due = staging.complete_version(action.target)
-        else:
-            due = staging.complete_execution(action.execution)
-        metrics.VERSIONS_COMPLETED.labels(action.kind).inc()
-        for key in due:
-            try:
-                enqueue(key)
-            except Exception as exc:  # the due set keeps it; the watcher's sweep re-enqueues
-                log.warning("could not enqueue apply of %s (%s); the sweep will retry", key, exc)
+        # Redis calls block: run them off the event loop so one slow Redis stalls one request.
+        due = await run_in_threadpool(_complete, staging, enqueue, action)
         return JSONResponse({"status": "accepted", "type": action.event_type, "due": due}, status_code=202)
+
+
+def _complete(staging: Staging, enqueue: Enqueue, action: Action) -> list[str]:
+    """Mark the version or execution complete and send the applies (the due set keeps them if not)."""
+    if action.target is not None:
+        due = staging.complete_version(action.target)
+    else:
+        due = staging.complete_execution(action.execution)
+    metrics.VERSIONS_COMPLETED.labels(action.kind).inc()
+    for key in due:
+        try:
+            enqueue(key)
+        except Exception as exc:  # the broker is down: the watcher's sweep re-enqueues
+            log.warning("could not enqueue apply of %s (%s); the sweep will retry", key, exc)
+    return due
 
 
 def _read_routes(app: FastAPI, engine: Engine) -> None:

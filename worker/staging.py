@@ -43,11 +43,21 @@ for i = 7, #ARGV, 8 do
   local payload, member = ARGV[i + 6], ARGV[i + 7]
   if skip[n] == nil then
     -- A line already staged at this number with the same bytes is the same line read again
-    -- after a rewrite (valohai-utils rewrites the whole file): stage it once only.
+    -- after a rewrite (valohai-utils rewrites the whole file): stage it once only. That holds
+    -- for the unchanged start of the file only: from the first line that differs, every later
+    -- line is new in order too (else an old value staged earlier would win over the change),
+    -- so the digests after it are dropped and those lines are staged.
     local pos = (n - 1) * 8
     local seen = redis.call('GETRANGE', KEYS[4], pos, pos + 7)
     skip[n] = (not force) and seen == digest
-    if not skip[n] then redis.call('SETRANGE', KEYS[4], pos, digest) end
+    if not skip[n] then
+      if seen ~= '' and pos == 0 then
+        redis.call('DEL', KEYS[4])
+      elseif seen ~= '' then
+        redis.call('SET', KEYS[4], redis.call('GETRANGE', KEYS[4], 0, pos - 1))
+      end
+      redis.call('SETRANGE', KEYS[4], pos, digest)
+    end
   end
   if not skip[n] then
     if op == 'reject' then
@@ -99,7 +109,8 @@ local function newer(a, b)
   am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
   return am > bm or (am == bm and as > bs)
 end
-if ARGV[2] == '' or #last == 0 or not newer(last[1][1], ARGV[2]) then
+-- With no watermark (nothing applied yet), only an empty stream means nothing is left.
+if #last == 0 or (ARGV[2] ~= '' and not newer(last[1][1], ARGV[2])) then
   redis.call('ZREM', KEYS[2], ARGV[1])
   if ARGV[2] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2]) end
   return 1
