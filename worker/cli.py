@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -141,6 +142,26 @@ def cmd_complete(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from .ingest import Ingestor
+    from .replay import replay, sidecar_files, terminal_progress
+
+    root = settings.require_root().resolve()
+    files = sidecar_files(root, [Path(p) for p in args.paths], args.execution)
+    version = version_target(args.dataset_version) if args.dataset_version else None
+    staging = connections.staging(settings)
+    engine = connections.engine(settings)
+    ingestor = Ingestor(root, staging, line_limit=settings.line_limit)
+    summary = replay(
+        engine, staging, ingestor, files, version=version, dry_run=args.dry_run, progress=terminal_progress()
+    )
+    for change in summary.changes:
+        print(change)
+    print(summary.report(args.dry_run))
+    engine.dispose()
+    return 1 if summary.rejects else 0
+
+
 def cmd_rejects(settings: Settings, args: argparse.Namespace) -> int:
     rejects = connections.staging(settings).rejects(args.limit)
     if args.json:
@@ -230,6 +251,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     complete = command("complete", cmd_complete, "mark a dataset version as completed and apply it")
     complete.add_argument("uri", help="dataset://<name>/<version>")
+    replay = command(
+        "replay", cmd_replay, "read sidecar files again from the start; stage and apply what was missed"
+    )
+    replay.add_argument("--root", help="folder of execution folders [SIDECAR_ROOT]")
+    replay.add_argument("paths", nargs="+", metavar="PATH", help="sidecar files or folders under the root")
+    replay.add_argument("--execution", help="only this execution's files")
+    replay.add_argument("--dataset-version", help="only files that name this dataset://<name>/<version>")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="print what would change, key by key; change nothing"
+    )
     rejects = command("rejects", cmd_rejects, "list rejected lines, newest first")
     rejects.add_argument("--limit", type=int, default=100)
     rejects.add_argument("--json", action="store_true")

@@ -116,7 +116,7 @@ class Ingestor:
                     stats.rewrites += 1
                     metrics.FILE_REWRITES.inc()
                     log.info("%s was rewritten or replaced; reading it again from the start", rel)
-                outcomes = [self._outcome(line, rel, execution) for line in result.lines]
+                outcomes = [self.outcome(line, rel, execution) for line in result.lines]
                 if result.lines or result.state != state:
                     due = self.staging.stage_lines(
                         rel, execution, outcomes, result.state.to_json(), force=force
@@ -134,22 +134,24 @@ class Ingestor:
                         continue
                     return
 
-    def _outcome(self, line: Line, rel: str, execution: str) -> LineOutcome:
+    def outcome(self, line: Line, rel: str, execution: str, *, log_reject: bool = True) -> LineOutcome:
+        """What one line becomes: its entries, or a reject saying where and why."""
         outcome = LineOutcome(line.number, line_digest(line.data))
         source = Source("sidecar", execution, rel, line.number, line.offset)
         if line.data is None:
             reason = f"line longer than the limit of {self.line_limit} bytes; skipped"
-            outcome.reject = self._reject(source, reason)
+            outcome.reject = self._reject(source, reason, log_reject)
             return outcome
         try:
             outcome.entries = parse_line(line.data, source)
         except InvalidEntry as exc:
-            outcome.reject = self._reject(source, str(exc))
+            outcome.reject = self._reject(source, str(exc), log_reject)
         return outcome
 
-    def _reject(self, source: Source, reason: str) -> Reject:
+    def _reject(self, source: Source, reason: str, log_it: bool = True) -> Reject:
         # Logged once, with where and why; never the line itself (it may hold secrets).
-        log.warning("rejected %s: %s", source.where(), reason)
+        if log_it:
+            log.warning("rejected %s: %s", source.where(), reason)
         return Reject(source.file, source.line, source.offset, reason, source.execution, now_iso())
 
     # -- <output>.metadata.json ------------------------------------------------------------
