@@ -36,7 +36,7 @@ _STAGE = """
 local now, force, iso, kept = ARGV[3], ARGV[4] == '1', ARGV[5], tonumber(ARGV[6])
 local due = {}
 local skip = {}
-local function mark(target) if not due[target] then due[target] = true end end
+local function mark(target) due[target] = true end
 for i = 7, #ARGV, 8 do
   local n, digest, op = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]
   local si, vi, xi = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
@@ -63,7 +63,7 @@ for i = 7, #ARGV, 8 do
     if op == 'reject' then
       redis.call('LPUSH', KEYS[3], payload)
     else
-      local id = redis.call('XADD', KEYS[si], '*', 'e', payload)
+      redis.call('XADD', KEYS[si], '*', 'e', payload)
       redis.call('SADD', KEYS[5], member)
       local target = string.sub(member, 3)
       -- A version seen for the first time: hand it out so an apply registers it as building.

@@ -75,4 +75,4 @@ def touch_last_used(engine: Engine, version: Target, now: datetime | None = None
                 applier.set(applier.version(target), "version", Entry(target, "set", source, stamp))
             else:
                 applier.set(applier.dataset(target.dataset), "dataset", Entry(target, "set", source, stamp))
-            applier.reindex()
+            applier.flush()
