@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import sqlalchemy.exc
 
 from . import connections
 from .errors import SidecarError
@@ -48,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except redis.ConnectionError as exc:
         print(f"sidecar: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
+    except sqlalchemy.exc.OperationalError as exc:
+        first_line = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"sidecar: cannot use the database: {first_line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -68,7 +73,6 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     staging = connections.staging(settings)
     stop = _stop_on_signals()
     watcher = Watcher(settings, staging, Enqueuer(make_app(settings)), stop)
-    log.info("watching %s", watcher.root)
     watcher.run()
     log.info(
         "watcher stopped: %d files read, %d lines, %d rejects",

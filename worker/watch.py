@@ -21,6 +21,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from .errors import ConfigError
 from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, IngestStats, sidecar_kind
 from .settings import Settings
 from .staging import Staging
@@ -95,7 +96,8 @@ class Watcher:
     def run(self) -> None:
         """Scan once, then follow events, rescanning every `rescan_interval` and sweeping the due set."""
         if not self.root.is_dir():
-            raise NotADirectoryError(f"watch root {self.root} is not a folder")
+            raise ConfigError("SIDECAR_ROOT", f"{self.root} is not a folder")
+        log.info("watching %s", self.root)
         observer = self._start_observer()
         pubsub = self._subscribe()
         try:
