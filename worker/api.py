@@ -25,6 +25,7 @@ from .staging import Staging
 from .store import queries
 from .store.writes import current_properties, target_of, touch_last_used, write_properties
 from .uris import Target
+from .web import mount_web
 from .webhooks import Action, parse_event, signature_problem
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def create_app(
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _metadata_routes(app, engine, staging, kind, base)
+    mount_web(app, engine, staging)
     return app
 
 
