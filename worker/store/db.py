@@ -40,8 +40,10 @@ def _sqlite_setup(engine: Engine) -> None:
         # Let SQLAlchemy's begin event emit BEGIN itself (pysqlite would otherwise defer it).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # busy_timeout first: switching a fresh file to WAL takes a lock, and processes starting
+        # together (serve --migrate beside worker --migrate) must wait for it, not fail.
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -8,6 +8,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
+from worker.store.db import writer
+
 SCHEMA_LOCK_ID = 0x5DEC_A2  # any constant shared by every sidecar process
 
 
@@ -23,10 +25,12 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database to `revision` (idempotent).
 
-    The API, the workers and `sidecar up` may all run this at start; on PostgreSQL an advisory
-    lock makes them take turns, since two migrations racing on a fresh database would collide.
+    The API, the workers and `sidecar up` may all run this at start, and two migrations racing on a
+    fresh database would collide, so they take turns: on PostgreSQL through an advisory lock, on
+    SQLite by taking the write lock up front (`BEGIN IMMEDIATE`, waiting out the busy timeout). The
+    second one then finds the schema at head and writes nothing.
     """
-    with engine.begin() as connection:
+    with writer(engine).begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
         config = alembic_config(engine)
