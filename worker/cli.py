@@ -131,8 +131,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         api_token=settings.api_token,
         watcher_max_age=3 * settings.rescan_interval + 30,
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal to the handler
+    # that was installed before it started; with this one a clean stop exits 0, not 143, so
+    # supervisors (honcho, compose, systemd) tell a stop from a crash.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def cmd_complete(settings: Settings, args: argparse.Namespace) -> int:
