@@ -5,7 +5,8 @@ No Redis, database or clock in here; the watcher, the API, replay and the tests 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import orjson
@@ -56,9 +57,23 @@ class Entry:
     path: str = ""
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        data["target"] = self.target.key
-        return orjson.dumps(data)
+        # Built by hand: dataclasses.asdict would deep-copy every metadata dict (a fifth of ingest).
+        s = self.source
+        return orjson.dumps(
+            {
+                "target": self.target.key,
+                "op": self.op,
+                "source": {
+                    "origin": s.origin,
+                    "execution": s.execution,
+                    "file": s.file,
+                    "line": s.line,
+                    "offset": s.offset,
+                },
+                "metadata": self.metadata,
+                "path": self.path,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Entry:
@@ -112,13 +127,12 @@ def datum_entries(path: str, metadata: dict[str, Any], source: Source) -> list[E
     """A datum's `set` entry and one `member` entry per version in `valohai.dataset-versions`."""
     check_properties(metadata, allow_reserved=True)
     entries = [Entry(Target.for_execution(source.execution), "set", source, metadata, path)]
-    seen: set[Target] = set()
-    for item in metadata.get(DATASET_VERSIONS_KEY) or []:
+    seen: set[str] = set()
+    for item in metadata.get(DATASET_VERSIONS_KEY) or ():
         uri = item if isinstance(item, str) else item["uri"]
-        target = _version(uri)
-        if target not in seen:
-            seen.add(target)
-            entries.append(Entry(target, "member", source, {}, path))
+        if uri not in seen:
+            seen.add(uri)
+            entries.append(Entry(_version(uri), "member", source, {}, path))
     return entries
 
 
@@ -137,7 +151,7 @@ def check_properties(metadata: dict[str, Any], *, allow_reserved: bool = False) 
             raise InvalidEntry(f"key length must be 1..{MAX_KEY_LENGTH} characters", key)
         if not allow_reserved and key.startswith(RESERVED_PREFIX):
             raise ReservedKey(key)
-        if _depth(value) > MAX_DEPTH:
+        if _deeper_than(value, MAX_DEPTH):
             raise InvalidEntry(f"value of {key!r} is nested deeper than {MAX_DEPTH} levels", key)
 
 
@@ -154,9 +168,15 @@ def _target_entry(document: dict[str, Any], kind: str, source: Source) -> Entry:
     return Entry(target, "set", source, metadata)
 
 
+@lru_cache(maxsize=4096)
+def _version_of(uri: str) -> Target:
+    return version_target(uri)  # a BadURI is not cached: it raises through lru_cache
+
+
 def _version(uri: Any) -> Target:
     try:
-        return version_target(uri)
+        # Datum lines name the same few versions over and over.
+        return _version_of(uri) if isinstance(uri, str) else version_target(uri)
     except BadURI as exc:
         raise InvalidEntry(str(exc)) from None
 
@@ -168,20 +188,14 @@ def _dataset(uri: Any) -> Target:
         raise InvalidEntry(str(exc)) from None
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of a JSON value (scalars are 0), iterative so deep input cannot blow the stack."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children = list(node.values())
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        if deepest > MAX_DEPTH:
-            return deepest
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True if a JSON value nests deeper than `limit` (scalars are 0 deep). Recursion stops at
+    `limit`, so deep input cannot blow the stack; most values are scalars and return at once."""
+    kind = type(value)
+    if kind is dict:
+        children = value.values()
+    elif kind is list:
+        children = value
+    else:
+        return False
+    return limit < 1 or any(_deeper_than(child, limit - 1) for child in children)

@@ -9,6 +9,7 @@ a batch and moved its offset, or did neither. The database, not Redis, decides w
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,61 +28,97 @@ REJECTS_KEPT = 10_000
 READ_BATCH = 1000
 
 # KEYS: 1 offsets, 2 due, 3 rejects, 4 line digests of the file, 5 the execution's target set,
-#       6 known versions, 7.. streams and done flags referenced by index from ARGV.
+#       6 known versions, 7.. streams and done flags, referenced by index from the records.
 # ARGV: 1 file, 2 state JSON ("" = leave), 3 now (ms), 4 "1" = skip the digest check (replay),
-#       5 ISO time, 6 rejects kept, then groups of 8:
-#       line number, digest (8 bytes), op, stream idx, version-done idx, execution-done idx,
-#       payload, execution-target member.
+#       5 ISO time, 6 rejects kept, 7 number of the batch's first line, 8 one 8-byte digest per
+#       line of the batch (consecutive lines), 9 index of the execution's done flag in KEYS,
+#       10 the records (struct '>IBIII' each: line - first line, op, stream, version-done flag,
+#       member), 11 M, 12..11+M the distinct members ('<op>:<target>' of the execution's target
+#       set), then one payload per record, in order.
+# The per-batch constants (done flags, members, known versions) are looked up once per batch, and
+# everything small is packed into one argument: encoding arguments, not Redis, was the cost.
 _STAGE = """
 local now, force, iso, kept = ARGV[3], ARGV[4] == '1', ARGV[5], tonumber(ARGV[6])
+local first_line, digests, xi, records = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
+local nmembers = tonumber(ARGV[11])
+local payload_at = 11 + nmembers
 local due = {}
-local skip = {}
 local function mark(target) due[target] = true end
-for i = 7, #ARGV, 8 do
-  local n, digest, op = tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2]
-  local si, vi, xi = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local payload, member = ARGV[i + 6], ARGV[i + 7]
-  if skip[n] == nil then
-    -- A line already staged at this number with the same bytes is the same line read again
-    -- after a rewrite (valohai-utils rewrites the whole file): stage it once only. That holds
-    -- for the unchanged start of the file only: from the first line that differs, every later
-    -- line is new in order too (else an old value staged earlier would win over the change),
-    -- so the digests after it are dropped and those lines are staged.
-    local pos = (n - 1) * 8
-    local seen = redis.call('GETRANGE', KEYS[4], pos, pos + 7)
-    skip[n] = (not force) and seen == digest
-    if not skip[n] then
-      if seen ~= '' and pos == 0 then
-        redis.call('DEL', KEYS[4])
-      elseif seen ~= '' then
-        redis.call('SET', KEYS[4], redis.call('GETRANGE', KEYS[4], 0, pos - 1))
+
+-- A line already staged at this number with the same bytes is the same line read again after a
+-- rewrite (valohai-utils rewrites the whole file): stage it once only. That holds for the unchanged
+-- start of the file only: from the first line that differs, every later line is new in order too
+-- (else an old value staged earlier would win over the change), so the digests after it are
+-- dropped and those lines are staged.
+local lines = #digests / 8
+local pos0 = (first_line - 1) * 8
+local fresh = nil  -- offset in the batch of the first line to stage; nil: all seen before
+if lines > 0 then
+  if force then
+    fresh = 0
+  else
+    local seen = redis.call('GETRANGE', KEYS[4], pos0, pos0 + #digests - 1)
+    for k = 0, lines - 1 do
+      if string.sub(seen, k * 8 + 1, k * 8 + 8) ~= string.sub(digests, k * 8 + 1, k * 8 + 8) then
+        fresh = k
+        break
       end
-      redis.call('SETRANGE', KEYS[4], pos, digest)
     end
   end
-  if not skip[n] then
-    if op == 'reject' then
+end
+if fresh ~= nil then
+  local pos = pos0 + fresh * 8
+  if redis.call('STRLEN', KEYS[4]) > pos then
+    if pos == 0 then
+      redis.call('DEL', KEYS[4])
+    else
+      redis.call('SET', KEYS[4], redis.call('GETRANGE', KEYS[4], 0, pos - 1))
+    end
+  end
+  redis.call('SETRANGE', KEYS[4], pos, string.sub(digests, fresh * 8 + 1))
+end
+
+local exec_done = redis.call('EXISTS', KEYS[xi]) == 1
+local version_done = {}
+local function is_done(vi)
+  if version_done[vi] == nil then version_done[vi] = redis.call('EXISTS', KEYS[vi]) == 1 end
+  return version_done[vi]
+end
+local members, seen_member = {}, {}
+local at = 1
+for r = 1, #records / 17 do
+  local k, op, si, vi, mi
+  k, op, si, vi, mi, at = struct.unpack('>IBIII', records, at)
+  local payload = ARGV[payload_at + r]
+  if fresh ~= nil and k >= fresh then
+    if op == 2 then
       redis.call('LPUSH', KEYS[3], payload)
     else
       redis.call('XADD', KEYS[si], '*', 'e', payload)
-      redis.call('SADD', KEYS[5], member)
+      local member = ARGV[11 + mi]
+      if not seen_member[mi] then
+        seen_member[mi] = true
+        members[#members + 1] = member
+        -- A version seen for the first time: hand it out so an apply registers it as building.
+        if vi > 0 and redis.call('SADD', KEYS[6], string.sub(member, 3)) == 1 then
+          mark(string.sub(member, 3))
+        end
+      end
       local target = string.sub(member, 3)
-      -- A version seen for the first time: hand it out so an apply registers it as building.
-      if vi > 0 and redis.call('SADD', KEYS[6], target) == 1 then mark(target) end
-      local exec_done = xi > 0 and redis.call('EXISTS', KEYS[xi]) == 1
       local is_due
-      if op == 'member' then
+      if op == 1 then
         -- The execution completed before this late datum line arrived: the version it feeds
         -- is complete too (execution_completed completes the versions its datums name).
-        if exec_done and redis.call('EXISTS', KEYS[vi]) == 0 then
+        if exec_done and not is_done(vi) then
           redis.call('SET', KEYS[vi], iso)
+          version_done[vi] = true
           local ds = string.match(target, '^(dataset://[^/]+)/')
           redis.call('ZADD', KEYS[2], 'NX', now, ds)
           mark(ds)
         end
-        is_due = redis.call('EXISTS', KEYS[vi]) == 1
+        is_due = is_done(vi)
       elseif vi > 0 then
-        is_due = redis.call('EXISTS', KEYS[vi]) == 1
+        is_due = is_done(vi)
       else
         is_due = exec_done
       end
@@ -92,12 +129,18 @@ for i = 7, #ARGV, 8 do
     end
   end
 end
+for i = 1, #members, 1000 do
+  redis.call('SADD', KEYS[5], unpack(members, i, math.min(i + 999, #members)))
+end
 redis.call('LTRIM', KEYS[3], 0, kept - 1)
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 local out = {}
 for target, _ in pairs(due) do out[#out + 1] = target end
 return out
 """
+_RECORD = struct.Struct(">IBIII")
+_OPS = {"set": 0, "member": 1}
+_REJECT = 2
 
 # Drop a target from the due set only if nothing newer than the applied watermark was staged
 # meanwhile (a line staged during the apply keeps the target due), then trim what was applied.
@@ -179,7 +222,21 @@ class Staging:
         *,
         force: bool = False,
     ) -> list[str]:
-        """Stage a batch of lines and the file's new checkpoint atomically; return targets now due."""
+        """Stage a batch of lines and the file's new checkpoint atomically; return targets now due.
+
+        The lines must be consecutive (as a file is read); a batch with a gap is staged as several
+        calls, the checkpoint going with the last.
+        """
+        outcomes = list(outcomes)
+        runs = _consecutive_runs(outcomes)
+        due: set[str] = set()
+        for i, run in enumerate(runs):
+            due.update(self._stage_run(file, execution, run, state_json if i == len(runs) - 1 else "", force))
+        return sorted(due)
+
+    def _stage_run(
+        self, file: str, execution: str, outcomes: list[LineOutcome], state_json: str, force: bool
+    ) -> list[str]:
         index: dict[str, int] = {}
         keys = [
             self.keys.offsets,
@@ -196,24 +253,41 @@ class Staging:
                 index[key] = len(keys)
             return index[key]
 
+        slots: dict[Target, tuple[int, int]] = {}  # target -> its stream's and done flag's KEYS index
+        members: dict[str, int] = {}
+        records: list[bytes] = []
+        payloads: list[bytes] = []
         exec_done = key_index(self.keys.done(Target.for_execution(execution)))
-        args: list[Any] = [file, state_json, _now_ms(), "1" if force else "0", now_iso(), REJECTS_KEPT]
+        first = outcomes[0].number if outcomes else 1
         for outcome in outcomes:
+            k = outcome.number - first
             if outcome.reject is not None:
-                args += [outcome.number, outcome.digest, "reject", 0, 0, 0, outcome.reject.to_json(), ""]
+                records.append(_RECORD.pack(k, _REJECT, 0, 0, 0))
+                payloads.append(outcome.reject.to_json())
             for entry in outcome.entries:
                 target = entry.target
-                version_done = key_index(self.keys.done(target)) if target.kind == "version" else 0
-                args += [
-                    outcome.number,
-                    outcome.digest,
-                    entry.op,
-                    key_index(self.keys.stream(target)),
-                    version_done,
-                    exec_done,
-                    entry.to_json(),
-                    _member(entry),
-                ]
+                slot = slots.get(target)
+                if slot is None:
+                    version_done = key_index(self.keys.done(target)) if target.kind == "version" else 0
+                    slot = slots[target] = (key_index(self.keys.stream(target)), version_done)
+                member = members.setdefault(_member(entry), len(members) + 1)
+                records.append(_RECORD.pack(k, _OPS[entry.op], slot[0], slot[1], member))
+                payloads.append(entry.to_json())
+        args: list[Any] = [
+            file,
+            state_json,
+            _now_ms(),
+            "1" if force else "0",
+            now_iso(),
+            REJECTS_KEPT,
+            first,
+            b"".join(o.digest for o in outcomes),
+            exec_done,
+            b"".join(records),
+            len(members),
+            *members,
+            *payloads,
+        ]
         due = self._stage(keys=keys, args=args)
         return [d.decode() if isinstance(d, bytes) else d for d in due]
 
@@ -345,6 +419,16 @@ class Staging:
         if len(self._last_swept) > 100_000:
             self._last_swept.clear()
         return targets
+
+
+def _consecutive_runs(outcomes: list[LineOutcome]) -> list[list[LineOutcome]]:
+    """Split lines into runs of consecutive numbers (one run, as a file is read); [[]] for none."""
+    runs: list[list[LineOutcome]] = [[]]
+    for outcome in outcomes:
+        if runs[-1] and outcome.number != runs[-1][-1].number + 1:
+            runs.append([])
+        runs[-1].append(outcome)
+    return runs
 
 
 def _member(entry: Entry) -> str:
