@@ -155,3 +155,31 @@ def test_links_leaving_the_root_are_never_read(
     assert ingestor.ingest(root / "exec-2" / "valohai.metadata.jsonl").files == 0
     assert ingestor.ingest(root / "exec-1" / "valohai.metadata.jsonl").files == 0
     assert metas(staging) == []
+
+
+def test_a_budget_or_a_stop_ends_reading_between_batches_and_the_next_call_goes_on(
+    root: Path, staging: Staging
+) -> None:
+    path = root / "exec-1" / "valohai.metadata.jsonl"
+    lines = [vline(n=n) for n in range(300)]
+    path.write_text("".join(lines))
+    ingestor = Ingestor(root, staging, line_limit=4096, batch_bytes=len(lines[0]) * 10)
+
+    first = ingestor.ingest(path, budget=len(lines[0]) * 25)
+    assert first.unread and 25 <= first.lines < 300
+    assert metas(staging) == [{"n": n} for n in range(first.lines)]
+
+    calls = 0
+
+    def stop() -> bool:
+        nonlocal calls
+        calls += 1
+        return True  # asked after each staged batch: stop after one
+
+    second = ingestor.ingest(path, stop=stop)
+    assert second.unread and calls == 1 and 0 < second.lines <= 10
+
+    rest = ingestor.ingest(path)
+    assert not rest.unread and rest.pending_bytes == 0
+    # Resumed from the checkpoints: every line once, in order.
+    assert metas(staging) == [{"n": n} for n in range(300)]

@@ -19,6 +19,7 @@ RESERVED_PREFIX = "valohai."
 MAX_KEY_LENGTH = 256
 MAX_DEPTH = 32
 DATASET_VERSIONS_KEY = "valohai.dataset-versions"
+_CONTAINERS = (dict, list)
 
 Origin = Literal["sidecar", "api", "platform"]
 Op = Literal["set", "member"]
@@ -151,7 +152,7 @@ def check_properties(metadata: dict[str, Any], *, allow_reserved: bool = False) 
             raise InvalidEntry(f"key length must be 1..{MAX_KEY_LENGTH} characters", key)
         if not allow_reserved and key.startswith(RESERVED_PREFIX):
             raise ReservedKey(key)
-        if _deeper_than(value, MAX_DEPTH):
+        if type(value) in _CONTAINERS and _deeper_than(value, MAX_DEPTH):
             raise InvalidEntry(f"value of {key!r} is nested deeper than {MAX_DEPTH} levels", key)
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
 HEARTBEAT_SECONDS = 5.0
+PASS_BYTES = 1 << 20  # read at most this much of one file per pass (4 batches of DEFAULT_BATCH_BYTES)
 _CHANGES = frozenset({"created", "modified", "moved", "closed"})
 
 
@@ -127,7 +128,8 @@ class Watcher:
         """Read every sidecar file under the root: the backstop for events that never came."""
         files = pending = 0
         for path in self._sidecar_files(self.root, depth=0):
-            # Shutdown between files: each file's batches were checkpointed as they were staged.
+            # Shutdown between files (and between batches, in _ingest): each batch was
+            # checkpointed as it was staged.
             if self.stop.is_set():
                 return
             stats = self._ingest(path)
@@ -149,7 +151,9 @@ class Watcher:
 
     def _ingest(self, path: Path) -> IngestStats | None:
         try:
-            stats = self.ingestor.ingest(path)
+            # At most PASS_BYTES of one file per pass: a file with a large backlog goes back in
+            # the queue, so a line appended to another file waits for a slice, not the backlog.
+            stats = self.ingestor.ingest(path, budget=PASS_BYTES, stop=self.stop.is_set)
         except OSError as exc:
             log.warning("cannot read %s: %s", path, exc)
             return None
@@ -158,6 +162,8 @@ class Watcher:
             log.warning("staging %s failed (%s); will retry at the next scan", path, exc)
             return None
         self.stats.add(stats)
+        if stats.unread and not self.stop.is_set():
+            self.dirty.add(path)
         for target in sorted(stats.due):
             self._enqueue(target)
         return stats
