@@ -1,0 +1,125 @@
+"""Profile the paths behind the missed targets (see docs/benchmarks.md, "What the profiles show").
+
+    .venv/bin/python bench/profile.py ingest [--lines 20000]     pyinstrument: Ingestor.ingest
+    .venv/bin/python bench/profile.py apply [--properties 1000]  pyinstrument: apply_target (PostgreSQL)
+    .venv/bin/python bench/profile.py search [--versions 150000] EXPLAIN ANALYZE of the slow filters
+
+Uses the same services and workloads as bench/run.py, with its own prefix and schema, removed after.
+The watcher under load was profiled with py-spy (`pip install py-spy`; `py-spy record -f raw -p PID`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, cast
+
+_REPO = Path(__file__).resolve().parent.parent
+if sys.path and Path(sys.path[0]).resolve() == _REPO / "bench":
+    sys.path[0] = str(_REPO)
+
+from pyinstrument import Profiler  # noqa: E402
+from sqlalchemy import func, select, text  # noqa: E402
+
+from bench.common import DEFAULT_POSTGRES, DEFAULT_REDIS, Context, new_engine  # noqa: E402
+from bench.search import build  # noqa: E402
+from bench.workload import JSONL, mixed_lines, version_lines, write_lines  # noqa: E402
+from worker.ingest import Ingestor  # noqa: E402
+from worker.keys import Keys  # noqa: E402
+from worker.staging import Staging  # noqa: E402
+from worker.store.apply import apply_target  # noqa: E402
+from worker.store.models import Dataset, DatasetVersion  # noqa: E402
+from worker.store.search import filter_condition  # noqa: E402
+from worker.uris import Target  # noqa: E402
+
+INTERVAL = 0.005  # coarse: this machine's precise timer costs ~4 µs a call, which distorts
+os.environ.setdefault("PYINSTRUMENT_IGNORE_OVERHEAD_WARNING", "1")
+SLOW_FILTERS = ("score > 0.9999", 'shift = "night" and score > 0.999')
+
+
+def profile_ingest(ctx: Context, lines: int) -> None:
+    root = ctx.folder("profile-ingest")
+    path = root / "exec-1" / JSONL
+    write_lines(path, mixed_lines(lines, seed=1))
+    client = ctx.redis()
+    ingestor = Ingestor(root, Staging(client, Keys(ctx.prefix("profile"))), line_limit=1 << 20)
+    with Profiler(interval=INTERVAL) as profiler:
+        ingestor.ingest(path)
+    print(profiler.output_text(color=False, unicode=True))
+    client.close()
+
+
+def profile_apply(ctx: Context, properties: int) -> None:
+    root = ctx.folder("profile-apply")
+    client = ctx.redis()
+    staging = Staging(client, Keys(ctx.prefix("profile")))
+    targets = [Target("version", "profile", f"v{i}") for i in range(4)]
+    for i, target in enumerate(targets):
+        path = root / f"exec-{i}" / JSONL
+        write_lines(path, version_lines(target.key, properties, 10, seed=i))
+        Ingestor(root, staging, line_limit=1 << 20).ingest(path)
+        staging.complete_version(target)
+    with ctx.postgres("profile") as url:
+        engine = new_engine(url)
+        apply_target(engine, staging, targets[0])  # warm-up: connections, prepared statements
+        with Profiler(interval=INTERVAL) as profiler:
+            for target in targets[1:]:
+                apply_target(engine, staging, target)
+        engine.dispose()
+    print(profiler.output_text(color=False, unicode=True))
+    client.close()
+
+
+def explain_search(ctx: Context, versions: int) -> None:
+    with ctx.postgres("profile") as url:
+        engine = new_engine(url)
+        built, seconds = build(engine, 1e9, versions)
+        print(f"store: {built:,} versions built in {seconds:.0f} s")
+        for filter_text in SLOW_FILTERS:
+            owner_id = cast(Any, DatasetVersion.id)
+            condition = filter_condition(filter_text, "version", owner_id, "postgresql")
+            base = select(DatasetVersion.id).join(Dataset).where(condition)
+            for label, query in (
+                ("count", select(func.count()).select_from(base.subquery())),
+                ("page", base.order_by(DatasetVersion.id).limit(100)),
+            ):
+                sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+                with engine.connect() as conn:
+                    start = time.perf_counter()
+                    plan = [row[0] for row in conn.execute(text("EXPLAIN ANALYZE " + sql))]
+                print(f"\n== {filter_text} ({label}, {time.perf_counter() - start:.2f} s)")
+                print("\n".join(plan))
+        engine.dispose()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("ingest").add_argument("--lines", type=int, default=20_000)
+    sub.add_parser("apply").add_argument("--properties", type=int, default=1_000)
+    sub.add_parser("search").add_argument("--versions", type=int, default=150_000)
+    args = parser.parse_args()
+    ctx = Context(
+        quick=True,
+        redis_url=DEFAULT_REDIS,
+        postgres_url=DEFAULT_POSTGRES,
+        workdir=Path(tempfile.mkdtemp(prefix="sidecar-profile-")),
+    )
+    try:
+        if args.what == "ingest":
+            profile_ingest(ctx, args.lines)
+        elif args.what == "apply":
+            profile_apply(ctx, args.properties)
+        else:
+            explain_search(ctx, args.versions)
+    finally:
+        ctx.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
