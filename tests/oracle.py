@@ -1,0 +1,294 @@
+"""The oracle of the fault tests: the correct final properties, computed in plain Python.
+
+For any set of sidecar files (and API writes), what the database must hold once every version has
+completed and every apply has run is a fold: for each target, its lines in file order (shallow
+set, null deletes), the files of one target in the order their lines were first staged (the order
+the files are given here), then the API writes in their order. `expected_state` computes that;
+`assert_matches_db` compares it with the database key by key and names every difference.
+
+Independent of `worker/` on purpose (it must not share code with what it checks): lines are
+parsed with the standard `json` module and judged by the README's rules, re-implemented here;
+only the table models are imported, to read the database.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, joinedload
+
+from worker.store.models import Dataset, DatasetVersion, Datum
+
+JSONL_NAMES = ("valohai.metadata.jsonl", "outputs.metadata.jsonl")
+_NAME = r"[A-Za-z0-9._-]+"
+_VERSION_URI = re.compile(rf"dataset://({_NAME})/({_NAME})")
+_DATASET_URI = re.compile(rf"dataset://({_NAME})")
+_MAX_KEY, _MAX_DEPTH, _MAX_PATH = 256, 32, 4096
+
+Files = Mapping[str, Sequence[bytes]] | Iterable[Path]
+State = dict[str, dict[str, Any]]
+
+
+# -- reading files ------------------------------------------------------------------------------
+
+
+def read_lines(path: Path, *, final: bool = False) -> list[bytes]:
+    """A file's lines without their newlines. A last line without its newline is held by the
+    sidecar until the execution completes: it counts only when `final` is true."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if final and tail:
+        lines.append(tail)
+    return lines
+
+
+def datum_key(execution: str, path: str) -> str:
+    """How the oracle names a datum's property set (the database has no URI for datums)."""
+    return f"datum:{execution}/{path}"
+
+
+# -- judging one line ---------------------------------------------------------------------------
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _good_properties(metadata: Any, *, reserved_ok: bool) -> bool:
+    if not isinstance(metadata, dict):
+        return False
+    for key, value in metadata.items():
+        if not 1 <= len(key) <= _MAX_KEY or _depth(value) > _MAX_DEPTH:
+            return False
+        if key.startswith("valohai.") and not reserved_ok:
+            return False
+    return True
+
+
+def _version_uri(uri: Any) -> str | None:
+    """The URI of a writable version (`latest` is not one), else None."""
+    if not isinstance(uri, str):
+        return None
+    match = _VERSION_URI.fullmatch(uri)
+    return uri if match and match.group(2) != "latest" else None
+
+
+def _datum_reserved_ok(metadata: dict[str, Any]) -> bool:
+    """The datum keys the platform defines have the shapes its schema gives them."""
+    tags, alias = metadata.get("valohai.tags", []), metadata.get("valohai.alias", "x")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return False
+    if not isinstance(alias, str) or not alias:
+        return False
+    if not isinstance(metadata.get("valohai.model-versions", []), list):
+        return False
+    items = metadata.get("valohai.dataset-versions", [])
+    if not isinstance(items, list):
+        return False
+    for item in items:
+        uri = item.get("uri") if isinstance(item, dict) else item
+        if _version_uri(uri) is None:
+            return False
+    return True
+
+
+def _good_datum_path(path: Any) -> bool:
+    return (
+        isinstance(path, str)
+        and 1 <= len(path) <= _MAX_PATH
+        and not path.startswith("/")
+        and ".." not in path.split("/")
+        and "\0" not in path
+    )
+
+
+def classify(raw: bytes, execution: str) -> list[tuple[str, dict[str, Any]]]:
+    """The (target key, metadata) pairs one line sets; [] for a line the sidecar rejects.
+
+    Covers the rules of the README (JSON object, one of the three shapes, URI names, reserved
+    `valohai.` keys, key length, depth). A datum line sets its datum's properties and, for the
+    versions it names, makes it a member (membership is not part of the property oracle)."""
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    for kind, pattern in (("dataset-version", _VERSION_URI), ("dataset", _DATASET_URI)):
+        if kind in doc:
+            uri, metadata = doc.get(kind), doc.get("metadata")
+            if set(doc) != {kind, "metadata"} or not isinstance(uri, str) or not pattern.fullmatch(uri):
+                return []
+            if kind == "dataset-version" and _version_uri(uri) is None:
+                return []
+            return [(uri, metadata)] if _good_properties(metadata, reserved_ok=False) else []
+    if "file" in doc:
+        path, metadata = doc.get("file"), doc.get("metadata")
+        if set(doc) != {"file", "metadata"} or not _good_datum_path(path):
+            return []
+        if not _good_properties(metadata, reserved_ok=True) or not _datum_reserved_ok(metadata):
+            return []
+        return [(datum_key(execution, path), metadata)]
+    return []
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# -- the fold -----------------------------------------------------------------------------------
+
+
+def fold_into(state: dict[str, Any], metadata: Mapping[str, Any]) -> None:
+    """Shallow set, null deletes (its own code: the oracle shares nothing with worker.merge)."""
+    for key, value in metadata.items():
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
+
+
+def _execution_of(name: str | Path, root: Path | None) -> str:
+    path = Path(name)
+    if root is not None and path.is_absolute():
+        path = path.relative_to(root)
+    return path.parts[-2] if len(path.parts) >= 2 else ""
+
+
+def expected_state(
+    files: Files,
+    *,
+    root: Path | None = None,
+    api_writes: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    final: bool = False,
+) -> State:
+    """Target key -> its expected properties, once everything has completed and been applied.
+
+    `files`: either {relative path (`<execution>/valohai.metadata.jsonl`): [line bytes, ...]} or
+    paths of files to read (a last line without its newline counts only when `final`). The
+    execution of a file is its folder's name. Files are folded in the order given, so files that
+    feed one target must be given in the order their lines were first staged (tests keep it
+    simple: one file per target, or files whose keys do not collide). `api_writes`:
+    (target key, metadata) in the order they were made, applied after every line.
+    Keys are `dataset://<name>`, `dataset://<name>/<version>` and `datum:<execution>/<path>`.
+    """
+    if isinstance(files, Mapping):
+        named: list[tuple[str, Sequence[bytes]]] = [(str(k), v) for k, v in files.items()]
+    else:
+        named = [(str(p), read_lines(Path(p), final=final)) for p in files]
+    state: State = {}
+    for name, lines in named:
+        execution = _execution_of(name, root)
+        for raw in lines:
+            for target, metadata in classify(raw.rstrip(b"\n"), execution):
+                fold_into(state.setdefault(target, {}), metadata)
+    for target, metadata in api_writes:
+        fold_into(state.setdefault(target, {}), metadata)
+    return state
+
+
+# -- the database -------------------------------------------------------------------------------
+
+
+def db_state(engine: Engine) -> tuple[State, dict[str, str]]:
+    """(every target's properties, every version's status) as the database holds them."""
+    props: State = {}
+    status: dict[str, str] = {}
+    with Session(engine) as session:
+        for ds in session.scalars(select(Dataset)):
+            props[f"dataset://{ds.name}"] = dict(ds.properties or {})
+        for v in session.scalars(select(DatasetVersion).options(joinedload(DatasetVersion.dataset))):
+            key = f"dataset://{v.dataset.name}/{v.name}"
+            props[key] = dict(v.properties or {})
+            status[key] = v.status
+        for d in session.scalars(select(Datum)):
+            props[datum_key(d.execution, d.path)] = dict(d.properties or {})
+    return props, status
+
+
+def same(a: Any, b: Any) -> bool:
+    """JSON equality where 1, 1.0 and true differ (as they do to a user), at every depth."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+_MISSING: Any = object()
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "(absent)"
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _key_diff(target: str, want: dict[str, Any], have: dict[str, Any]) -> list[str]:
+    keys = sorted(want.keys() | have.keys())
+    bad = [k for k in keys if not same(want.get(k, _MISSING), have.get(k, _MISSING))]
+    if not bad:
+        return []
+    lines = [f"{target}: {len(bad)} of {len(keys)} keys differ"]
+    for k in bad:
+        w, h = _show(want.get(k, _MISSING)), _show(have.get(k, _MISSING))
+        lines.append(f"    {k!r}: expected {w}, database {h}")
+    return lines
+
+
+def diff(
+    expected: State,
+    actual: State,
+    status: Mapping[str, str] | None = None,
+    completed: Iterable[str] = (),
+) -> list[str]:
+    """Readable differences, target by target and key by key; [] when they agree.
+
+    A target the database does not hold counts as an empty set; a target the oracle does not know
+    must be empty in the database; every target in `completed` must have status `completed`."""
+    out: list[str] = []
+    for target in sorted(expected.keys() | actual.keys()):
+        want, have = expected.get(target, {}), actual.get(target)
+        if have is None:
+            if want:
+                out.append(f"{target}: missing in the database (expected {len(want)} keys: {_show(want)})")
+        elif target not in expected and have:
+            out.append(f"{target}: unexpected in the database: {_show(have)}")
+        else:
+            out += _key_diff(target, want, have)
+    for target in sorted(completed):
+        got = (status or {}).get(target, "missing")
+        if got != "completed":
+            out.append(f"{target}: status {got}, expected completed")
+    return out
+
+
+def assert_matches_db(
+    engine: Engine, expected: State, *, completed: Iterable[str] = (), only: Iterable[str] | None = None
+) -> None:
+    """Fail with a key-by-key account of every difference between the database and the oracle.
+
+    The whole database is compared unless `only` names the targets to compare."""
+    actual, status = db_state(engine)
+    if only is not None:
+        keep = set(only)
+        expected = {k: v for k, v in expected.items() if k in keep}
+        actual = {k: v for k, v in actual.items() if k in keep}
+    problems = diff(expected, actual, status, completed)
+    if problems:
+        agree = sum(1 for t in expected if not any(p.startswith(f"{t}:") for p in problems))
+        head = f"the database differs from the oracle ({agree} of {len(expected)} expected targets agree):"
+        raise AssertionError("\n".join([head, *problems]))
