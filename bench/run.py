@@ -43,7 +43,8 @@ BENCHMARKS: dict[str, tuple[Bench, float, float]] = {
     "memory": (memory.run, 75, 12),  # not scalable: the asked workload, ~75 s here
     "growth": (growth.run, 70, 10),
 }
-BUDGET = 600.0  # the whole full run, seconds; boxes shrink when earlier benchmarks ran over
+BUDGET = 520.0  # the boxes, seconds; they shrink when earlier benchmarks ran over (setup and
+# teardown beyond the boxes were ~90 s in a full run, and the whole must stay under 10 minutes)
 RESULTS = _REPO / "bench" / "results"
 DOCS = _REPO / "docs"
 
