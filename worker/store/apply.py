@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Table, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
 
 from ..merge import merge_into
 from ..records import Entry, Source
 from ..staging import Staging
 from ..uris import Target
 from .db import writer
-from .index import reindex
+from .index import bulk_insert, reindex
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile, Watermark
 
 _Row = TypeVar("_Row", Dataset, DatasetVersion, Datum)
@@ -41,7 +49,7 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     target waits, then sees the new watermark and finds nothing left to do.
     """
     result = ApplyResult(target.key)
-    with Session(writer(engine), expire_on_commit=False) as session, session.begin():
+    with _sqlite_queue(engine), Session(writer(engine), expire_on_commit=False) as session, session.begin():
         mark = lock_watermark(session, target.key)
         result.watermark = mark.stream_id
         applier = Applier(session, datetime.now(UTC))
@@ -67,6 +75,28 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     return result
 
 
+@contextmanager
+def _sqlite_queue(engine: Engine) -> Iterator[None]:
+    """On a SQLite file, queue the applies on a file lock (`<database>.apply-lock`) first.
+
+    SQLite's busy handler polls with growing sleeps (up to 100 ms), so an apply waiting for the
+    write lock wakes up long after it was released, and two workers applied slower than one;
+    `flock` wakes the next waiter as soon as the holder is done. `BEGIN IMMEDIATE` stays the lock
+    that counts (every other writer still takes only that); the file lock is released with its
+    descriptor, so a killed worker cannot leave it held.
+    """
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if fcntl is None or not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    fd = os.open(f"{database}.apply-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def lock_watermark(session: Session, target: str) -> Watermark:
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
@@ -85,6 +115,18 @@ def version_completed(session: Session, staging: Staging, target: Target) -> boo
     return status == "completed"
 
 
+_CHANGES = cast(Table, PropertyChange.__table__)
+
+
+@dataclass
+class _Working:
+    """One owner's property set being folded, and the top-level keys that changed (in order)."""
+
+    owner: Dataset | DatasetVersion | Datum
+    properties: dict[str, Any]
+    changed: dict[str, None] = field(default_factory=dict)
+
+
 @dataclass
 class Applier:
     """Applies entries inside one session, caching the rows it touches."""
@@ -96,9 +138,10 @@ class Applier:
     datums: dict[tuple[str, str], Datum] = field(default_factory=dict)
     # Working copies of the property sets being changed, folded in place and written back once
     # by `flush` (copying a 10,000-key set for each of 10,000 entries would be quadratic).
-    working: dict[tuple[str, int], tuple[Dataset | DatasetVersion | Datum, dict[str, Any]]] = field(
-        default_factory=dict
-    )
+    working: dict[tuple[str, int], _Working] = field(default_factory=dict)
+    # History rows, inserted at once by `flush` through Core: no ORM objects to autoflush before
+    # each statement, no `RETURNING id` per row.
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     def apply(self, entry: Entry) -> None:
         target = entry.target
@@ -123,33 +166,41 @@ class Applier:
 
     def set(self, owner: Dataset | DatasetVersion | Datum, kind: str, entry: Entry) -> None:
         key = (kind, owner.id)
-        if key not in self.working:
-            self.working[key] = (owner, dict(owner.properties or {}))
-        changes = merge_into(self.working[key][1], entry.metadata)
+        work = self.working.get(key)
+        if work is None:
+            work = self.working[key] = _Working(owner, dict(owner.properties or {}))
+        changes = merge_into(work.properties, entry.metadata)
         if not changes:
             return
         owner.updated_at = self.now
         source = _source_json(entry.source)
-        self.session.add_all(
-            PropertyChange(
-                owner_kind=kind,
-                owner_id=owner.id,
-                key=c.key,
-                old=c.old,
-                new=c.new,
-                source=source,
-                changed_at=self.now,
+        for c in changes:
+            work.changed[c.key] = None
+            self.changes.append(
+                {
+                    "owner_kind": kind,
+                    "owner_id": owner.id,
+                    "key": c.key,
+                    "old": c.old,
+                    "new": c.new,
+                    "source": source,
+                    "changed_at": self.now,
+                }
             )
-            for c in changes
-        )
 
     def flush(self) -> None:
-        """Write the folded property sets back, and refresh the search index once per owner."""
-        for (kind, owner_id), (owner, properties) in self.working.items():
-            owner.properties = properties
+        """Write the folded property sets back, refresh the search index of the keys that changed
+        (once per owner), and insert the history rows."""
+        for (kind, owner_id), work in self.working.items():
+            if not work.changed:
+                continue  # every entry was a no-op: the stored set and its index are current
+            work.owner.properties = work.properties
             if kind != "datum":
-                reindex(self.session, kind, owner_id, properties)
+                reindex(self.session, kind, owner_id, work.properties, work.changed.keys())
         self.working.clear()
+        if self.changes:
+            bulk_insert(self.session.connection(), _CHANGES, self.changes)
+            self.changes = []
 
     def dataset(self, name: str) -> Dataset:
         if name not in self.datasets:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import delete, insert
+from sqlalchemy import JSON, Connection, Table, delete, func, insert, or_
 from sqlalchemy.orm import Session
 
 from .models import PropertyIndex
@@ -61,14 +63,86 @@ def lower(text: str) -> str:
     return text.lower()
 
 
-def reindex(session: Session, owner_kind: str, owner_id: int, properties: dict[str, Any]) -> None:
-    """Replace an owner's index rows with those of its current properties."""
-    session.execute(
-        delete(PropertyIndex).where(
-            PropertyIndex.owner_kind == owner_kind, PropertyIndex.owner_id == owner_id
-        )
-    )
-    rows = [
+# A partial re-index deletes with one condition per changed key; past this many keys, or when
+# the changed keys are a good part of the set (a completion: every key is new), replacing every
+# row of the owner is as cheap and one short statement.
+PARTIAL_MAX_KEYS = 64
+
+
+def reindex(
+    session: Session,
+    owner_kind: str,
+    owner_id: int,
+    properties: dict[str, Any],
+    keys: Collection[str] | None = None,
+) -> None:
+    """Bring an owner's index rows in line with its current `properties`.
+
+    `keys`: the top-level keys that changed since the rows were last written (None: unknown,
+    replace every row). The rows of one top-level key depend on that key's value only, so
+    replacing the rows of the changed keys leaves the index equal to a full re-index.
+
+    Runs through Core on the session's connection: an ORM bulk insert groups rows by which
+    columns are NULL (typed rows alternate), turning the executemany into one INSERT per row,
+    and an ORM DELETE would autoflush the session first.
+    """
+    conn = session.connection()
+    table = cast(Table, PropertyIndex.__table__)
+    owner = (table.c.owner_kind == owner_kind, table.c.owner_id == owner_id)
+    if keys is not None and len(keys) <= PARTIAL_MAX_KEYS and 2 * len(keys) <= len(properties):
+        if not keys:
+            return
+        terms = []
+        for key in keys:
+            top = path_text((key,))
+            prefix = top[:-1] + ","  # '["key",' starts the path of every key nested under it
+            terms.append(table.c.path == top)
+            terms.append(func.substr(table.c.path, 1, len(prefix)) == prefix)
+        conn.execute(delete(table).where(*owner, or_(*terms)))
+        rows = index_rows(owner_kind, owner_id, {k: properties[k] for k in keys if k in properties})
+    else:
+        conn.execute(delete(table).where(*owner))
+        rows = index_rows(owner_kind, owner_id, properties)
+    bulk_insert(conn, table, rows)
+
+
+def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert `rows` (dicts with the same keys) inside the connection's transaction.
+
+    PostgreSQL: one `COPY ... FROM STDIN` (3–5× faster than psycopg's executemany, which runs
+    the INSERT once per row). Elsewhere: a Core executemany. JSON columns are encoded here for
+    COPY the way SQLAlchemy encodes them for an INSERT (`none_as_null`: None is SQL NULL).
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        conn.execute(insert(table), rows)
+        return
+    names = list(rows[0])
+    json_columns = {n for n in names if isinstance(table.c[n].type, JSON)}
+    columns = ", ".join(conn.dialect.identifier_preparer.quote(n) for n in names)
+    copy_sql = f"COPY {conn.dialect.identifier_preparer.format_table(table)} ({columns}) FROM STDIN"
+    cursor = cast(Any, conn.connection.driver_connection).cursor()
+    try:
+        with cursor.copy(copy_sql) as copy:
+            for row in rows:
+                copy.write_row([_json_text(row[n]) if n in json_columns else row[n] for n in names])
+    finally:
+        cursor.close()
+
+
+def _json_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):  # e.g. an integer beyond 64 bits
+        return json.dumps(value)
+
+
+def index_rows(owner_kind: str, owner_id: int, properties: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `property_index` rows of a property set, as Core insert parameters."""
+    return [
         {
             "owner_kind": owner_kind,
             "owner_id": owner_id,
@@ -82,5 +156,3 @@ def reindex(session: Session, owner_kind: str, owner_id: int, properties: dict[s
         }
         for r in flatten(properties)
     ]
-    if rows:
-        session.execute(insert(PropertyIndex), rows)
