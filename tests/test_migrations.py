@@ -42,10 +42,10 @@ def test_processes_migrating_a_fresh_database_together_take_turns(database_url: 
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        for _ in range(4)
+        for _ in range(3)  # serve --migrate, worker --migrate, sidecar up
     ]
     outputs = [proc.communicate(timeout=60)[0].decode() for proc in procs]
-    assert [proc.returncode for proc in procs] == [0] * 4, "\n".join(outputs)
+    assert [proc.returncode for proc in procs] == [0, 0, 0], "\n".join(outputs)
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
