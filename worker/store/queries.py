@@ -10,9 +10,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
 from ..errors import NotFound
+from ..query import parse
 from ..uris import parse_uri
+from . import search
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile
-from .search import OwnerKind, filter_condition, order_by, ordering_key
+from .search import Compiler, OwnerKind, OwnerSets, ids_in, order_by, ordering_key
 
 
 @dataclass(frozen=True)
@@ -29,32 +31,53 @@ class ListQuery:
 
 def list_datasets(session: Session, ask: ListQuery) -> tuple[int, list[Dataset]]:
     """Datasets matching `ask`; FilterError if its filter or ordering does not parse."""
-    query = select(Dataset)
-    if ask.name is not None:
-        query = query.where(Dataset.name == ask.name)
-    return _run(session, query, ask, "dataset", Dataset.id)
+    where = [] if ask.name is None else [Dataset.name == ask.name]
+    query = select(Dataset).where(*where)
+    ids = select(Dataset.id).where(*where) if where else None
+    return _run(session, query, ids, ask, "dataset", Dataset.id)
 
 
 def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVersion]]:
     """Versions matching `ask`; FilterError if its filter or ordering does not parse."""
-    query = select(DatasetVersion).join(Dataset)
+    where = []
     if ask.dataset is not None:
-        query = query.where(Dataset.name == ask.dataset)
+        where.append(Dataset.name == ask.dataset)
     if ask.name is not None:
-        query = query.where(DatasetVersion.name == ask.name)
-    query = query.options(joinedload(DatasetVersion.dataset))
-    return _run(session, query, ask, "version", DatasetVersion.id)
+        where.append(DatasetVersion.name == ask.name)
+    query = select(DatasetVersion).join(Dataset).where(*where).options(joinedload(DatasetVersion.dataset))
+    ids = select(DatasetVersion.id).join(Dataset).where(*where) if where else None
+    return _run(session, query, ids, ask, "version", DatasetVersion.id)
 
 
 def _run(
-    session: Session, query: Any, ask: ListQuery, kind: OwnerKind, owner_id: Any
+    session: Session, query: Any, ids: Any, ask: ListQuery, kind: OwnerKind, owner_id: Any
 ) -> tuple[int, list[Any]]:
+    """Count and page `query` (the listed rows; `ids`, their ids, when names narrow them) under
+    the filter and ordering of `ask`.
+
+    The filter is first evaluated as a set of ids (`OwnerSets`): from the rows the names leave,
+    when there are at most `CAP`, else from a selective part of the filter. Only when neither
+    exists does the database evaluate the whole filter (`Compiler.condition`)."""
     dialect = session.get_bind().dialect.name
-    if ask.filter:
-        query = query.where(filter_condition(ask.filter, kind, owner_id, dialect))
+    node = parse(ask.filter) if ask.filter else None
+    ordering = ordering_key(ask.ordering) if ask.ordering else None
+    if node is not None:
+        compiler = Compiler(kind, owner_id, dialect)
+        cap = search.CAP
+        candidates = None
+        if ids is not None:
+            listed = session.scalars(ids.limit(cap + 1)).all()
+            candidates = set(listed) if len(listed) <= cap else None
+        matching = OwnerSets(session, compiler, cap).matching(node, candidates)
+        if matching is None:
+            query = query.where(compiler.condition(node))
+        elif not matching:
+            return 0, []
+        else:
+            query = query.where(ids_in(owner_id, matching, dialect))
     count = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
-    if ask.ordering:
-        key, descending = ordering_key(ask.ordering)
+    if ordering is not None:
+        key, descending = ordering
         query = order_by(query, kind, owner_id, key, descending, dialect)
     else:
         query = query.order_by(owner_id)
