@@ -254,21 +254,6 @@ class Sidecar:
         self._log.close()
 
 
-def forget_broker_state(client: Any, queue: str) -> None:
-    """Drop what kombu keeps for a test's queue outside the keys conftest cleans (see
-    tests/test_worker_process.py): a SIGKILLed worker leaves its message in the shared `unacked`
-    hash, to be restored to the (deleted) queue after the visibility timeout."""
-    client.delete(f"_kombu.binding_permanent.{queue}", f"_kombu.binding.{queue}")
-    for tag, raw in client.hscan_iter("unacked"):
-        try:
-            routing_key = json.loads(raw)[2]
-        except (ValueError, IndexError, TypeError):
-            continue
-        if routing_key == queue:
-            client.hdel("unacked", tag)
-            client.zrem("unacked_index", tag)
-
-
 # -- the soak writer ------------------------------------------------------------------------------
 
 

@@ -25,13 +25,13 @@ import pytest
 from sqlalchemy import Engine
 
 from tests.e2e_helpers import wait_until
+from tests.helpers import forget_broker_state
 from tests.soak_oracle import (
     JSONL,
     Oracle,
     Sidecar,
     assert_history,
     converged,
-    forget_broker_state,
     soak_line,
     unstaged,
 )

@@ -33,11 +33,10 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tests.e2e_helpers import clean_env, free_port, kill_group, wait_until
-from tests.helpers import fold
+from tests.helpers import fold, forget_broker_state
 from tests.test_worker_process import (
     RECEIVED,
     Worker,
-    _forget_broker_state,
     big_metas,
     expected_history,
     version_history,
@@ -104,7 +103,7 @@ def started(staging: Staging, engine: Engine) -> Iterator[list[Sidecar | Worker]
             proc.stop()
         else:
             proc.close()
-    _forget_broker_state(staging.redis, staging.keys.queue)
+    forget_broker_state(staging.redis, staging.keys.queue)
 
 
 def start(started: list[Sidecar | Worker], settings: Settings, tmp_path: Path, *args: str) -> Sidecar:
@@ -265,7 +264,6 @@ def stage_directly(staging: Staging, target: Target, metas: list[dict[str, Any]]
         state = FileState(dev=0, inode=0, offset=offset, line=start + len(outcomes), head="", tail="")
         staging.stage_lines(rel, execution, outcomes, state.to_json())
     assert int(staging.redis.xlen(staging.keys.stream(target))) == len(metas)
-
 
 
 def test_sigterm_mid_apply_finishes_or_requeues_and_nothing_is_applied_twice(
@@ -472,9 +470,7 @@ def test_sigterm_drains_requests_in_flight(
     port = free_port()
     server = start(started, settings.with_(port=port), tmp_path, "serve")
     base = f"http://127.0.0.1:{port}"
-    wait_until(
-        lambda: server.alive() and not refused(base), timeout=DEADLINE, interval=0.1, what="server up"
-    )
+    wait_until(lambda: server.alive() and not refused(base), timeout=DEADLINE, interval=0.1, what="server up")
 
     requests = InFlight(base, upload_ids)
     try:

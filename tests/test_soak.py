@@ -47,6 +47,7 @@ import pytest
 from sqlalchemy import Engine
 
 from tests.e2e_helpers import wait_until
+from tests.helpers import forget_broker_state
 from tests.soak_oracle import (
     JSONL,
     REPO,
@@ -54,7 +55,6 @@ from tests.soak_oracle import (
     Sidecar,
     assert_history,
     converged,
-    forget_broker_state,
     soak_line,
 )
 from worker.settings import Settings

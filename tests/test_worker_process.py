@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from tests.e2e_helpers import clean_env, kill_group, stop_group, wait_until
-from tests.helpers import fold
+from tests.helpers import fold, forget_broker_state
 from worker.ingest import Ingestor
 from worker.settings import Settings
 from worker.staging import Staging
@@ -87,25 +86,7 @@ def workers(settings: Settings, staging: Staging, engine: Engine, tmp_path: Path
     yield started
     for worker in started:
         worker.stop()
-    _forget_broker_state(staging.redis, staging.keys.queue)
-
-
-def _forget_broker_state(client: redis.Redis, queue: str) -> None:
-    """Drop what kombu keeps for this test's queue outside the keys conftest cleans.
-
-    A SIGKILLed worker leaves its message in kombu's `unacked` hash (shared by the whole Redis
-    database), to be restored to our (by then deleted) queue after the 900 s visibility timeout;
-    kombu 5.7 also keeps `_kombu.binding_permanent.<exchange>`, which conftest's pattern misses.
-    """
-    client.delete(f"_kombu.binding_permanent.{queue}", f"_kombu.binding.{queue}")
-    for tag, raw in client.hscan_iter("unacked"):
-        try:
-            routing_key = json.loads(raw)[2]
-        except (ValueError, IndexError, TypeError):
-            continue
-        if routing_key == queue:
-            client.hdel("unacked", tag)
-            client.zrem("unacked_index", tag)
+    forget_broker_state(staging.redis, staging.keys.queue)
 
 
 def start_worker(settings: Settings, workers: list[Worker], tmp_path: Path) -> Worker:
