@@ -155,3 +155,41 @@ def test_history_rows_keep_their_order_and_json(engine: Engine) -> None:
             select(PropertyChange.id).where(PropertyChange.key == "a", PropertyChange.new.is_(None))
         )
         assert nulls is not None
+
+
+@pytest.mark.postgres
+def test_index_delete_keeps_using_the_owner_index_as_the_table_grows(pg_schema_url: str) -> None:
+    """A worker that starts on an empty database must not keep the plan it made then.
+
+    psycopg prepares the re-index DELETE on the server after a few runs; PostgreSQL's generic plan
+    for an empty `property_index` scans every row of the owner kind (`ix_property_index_str` on
+    `owner_kind` alone), and a worker kept it until autovacuum analysed the table: applies got
+    slower with every version. Run the DELETE many times on an empty table, fill it, then ask
+    PostgreSQL which plan the prepared statement now runs.
+    """
+    from sqlalchemy import text
+
+    from worker.store.db import make_engine
+    from worker.store.models import Base
+
+    engine = make_engine(pg_schema_url, pool_size=1, max_overflow=0)
+    Base.metadata.create_all(engine)
+    try:
+        with engine.connect() as conn:
+            for owner_id in range(30):  # past psycopg's prepare threshold and PostgreSQL's 5 custom plans
+                with Session(bind=conn) as session, session.begin():
+                    reindex(session, "version", owner_id, {f"k{i}": i for i in range(3)})
+            conn.execute(
+                text(
+                    "INSERT INTO property_index (owner_kind, owner_id, path, vtype, num) "
+                    "SELECT 'version', g / 100, 'p' || (g % 100), 'number', g FROM generate_series(1, 50000) g"
+                )
+            )
+            name = conn.execute(
+                text("SELECT name FROM pg_prepared_statements WHERE statement LIKE 'DELETE FROM property_index%'")
+            ).scalar_one()
+            plan = "\n".join(conn.execute(text(f"EXPLAIN EXECUTE {name}('version', 7)")).scalars())
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert "ix_property_index_owner" in plan, plan

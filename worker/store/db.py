@@ -25,13 +25,31 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000}, **kwargs)
         _sqlite_setup(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    _postgres_setup(engine)
+    return engine
 
 
 def writer(engine: Engine) -> Engine:
     """The engine for apply transactions. On SQLite they start with `BEGIN IMMEDIATE`, taking the
     database's write lock up front, so two applies never interleave and never deadlock on upgrade."""
     return engine.execution_options(sqlite_begin="IMMEDIATE")
+
+
+def _postgres_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # psycopg prepares a statement on the server after its 5th run, and PostgreSQL then
+        # settles on one generic plan for it. A worker that starts on a fresh database plans the
+        # index DELETE while `property_index` is nearly empty, picks an index on `owner_kind`
+        # alone (every version's rows get scanned), and keeps it until autovacuum's ANALYZE
+        # invalidates it: applies got slower with every version (2 workers at 29 versions/s
+        # instead of 170 in `make bench`; tests/test_index.py shows the plan). Search plans depend on the
+        # values too (`split = "train"` against a run id). Plan each execution for its own
+        # parameters; the statements stay prepared, so parsing is still saved.
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET plan_cache_mode = force_custom_plan")
+        dbapi_connection.commit()
 
 
 def _sqlite_setup(engine: Engine) -> None:
