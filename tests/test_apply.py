@@ -83,6 +83,26 @@ def test_late_entry_is_applied_after_completion(engine: Engine, staging: Staging
     assert V1.key not in staging.due_targets(older_than=-1)
 
 
+def test_a_change_of_json_type_alone_is_written(engine: Engine, staging: Staging) -> None:
+    """1 then true (and 1 then 1.0 inside an object): the stored set takes the new type.
+
+    The ORM used to compare the old and new sets with Python's `==`, found them equal and skipped
+    the UPDATE, while the history said the value had changed.
+    """
+    staging.stage_lines(FILE, "exec-1", [outcome(vline('{"a": 1, "n": {"x": 1}}'))], "s")
+    staging.complete_version(V1)
+    apply_target(engine, staging, V1)
+    staging.stage_lines(FILE, "exec-1", [outcome(vline('{"a": true, "n": {"x": 1.5}}'), 2)], "s2")
+    apply_target(engine, staging, V1)
+    staging.stage_lines(FILE, "exec-1", [outcome(vline('{"n": {"x": 1}}'), 3)], "s3")
+    apply_target(engine, staging, V1)
+    staging.stage_lines(FILE, "exec-1", [outcome(vline('{"n": {"x": true}}'), 4)], "s4")
+    apply_target(engine, staging, V1)
+    props = version_props(engine)
+    assert props is not None
+    assert props["a"] is True and props["n"]["x"] is True
+
+
 def test_completion_before_any_line_creates_an_empty_completed_version(
     engine: Engine, staging: Staging
 ) -> None:

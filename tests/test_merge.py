@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.helpers import fold
-from worker.merge import Change, merge
+from worker.merge import Change, merge, same_json
 
 values = st.one_of(
     st.none(),
@@ -20,6 +20,18 @@ values = st.one_of(
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
 )
 change_sets = st.lists(st.dictionaries(st.sampled_from("abcde"), values, max_size=4), max_size=8)
+
+
+def test_a_value_of_another_json_type_is_a_change_at_any_depth() -> None:
+    """Python's `1 == True == 1.0` must not hide a change from 1 to true, even inside objects."""
+    current = {"a": 1, "b": {"x": 1}, "c": [0], "d": 2.5}
+    new, changes = merge(current, {"a": True, "b": {"x": 1.0}, "c": [False], "d": 2.5})
+    assert [c.key for c in changes] == ["a", "b", "c"]
+    assert new["a"] is True and new["b"] == {"x": 1.0} and new["c"][0] is False
+    assert same_json({"x": [1, {"y": "z"}]}, {"x": [1, {"y": "z"}]})
+    assert same_json({"a": 1, "b": 2}, {"b": 2, "a": 1})
+    assert not same_json({"x": [1]}, {"x": [1.0]})
+    assert same_json(2**70, 2**70) and same_json({"big": 2**70}, {"big": 2**70})
 
 
 def test_set_replace_delete() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 _MISSING: Any = object()
 
@@ -33,12 +36,24 @@ def merge_into(properties: dict[str, Any], changes: dict[str, Any]) -> list[Chan
                 continue
             del properties[key]
             changed.append(Change(key, old, None))
-        elif old is _MISSING or not _same(old, value):
+        elif old is _MISSING or not same_json(old, value):
             properties[key] = value
             changed.append(Change(key, None if old is _MISSING else old, value))
     return changed
 
 
-def _same(a: Any, b: Any) -> bool:
-    # `1 == True` and `1 == 1.0` in Python, but they are different JSON values to a user.
-    return type(a) is type(b) and bool(a == b)
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two values are the same JSON value. Python's `==` says `1 == True == 1.0`, also
+    inside lists and objects, but they are different JSON values to a user."""
+    if type(a) is not type(b):
+        return False
+    if not isinstance(a, dict | list):
+        return bool(a == b)
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):  # e.g. an integer beyond 64 bits
+        return json.dumps(value, sort_keys=True).encode()

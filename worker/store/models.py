@@ -9,7 +9,24 @@ from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, String, Text, U
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JsonType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+from ..merge import same_json
+
+
+class _JSON(JSON):
+    """JSON whose change detection tells `1` from `true`.
+
+    The ORM writes a changed attribute only if the new value differs from the loaded one, and it
+    compared them with `==`: a property set whose only change was `1` to `true` (or `1.0`) was
+    never written, while its history row said it was.
+    """
+
+    cache_ok = True
+
+    def compare_values(self, x: Any, y: Any) -> bool:
+        return same_json(x, y)
+
+
+JsonType = _JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 class Base(DeclarativeBase):
