@@ -368,14 +368,25 @@ class Staging:
             for raw_id, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], batch):
                 stream_id = raw_id.decode()
                 yield stream_id, Entry.from_json(fields[b"e"])
+            if len(batch) < READ_BATCH:
+                # The end of the stream as it was read. An entry staged since lies after the
+                # watermark this apply commits, so `finish` leaves the target due for the next.
+                return
             start = f"({stream_id}"
 
-    def finish(self, target: Target, watermark: str | None) -> bool:
-        """After a commit: leave the due set unless newer entries arrived; trim applied entries."""
-        done = self._finish(
-            keys=[self.keys.stream(target), self.keys.due], args=[target.key, watermark or ""]
-        )
-        return bool(done)
+    def finish(self, target: Target, watermark: str | None, completed_at: str | None = None) -> bool:
+        """After a commit: leave the due set unless newer entries arrived; trim applied entries.
+
+        `completed_at`: the version is completed in the database; put its completion flag back
+        (if Redis lost it) in the same round trip, so its late lines keep being applied.
+        """
+        keys, args = [self.keys.stream(target), self.keys.due], [target.key, watermark or ""]
+        if completed_at is None:
+            return bool(self._finish(keys=keys, args=args))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.done(target), completed_at, nx=True)
+        self._finish(keys=keys, args=args, client=pipe)
+        return bool(pipe.execute()[-1])
 
     def due_targets(self, older_than: float) -> list[str]:
         """Targets due for longer than `older_than` seconds (their apply was lost or is slow)."""

@@ -67,11 +67,10 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
         applier.flush()
         mark.applied_at = applier.now
         result.watermark = mark.stream_id
-    if target.kind == "version":
-        # Redis may have lost the flag (AOF everysec); the database knows better. Put it back so
-        # that late lines for this version keep being applied by themselves.
-        staging.redis.set(staging.keys.done(target), applier.now.isoformat(), nx=True)
-    staging.finish(target, result.watermark)
+    # A version's flag may have been lost by Redis (AOF everysec); the database knows better, and
+    # `finish` puts it back so that late lines for this version keep being applied by themselves.
+    completed_at = applier.now.isoformat() if target.kind == "version" else None
+    staging.finish(target, result.watermark, completed_at)
     return result
 
 
@@ -125,6 +124,7 @@ class _Working:
     owner: Dataset | DatasetVersion | Datum
     properties: dict[str, Any]
     changed: dict[str, None] = field(default_factory=dict)
+    was_empty: bool = False  # the stored set was empty: the owner has no index rows yet
 
 
 @dataclass
@@ -168,7 +168,8 @@ class Applier:
         key = (kind, owner.id)
         work = self.working.get(key)
         if work is None:
-            work = self.working[key] = _Working(owner, dict(owner.properties or {}))
+            stored = owner.properties or {}
+            work = self.working[key] = _Working(owner, dict(stored), was_empty=not stored)
         changes = merge_into(work.properties, entry.metadata)
         if not changes:
             return
@@ -196,7 +197,8 @@ class Applier:
                 continue  # every entry was a no-op: the stored set and its index are current
             work.owner.properties = work.properties
             if kind != "datum":
-                reindex(self.session, kind, owner_id, work.properties, work.changed.keys())
+                keys, had_rows = work.changed.keys(), not work.was_empty
+                reindex(self.session, kind, owner_id, work.properties, keys, had_rows=had_rows)
         self.working.clear()
         if self.changes:
             bulk_insert(self.session.connection(), _CHANGES, self.changes)
@@ -241,11 +243,15 @@ class Applier:
         # INSERT .. ON CONFLICT DO NOTHING, then SELECT: two applies of different targets that
         # create the same dataset or datum at once both succeed (the second waits for the first
         # on PostgreSQL's unique index) instead of one failing with an IntegrityError.
+        # RETURNING gives the new row without another SELECT. It gives nothing when another
+        # apply created the row since our SELECT; the second SELECT then finds theirs.
         where = [getattr(model, k) == v for k, v in natural.items()]
         row = self.session.scalar(select(model).where(*where))
         if row is None:
             insert = pg_insert if self.session.get_bind().dialect.name == "postgresql" else sqlite_insert
-            self.session.execute(insert(model).values(**natural, **defaults).on_conflict_do_nothing())
+            statement = insert(model).values(**natural, **defaults).on_conflict_do_nothing()
+            row = self.session.scalar(statement.returning(model))
+        if row is None:
             row = self.session.scalar(select(model).where(*where))
         assert row is not None
         return row
