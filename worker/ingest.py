@@ -42,6 +42,7 @@ class IngestStats:
     rejects: int = 0
     rewrites: int = 0
     pending_bytes: int = 0  # bytes after the checkpoint (a held partial line, or not read yet)
+    read_bytes: int = 0  # bytes of the lines read (what the watcher's ReadQueue orders by)
     unread: bool = False  # stopped early (budget or stop): read the file again to go on
     due: set[str] = field(default_factory=set)
 
@@ -52,6 +53,7 @@ class IngestStats:
         self.rejects += other.rejects
         self.rewrites += other.rewrites
         self.pending_bytes += other.pending_bytes
+        self.read_bytes += other.read_bytes
         self.unread |= other.unread
         self.due |= other.due
 
@@ -148,6 +150,7 @@ class Ingestor:
                     log.info("%s was rewritten or replaced; reading it again from the start", rel)
                     start = 0
                 outcomes = [self.outcome(line, rel, execution) for line in result.lines]
+                stats.read_bytes += sum(line.length for line in result.lines)
                 if result.lines or result.state != state:
                     # The batch and the checkpoint after it go together, in one script.
                     due = self.staging.stage_lines(
@@ -203,6 +206,7 @@ class Ingestor:
             if not force and self.staging.load_state(rel) == signature:
                 return
             data = f.read(self.line_limit + 1)
+        stats.read_bytes = len(data)
         source = Source("sidecar", execution, rel, 1, 0)
         outcome = LineOutcome(1, line_digest(data))
         if len(data) > self.line_limit:

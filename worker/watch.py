@@ -23,6 +23,7 @@ from watchdog.observers.polling import PollingObserver
 
 from .errors import ConfigError
 from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, IngestStats, sidecar_kind
+from .readqueue import ReadQueue
 from .settings import Settings
 from .staging import Staging
 
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
 HEARTBEAT_SECONDS = 5.0
-PASS_BYTES = 1 << 20  # read at most this much of one file per pass (4 batches of DEFAULT_BATCH_BYTES)
+PASS_BYTES = 1 << 20  # read at most this much of one file per turn (4 batches of DEFAULT_BATCH_BYTES)
+MAX_WAIT = 0.25  # a queued file waiting this long is read next, however much it has to read
+SLICE_SECONDS = 0.25  # read queued files for this long, then see to completions, scans and sweeps
 _CHANGES = frozenset({"created", "modified", "moved", "closed"})
 
 
@@ -89,6 +92,7 @@ class Watcher:
         self.stop = stop
         self.ingestor = Ingestor(self.root, staging, line_limit=settings.line_limit)
         self.dirty = _Dirty(self.root)
+        self.queue = ReadQueue(MAX_WAIT)
         self.last_scan = 0.0
         self.stats = IngestStats()
         self.files_seen = self.pending_bytes = 0
@@ -105,7 +109,7 @@ class Watcher:
             self.scan()
             last_sweep = last_beat = 0.0
             while not self.stop.is_set():
-                self.dirty.wake.wait(timeout=0.25)
+                self.dirty.wake.wait(timeout=0 if self.queue else 0.25)
                 self._drain()
                 self._completions(pubsub)
                 now = time.monotonic()
@@ -140,14 +144,29 @@ class Watcher:
         self._beat()
 
     def _drain(self) -> None:
+        """Read queued files for one slice, taking in the files that events mark meanwhile.
+
+        New events are taken between two files, not once per pass, so that a file with one new
+        line goes ahead of the busy files still queued (see ReadQueue).
+        """
+        end = time.monotonic() + SLICE_SECONDS
+        while not self.stop.is_set():  # when stopped, the rest is read again at the next start
+            self._take_events()
+            path = self.queue.pop(time.monotonic())
+            if path is None:
+                return
+            self._ingest(path)
+            if time.monotonic() >= end:
+                return
+
+    def _take_events(self) -> None:
         paths, folders = self.dirty.take()
         for folder in folders:
             if folder.is_dir() and not folder.is_symlink():
                 paths.update(self._sidecar_files(folder, depth=len(folder.relative_to(self.root).parts)))
+        now = time.monotonic()
         for path in sorted(paths):
-            if self.stop.is_set():
-                return  # the rest is read again at the next start (its checkpoints did not move)
-            self._ingest(path)
+            self.queue.add(path, now)
 
     def _ingest(self, path: Path) -> IngestStats | None:
         try:
@@ -162,8 +181,9 @@ class Watcher:
             log.warning("staging %s failed (%s); will retry at the next scan", path, exc)
             return None
         self.stats.add(stats)
+        self.queue.read(path, stats.read_bytes)
         if stats.unread and not self.stop.is_set():
-            self.dirty.add(path)
+            self.queue.add(path, time.monotonic())
         for target in sorted(stats.due):
             self._enqueue(target)
         return stats
@@ -174,7 +194,7 @@ class Watcher:
             "root": str(self.root),
             "files": self.files_seen,
             "pending_bytes": self.pending_bytes,
-            "queued": len(self.dirty.paths),
+            "queued": len(self.queue) + len(self.dirty.paths),
             "last_scan_age": round(time.monotonic() - self.last_scan, 3),
             "lines": self.stats.lines,
             "rejects": self.stats.rejects,
