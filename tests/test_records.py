@@ -76,6 +76,33 @@ def test_depth_and_key_length_limits() -> None:
         user_write(Target("dataset", "a"), {"k" * 257: 1}, src())
 
 
+@pytest.mark.parametrize("kind", ["dataset", "version", "datum", "per-output"])
+@pytest.mark.parametrize("depth", [31, 32, 33])
+@pytest.mark.parametrize("extra", [b"", b', "s": "[[{{"'])
+def test_the_depth_limit_is_the_same_whatever_the_brackets_around_it(
+    kind: str, depth: int, extra: bytes
+) -> None:
+    """Lines with few brackets skip the depth walk: the limit must hold exactly at the edge,
+    for every kind of line, and with brackets inside strings too."""
+    value = ('{"a": ' * depth + '"{[x"' + "}" * depth) if depth % 2 else ("[" * depth + "]" * depth)
+    metadata = b'{"k": %s%s}' % (value.encode(), extra)
+    lines = {
+        "dataset": b'{"dataset": "dataset://a", "metadata": %s}' % metadata,
+        "version": b'{"dataset-version": "dataset://a/v", "metadata": %s}' % metadata,
+        "datum": b'{"file": "f", "metadata": %s}' % metadata,
+    }
+    parse = (
+        (lambda: parse_datum_object(metadata, "f", src()))
+        if kind == "per-output"
+        else (lambda: parse_line(lines[kind], src()))
+    )
+    if depth > 32:
+        with pytest.raises(InvalidEntry, match="deeper than 32"):
+            parse()
+    else:
+        assert parse()
+
+
 def test_per_output_metadata_file() -> None:
     entries = parse_datum_object(
         b'{\n "label": "cat",\n "valohai.dataset-versions": ["dataset://d/v"]\n}', "out/x.jpg", src()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Literal
 
 from .errors import BadURI
@@ -27,7 +28,7 @@ class Target:
     version: str = ""
     execution: str = ""
 
-    @property
+    @cached_property  # computed once: ingest asks each entry's target for it a few times
     def key(self) -> str:
         if self.kind == "execution":
             return f"execution:{self.execution}"
@@ -52,7 +53,7 @@ class Target:
 
     @classmethod
     def for_execution(cls, execution: str) -> Target:
-        return cls("execution", execution=execution)
+        return _execution_target(execution)
 
 
 def parse_uri(uri: str, *, allow_latest: bool = False) -> tuple[str, str | None]:
@@ -88,3 +89,9 @@ def dataset_target(uri: str) -> Target:
     if version is not None:
         raise BadURI(uri, "expected dataset://<name> without a version")
     return Target("dataset", name)
+
+
+@lru_cache(maxsize=4096)
+def _execution_target(execution: str) -> Target:
+    # Every datum line of a file names the same execution.
+    return Target("execution", execution=execution)
