@@ -48,7 +48,7 @@ def run(ctx: Context) -> Section:
     with ctx.postgres("search") as url:
         engine = new_engine(url)
         try:
-            build_budget = ctx.box.seconds * (0.2 if ctx.quick else 0.5)
+            build_budget = ctx.box.seconds * (0.2 if ctx.quick else 0.6)
             versions, build_s = build(engine, build_budget, 10_000 if ctx.quick else ASKED_VERSIONS)
             section.data["versions"] = versions
             section.data["datasets"] = versions // 10
