@@ -182,12 +182,14 @@ def test_index_delete_keeps_using_the_owner_index_as_the_table_grows(pg_schema_u
             conn.execute(
                 text(
                     "INSERT INTO property_index (owner_kind, owner_id, path, vtype, num) "
-                    "SELECT 'version', g / 100, 'p' || (g % 100), 'number', g FROM generate_series(1, 50000) g"
+                    "SELECT 'version', g / 100, 'p' || (g % 100), 'number', g "
+                    "FROM generate_series(1, 50000) g"
                 )
             )
-            name = conn.execute(
-                text("SELECT name FROM pg_prepared_statements WHERE statement LIKE 'DELETE FROM property_index%'")
-            ).scalar_one()
+            prepared = (
+                "SELECT name FROM pg_prepared_statements WHERE statement LIKE 'DELETE FROM property_index%'"
+            )
+            name = conn.execute(text(prepared)).scalar_one()
             plan = "\n".join(conn.execute(text(f"EXPLAIN EXECUTE {name}('version', 7)")).scalars())
             conn.rollback()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 
 from tests.helpers import outcome
 from worker.staging import Staging
@@ -156,3 +157,51 @@ def test_first_apply_keeps_the_target_due_if_entries_arrived_meanwhile(staging: 
     # An apply that read nothing (it ran before the line) must not drop the target.
     assert staging.finish(V1, None) is False
     assert V1.key in staging.due_targets(older_than=-1)
+
+
+def test_a_sent_batch_is_staged_once_its_reply_is_read(staging: Staging) -> None:
+    """`send_lines` + `wait` is `stage_lines` (the ingest overlaps the two with parsing)."""
+    sent = staging.send_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], '{"offset": 10}')
+    assert sent.wait() == [V1.key]
+    second = staging.send_lines(FILE, "exec-1", [outcome(version_line('{"b": 1}'), 2)], '{"offset": 20}')
+    assert second.wait() == []
+    assert staging.load_state(FILE) == '{"offset": 20}'
+    assert [e.metadata for _, e in staging.read_after(V1, None)] == [{"a": 1}, {"b": 1}]
+    # The connection went back to the pool in a clean state: plain calls work on it.
+    assert staging.redis.ping()
+
+
+def test_a_sent_batch_survives_redis_losing_its_scripts(staging: Staging) -> None:
+    staging.redis.script_flush()
+    sent = staging.send_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], '{"offset": 10}')
+    assert sent.wait() == [V1.key]
+    assert [e.metadata for _, e in staging.read_after(V1, None)] == [{"a": 1}]
+
+
+def test_a_batch_sent_again_after_a_lost_reply_is_staged_once(staging: Staging) -> None:
+    """A reply lost with its connection: the batch is run again (`Sent.wait`), and the digest
+    check keeps its lines from being staged twice."""
+    lines = [outcome(version_line('{"a": 1}')), outcome(version_line('{"b": 2}'), 2)]
+    sent = staging.send_lines(FILE, "exec-1", lines, '{"offset": 20}')
+    conn = sent.conn
+    conn.read_response()  # the script ran and replied ...
+
+    def lost() -> None:
+        del conn.read_response  # the connection reads again once it has reconnected
+        raise redis.ConnectionError("Connection closed by server.")
+
+    conn.read_response = lost  # ... but the reply never reached the reader
+    # The second run finds the lines staged; the first run's news (a new version) went with its
+    # reply, as it would with any retried call. The version is registered at completion anyway.
+    assert sent.wait() == []
+    assert [e.metadata for _, e in staging.read_after(V1, None)] == [{"a": 1}, {"b": 2}]
+
+
+def test_an_abandoned_batch_leaves_a_usable_pool(staging: Staging) -> None:
+    sent = staging.send_lines(FILE, "exec-1", [outcome(version_line('{"a": 1}'))], '{"offset": 10}')
+    sent.abandon()
+    assert staging.redis.ping()
+    # It ran or not, as a whole: here it ran, with its checkpoint.
+    time.sleep(0.05)
+    assert staging.load_state(FILE) in (None, '{"offset": 10}')
+    assert len(list(staging.read_after(V1, None))) == (0 if staging.load_state(FILE) is None else 1)

@@ -19,7 +19,7 @@ import orjson
 from . import metrics
 from .errors import InvalidEntry
 from .records import Source, parse_datum_object, parse_line
-from .staging import LineOutcome, Reject, Staging, line_digest, now_iso
+from .staging import LineOutcome, Reject, Sent, Staging, line_digest, now_iso
 from .tail import FileState, Line, read_new
 from .uris import Target
 
@@ -136,42 +136,67 @@ class Ingestor:
         state = FileState.from_json(raw_state) if raw_state else None
         start = state.offset if state else 0
         final = False
+        # One batch is in flight while the next is read and parsed: Redis runs the staging script
+        # of batch N while Python parses batch N+1. Batch N+1 is sent only once N's reply is in.
+        sent: Sent | None = None
+        sent_outcomes: list[LineOutcome] = []
+        sent_mtime = 0.0
+
+        def settle() -> None:
+            """Wait for the batch in flight; count it and its due targets."""
+            nonlocal sent
+            if sent is not None:
+                stats.due.update(sent.wait())
+                sent = None
+                self._count(sent_outcomes, stats)
+                if sent_outcomes:
+                    metrics.APPEND_TO_STAGED.observe(max(0.0, time.time() - sent_mtime))
+
         # O_NOFOLLOW: the file itself must not be a link (the folders were checked by inside_root).
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            while True:
-                st = os.fstat(f.fileno())
-                result = read_new(
-                    f, st, state, line_limit=self.line_limit, final=final, max_bytes=self.batch_bytes
-                )
-                if result.rewritten:
-                    stats.rewrites += 1
-                    metrics.FILE_REWRITES.inc()
-                    log.info("%s was rewritten or replaced; reading it again from the start", rel)
-                    start = 0
-                outcomes = [self.outcome(line, rel, execution) for line in result.lines]
-                stats.read_bytes += sum(line.length for line in result.lines)
-                if result.lines or result.state != state:
-                    # The batch and the checkpoint after it go together, in one script.
-                    due = self.staging.stage_lines(
-                        rel, execution, outcomes, result.state.to_json(), force=force
+        try:
+            with os.fdopen(fd, "rb") as f:
+                while True:
+                    st = os.fstat(f.fileno())
+                    result = read_new(
+                        f, st, state, line_limit=self.line_limit, final=final, max_bytes=self.batch_bytes
                     )
-                    stats.due.update(due)
-                    self._count(outcomes, stats)
-                    if result.lines:
-                        metrics.APPEND_TO_STAGED.observe(max(0.0, time.time() - st.st_mtime))
-                state = result.state
-                stats.pending_bytes = max(0, st.st_size - state.offset)
-                if result.at_eof:
-                    # A last line without its newline is held until the execution completes.
-                    if result.partial and not final and self.staging.is_done(Target.for_execution(execution)):
-                        final = True
-                        continue
-                    return
-                # Between two batches is a safe place to stop: everything read is checkpointed.
-                if (budget is not None and state.offset - start >= budget) or (stop is not None and stop()):
-                    stats.unread = True
-                    return
+                    if result.rewritten:
+                        stats.rewrites += 1
+                        metrics.FILE_REWRITES.inc()
+                        log.info("%s was rewritten or replaced; reading it again from the start", rel)
+                        start = 0
+                    outcomes = [self.outcome(line, rel, execution) for line in result.lines]
+                    stats.read_bytes += sum(line.length for line in result.lines)
+                    settle()
+                    if result.lines or result.state != state:
+                        # The batch and the checkpoint after it go together, in one script.
+                        state_json = result.state.to_json()
+                        sent = self.staging.send_lines(rel, execution, outcomes, state_json, force=force)
+                        sent_outcomes, sent_mtime = outcomes, st.st_mtime
+                    state = result.state
+                    stats.pending_bytes = max(0, st.st_size - state.offset)
+                    if result.at_eof:
+                        # A last line without its newline is held until the execution completes.
+                        if (
+                            result.partial
+                            and not final
+                            and self.staging.is_done(Target.for_execution(execution))
+                        ):
+                            final = True
+                            continue
+                        break
+                    # Between two batches is a safe place to stop: everything read is checkpointed
+                    # once the batch in flight is settled.
+                    if (budget is not None and state.offset - start >= budget) or (
+                        stop is not None and stop()
+                    ):
+                        stats.unread = True
+                        break
+            settle()
+        finally:
+            if sent is not None:
+                sent.abandon()
 
     def outcome(self, line: Line, rel: str, execution: str, *, log_reject: bool = True) -> LineOutcome:
         """What one line becomes: its entries, or a reject saying where and why."""
