@@ -336,7 +336,9 @@ class Staging:
                 index[key] = len(keys)
             return index[key]
 
-        slots: dict[Target, tuple[int, int]] = {}  # target -> its stream's and done flag's KEYS index
+        # (op, target key) -> the record's constant fields: op code, stream and done flag (KEYS
+        # indexes), member (index among the members). One lookup per entry.
+        slots: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         members: dict[str, int] = {}
         records: list[bytes] = []
         payloads: list[bytes] = []
@@ -350,13 +352,14 @@ class Staging:
                 payloads.append(payload)
             for entry in outcome.entries:
                 target = entry.target
-                slot = slots.get(target)
+                slot = slots.get((entry.op, target.key))
                 if slot is None:
                     version_done = key_index(self.keys.done(target)) if target.kind == "version" else 0
-                    slot = slots[target] = (key_index(self.keys.stream(target)), version_done)
-                member = members.setdefault(_member(entry), len(members) + 1)
+                    member = members.setdefault(_member(entry), len(members) + 1)
+                    stream = key_index(self.keys.stream(target))
+                    slot = slots[entry.op, target.key] = (_OPS[entry.op], stream, version_done, member)
                 payload = entry.to_json()
-                records.append(_RECORD.pack(k, _OPS[entry.op], slot[0], slot[1], member, len(payload)))
+                records.append(_RECORD.pack(k, *slot, len(payload)))
                 payloads.append(payload)
         args: list[Any] = [
             file,
