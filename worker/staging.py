@@ -179,7 +179,7 @@ class Reject:
         return orjson.dumps(self.__dict__)
 
 
-@dataclass
+@dataclass(slots=True)
 class LineOutcome:
     """What one line of a file became: entries to stage, or a reject."""
 
