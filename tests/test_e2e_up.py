@@ -9,6 +9,8 @@ the server and checks that it exits 0 and leaves no process behind; the fixture 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -491,3 +493,31 @@ def test_stop_is_clean(up: Up) -> None:
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()
     assert not (up.data_dir / "redis.url").exists()
+
+
+def test_a_signal_to_the_whole_group_stops_redis_last(tmp_path: Path) -> None:
+    """Ctrl-C or `timeout` signal every process of the group at once. The private Redis is in a
+    session of its own, so it keeps serving the watcher and the worker while they finish, and
+    `sidecar up` stops it after them."""
+    up = Up(tmp_path)
+    processes: dict[int, str] = {}
+    try:
+        up.wait_ready()
+        processes = descendants(up.proc.pid)
+        _signal_the_group(up, processes)
+    finally:
+        up.stop()
+        kill_group(up.proc)
+        for pid in still_running(processes):  # Redis is not in the group kill_group kills
+            os.kill(pid, signal.SIGKILL)
+
+
+def _signal_the_group(up: Up, processes: dict[int, str]) -> None:
+    redis_pids = [pid for pid, cmd in processes.items() if "redis-server" in cmd]
+    assert redis_pids, processes
+    assert os.getpgid(redis_pids[0]) != os.getpgid(up.proc.pid)
+    up.staging.redis.close()
+    os.killpg(up.proc.pid, signal.SIGTERM)
+    assert up.proc.wait(timeout=45) == 0, up.log()
+    assert "Connection refused" not in up.log(), up.log()
+    wait_until(lambda: not still_running(processes), timeout=10, what="no leftover processes")

@@ -123,6 +123,10 @@ def _start_private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
             "no",
         ],
         stdout=subprocess.DEVNULL,
+        # Its own session: Ctrl-C in a terminal (or `timeout`, or a supervisor) signals the whole
+        # process group, and Redis would exit at once while the watcher and the worker still
+        # finish their last batch and apply. `sidecar up` stops it itself, last.
+        start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
