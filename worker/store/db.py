@@ -56,9 +56,9 @@ def _postgres_setup(engine: Engine) -> None:
         # index DELETE while `property_index` is nearly empty, picks an index on `owner_kind`
         # alone (every version's rows get scanned), and keeps it until autovacuum's ANALYZE
         # invalidates it: applies got slower with every version (2 workers at 29 versions/s
-        # instead of 170 in `make bench`; tests/test_index.py shows the plan). Search plans depend on the
-        # values too (`split = "train"` against a run id). Plan each execution for its own
-        # parameters; the statements stay prepared, so parsing is still saved.
+        # instead of ~200 in `make bench`; tests/test_index.py shows the plan). Search plans
+        # depend on the values too (`split = "train"` against a run id). Plan each execution for
+        # its own parameters; the statements stay prepared, so parsing is still saved.
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SET plan_cache_mode = force_custom_plan")
         dbapi_connection.commit()
