@@ -33,7 +33,7 @@ READ_BATCH = 1000
 # ARGV: 1 file, 2 state JSON ("" = leave), 3 now (ms), 4 "1" = skip the digest check (replay),
 #       5 ISO time, 6 rejects kept, 7 number of the batch's first line, 8 one 8-byte digest per
 #       line of the batch (consecutive lines), 9 index of the execution's done flag in KEYS,
-#       10 the records (struct '>IBIIII' each: line - first line, op, stream, version-done flag,
+#       10 the records (struct '>IIIIII' each: line - first line, op, stream, version-done flag,
 #       member, payload length), 11 the payloads, one after the other, 12 M, 13..12+M the distinct
 #       members ('<op>:<target>' of the execution's target set).
 # The per-batch constants (done flags, members, known versions) are looked up once per batch, and
@@ -87,9 +87,9 @@ local function is_done(vi)
 end
 local members, seen_member = {}, {}
 local at, pat = 1, 1
-for r = 1, #records / 21 do
+for r = 1, #records / 24 do
   local k, op, si, vi, mi, length
-  k, op, si, vi, mi, length, at = struct.unpack('>IBIIII', records, at)
+  k, op, si, vi, mi, length, at = struct.unpack('>IIIIII', records, at)
   local payload = string.sub(payloads, pat, pat + length - 1)
   pat = pat + length
   if fresh ~= nil and k >= fresh then
@@ -140,7 +140,6 @@ local out = {}
 for target, _ in pairs(due) do out[#out + 1] = target end
 return out
 """
-_RECORD = struct.Struct(">IBIIII")
 _OPS = {"set": 0, "member": 1}
 _REJECT = 2
 
@@ -340,7 +339,7 @@ class Staging:
         # indexes), member (index among the members). One lookup per entry.
         slots: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         members: dict[str, int] = {}
-        records: list[bytes] = []
+        records: list[int] = []  # 6 integers per record, as _STAGE unpacks them
         payloads: list[bytes] = []
         exec_done = key_index(self.keys.done(Target.for_execution(execution)))
         first = outcomes[0].number if outcomes else 1
@@ -348,7 +347,7 @@ class Staging:
             k = outcome.number - first
             if outcome.reject is not None:
                 payload = outcome.reject.to_json()
-                records.append(_RECORD.pack(k, _REJECT, 0, 0, 0, len(payload)))
+                records.extend((k, _REJECT, 0, 0, 0, len(payload)))
                 payloads.append(payload)
             for entry in outcome.entries:
                 target = entry.target
@@ -359,7 +358,7 @@ class Staging:
                     stream = key_index(self.keys.stream(target))
                     slot = slots[entry.op, target.key] = (_OPS[entry.op], stream, version_done, member)
                 payload = entry.to_json()
-                records.append(_RECORD.pack(k, *slot, len(payload)))
+                records.extend((k, *slot, len(payload)))
                 payloads.append(payload)
         args: list[Any] = [
             file,
@@ -371,7 +370,8 @@ class Staging:
             first,
             b"".join(o.digest for o in outcomes),
             exec_done,
-            b"".join(records),
+            # One struct call for the whole batch rather than one per entry.
+            struct.pack(f">{len(records)}I", *records),
             b"".join(payloads),
             len(members),
             *members,
