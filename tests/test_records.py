@@ -126,3 +126,24 @@ def test_errors_survive_pickling() -> None:
     for exc in (ReservedKey("valohai.x"), InvalidEntry("bad", "k")):
         again = pickle.loads(pickle.dumps(exc))
         assert str(again) == str(exc) and type(again) is type(exc)
+
+
+def test_the_schema_checks_the_key_lengths_that_lines_skip_in_code() -> None:
+    """Lines leave key lengths to `properties.schema.json`; it must say what MAX_KEY_LENGTH says."""
+    import json
+
+    from worker.records import MAX_KEY_LENGTH
+    from worker.schemas import schema_dir
+
+    names = json.loads((schema_dir() / "properties.schema.json").read_text())["propertyNames"]
+    assert names == {"minLength": 1, "maxLength": MAX_KEY_LENGTH}
+    for key in ("", "k" * (MAX_KEY_LENGTH + 1)):
+        meta = json.dumps({key: 1}).encode()
+        for raw in (
+            b'{"dataset": "dataset://a", "metadata": %s}' % meta,
+            b'{"dataset-version": "dataset://a/v", "metadata": %s}' % meta,
+            b'{"file": "f", "metadata": %s}' % meta,
+        ):
+            with pytest.raises(InvalidEntry):
+                parse_line(raw, src())
+    parse_line(b'{"file": "f", "metadata": {"%s": 1}}' % (b"k" * MAX_KEY_LENGTH), src())

@@ -129,7 +129,8 @@ def datum_entries(
     path: str, metadata: dict[str, Any], source: Source, *, shallow: bool = False
 ) -> list[Entry]:
     """A datum's `set` entry and one `member` entry per version in `valohai.dataset-versions`."""
-    check_properties(metadata, allow_reserved=True, shallow=shallow)
+    # The datum-line schema has already checked the key lengths (every caller validates first).
+    check_properties(metadata, allow_reserved=True, shallow=shallow, lengths_checked=True)
     entries = [Entry(Target.for_execution(source.execution), "set", source, metadata, path)]
     seen: set[str] = set()
     for item in metadata.get(DATASET_VERSIONS_KEY) or ():
@@ -149,15 +150,20 @@ def user_write(target: Target, metadata: Any, source: Source) -> Entry:
 
 
 def check_properties(
-    metadata: dict[str, Any], *, allow_reserved: bool = False, shallow: bool = False
+    metadata: dict[str, Any],
+    *,
+    allow_reserved: bool = False,
+    shallow: bool = False,
+    lengths_checked: bool = False,
 ) -> None:
     """Refuse empty or over-long keys, over-deep values and (unless allowed) reserved keys.
 
-    `shallow`: the caller knows no value can be too deep (see `_shallow`). The checks first run
-    over all keys at C speed; only when one fails does the loop below find the first bad key,
-    so the reason is the same as the loop alone would give.
+    `shallow`: the caller knows no value can be too deep (see `_shallow`). `lengths_checked`: a
+    schema (`properties.schema.json`'s `propertyNames`) has already checked the key lengths.
+    The checks first run over all keys at C speed; only when one fails does the loop below find
+    the first bad key, so the reason is the same as the loop alone would give.
     """
-    if _looks_valid(metadata, allow_reserved, shallow):
+    if _looks_valid(metadata, allow_reserved, shallow, lengths_checked):
         return
     for key, value in metadata.items():
         if not key or len(key) > MAX_KEY_LENGTH:
@@ -168,9 +174,11 @@ def check_properties(
             raise InvalidEntry(f"value of {key!r} is nested deeper than {MAX_DEPTH} levels", key)
 
 
-def _looks_valid(metadata: dict[str, Any], allow_reserved: bool, shallow: bool) -> bool:
+def _looks_valid(
+    metadata: dict[str, Any], allow_reserved: bool, shallow: bool, lengths_checked: bool
+) -> bool:
     keys = metadata.keys()
-    if keys and (min(map(len, keys)) < 1 or max(map(len, keys)) > MAX_KEY_LENGTH):
+    if not lengths_checked and keys and (min(map(len, keys)) < 1 or max(map(len, keys)) > MAX_KEY_LENGTH):
         return False
     if not allow_reserved and any(map(str.startswith, keys, repeat(RESERVED_PREFIX))):
         return False
@@ -194,7 +202,7 @@ def _target_entry(document: dict[str, Any], kind: str, source: Source, shallow: 
     if schema_error:
         raise InvalidEntry(schema_error)
     metadata = document["metadata"]
-    check_properties(metadata, shallow=shallow)
+    check_properties(metadata, shallow=shallow, lengths_checked=True)  # by the schema, above
     return Entry(target, "set", source, metadata)
 
 
