@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import orjson
 import redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from .keys import Keys
 from .records import Entry
@@ -209,43 +209,44 @@ class Sent:
         keys: list[str] | None = None,
         args: list[Any] | None = None,
     ) -> None:
-        self.staging, self.conn, self.keys, self.args = staging, conn, keys, args
-        self.due = due
+        self.staging, self.conn, self.due = staging, conn, due
+        self.keys: list[str] = keys or []  # the call, to run again if its reply is lost
+        self.args: list[Any] = args or []
 
     def wait(self) -> list[str]:
         """The targets now due; raises what the script call raised (nothing was staged then)."""
         if self.conn is None:
             return self.due or []
         conn, self.conn = self.conn, None
-        pool = self.staging.redis.connection_pool
         try:
-            reply = conn.read_response()
+            reply = conn.read_response()  # an error reply is raised here, by redis-py
         except NoScriptError:
             # Redis lost its scripts (a restart): nothing ran. The plain call loads the script.
-            pool.release(conn)
-            return sorted(set(_decoded(self.staging._stage(keys=self.keys, args=self.args))))
+            self._release(conn, broken=False)
+            return self.staging._run_stage(self.keys, self.args)
         except (redis.ConnectionError, redis.TimeoutError):
             # The batch ran or not, as a whole. Running it again is harmless: lines already
             # staged at their numbers with the same bytes are skipped (the digest check).
-            conn.disconnect()
-            pool.release(conn)
-            return sorted(set(_decoded(self.staging._stage(keys=self.keys, args=self.args))))
+            self._release(conn, broken=True)
+            return self.staging._run_stage(self.keys, self.args)
         except BaseException:
-            conn.disconnect()  # the reply may still be on its way: this connection is done
-            pool.release(conn)
+            self._release(conn, broken=True)  # the reply may still be on its way
             raise
-        pool.release(conn)
-        if isinstance(reply, ResponseError):
-            raise reply
-        return sorted(set(_decoded(reply)))
+        self._release(conn, broken=False)
+        return sorted(_decoded(reply))
 
     def abandon(self) -> None:
         """Give up on the reply (the reader failed meanwhile). The batch ran or not, as a whole;
         the next read starts from whichever checkpoint Redis holds."""
         if self.conn is not None:
             conn, self.conn = self.conn, None
+            self._release(conn, broken=True)
+
+    def _release(self, conn: Any, *, broken: bool) -> None:
+        """Back to the pool; a connection whose reply was not read is closed first."""
+        if broken:
             conn.disconnect()
-            self.staging.redis.connection_pool.release(conn)
+        self.staging.redis.connection_pool.release(conn)
 
 
 class Staging:
@@ -286,7 +287,7 @@ class Staging:
             keys, args = self._stage_args(
                 file, execution, run, state_json if i == len(runs) - 1 else "", force
             )
-            due.update(_decoded(self._stage(keys=keys, args=args)))
+            due.update(self._run_stage(keys, args))
         return sorted(due)
 
     def send_lines(
@@ -301,20 +302,22 @@ class Staging:
         if len(_consecutive_runs(outcomes)) > 1:  # a gap (replay of a range): the plain way
             return Sent(self, due=self.stage_lines(file, execution, outcomes, state_json, force=force))
         keys, args = self._stage_args(file, execution, outcomes, state_json, force)
-        pool = self.redis.connection_pool
-        conn: Any = pool.get_connection()
+        conn: Any = self.redis.connection_pool.get_connection()
+        sent = Sent(self, conn=conn, keys=keys, args=args)
         try:
             conn.send_command("EVALSHA", self._stage.sha, len(keys), *keys, *args)
         except (redis.ConnectionError, redis.TimeoutError):
             # A stale pooled connection (Redis restarted): the plain call retries as configured.
-            conn.disconnect()
-            pool.release(conn)
-            return Sent(self, due=_decoded(self._stage(keys=keys, args=args)))
+            sent.abandon()
+            return Sent(self, due=self._run_stage(keys, args))
         except BaseException:
-            conn.disconnect()
-            pool.release(conn)
+            sent.abandon()
             raise
-        return Sent(self, conn=conn, keys=keys, args=args)
+        return sent
+
+    def _run_stage(self, keys: list[str], args: list[Any]) -> list[str]:
+        """One call of the staging script (redis-py loads it and retries as configured)."""
+        return sorted(_decoded(self._stage(keys=keys, args=args)))
 
     def _stage_args(
         self, file: str, execution: str, outcomes: list[LineOutcome], state_json: str, force: bool
