@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from worker.ingest import Ingestor
-from worker.staging import Staging
+from worker.staging import LineOutcome, Staging
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis
@@ -183,3 +185,42 @@ def test_a_budget_or_a_stop_ends_reading_between_batches_and_the_next_call_goes_
     assert not rest.unread and rest.pending_bytes == 0
     # Resumed from the checkpoints: every line once, in order.
     assert metas(staging) == [{"n": n} for n in range(300)]
+
+
+def test_reading_pauses_the_cycle_collector_and_leaves_no_cycles_behind(
+    root: Path, ingestor: Ingestor, staging: Staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pause is only safe because parsing, staging and rejecting make no reference cycles:
+    # with the collector off, a cycle per line would grow the watcher until the file ends.
+    path = root / "exec-1" / "valohai.metadata.jsonl"
+    lines = [vline(a=1), "not json\n", "x" * 5000 + "\n", datum("a.png", n=[1, {"b": 2}]), vline(b=2)]
+    path.write_text("".join(lines * 50))
+    gc.collect()
+    gc.disable()
+    try:
+        assert ingestor.ingest(path).rejects == 100
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+    seen: list[bool] = []
+    real_outcome = ingestor.outcome
+
+    def outcome(*args: Any, **kwargs: Any) -> LineOutcome:
+        seen.append(gc.isenabled())
+        return real_outcome(*args, **kwargs)
+
+    monkeypatch.setattr(ingestor, "outcome", outcome)
+    path.write_text(vline(c=3))
+    ingestor.ingest(path)
+    assert seen == [False] and gc.isenabled()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ingestor, "outcome", broken)
+    with open(path, "a") as f:
+        f.write(vline(d=4))
+    with pytest.raises(OSError):
+        ingestor.ingest(path)
+    assert gc.isenabled()

@@ -7,10 +7,12 @@ reading resumes, and the checkpoint moves only in the same Redis script that sta
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,27 @@ class IngestStats:
         self.read_bytes += other.read_bytes
         self.unread |= other.unread
         self.due |= other.due
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Run a block with the cyclic garbage collector off, and turn it back on after.
+
+    Parsing builds several dicts per line that die by reference count, never in a cycle, yet each
+    allocation counts towards the collector's next pass: a 1,000,000-line file set off ~70 full
+    passes over every object in the process, a quarter of ingest's time. A block that the caller
+    bounds (one file, or one budget of it) runs without them; whatever cycle it leaves is
+    collected by the first pass after. Only the thread that turned the collector off turns it on,
+    so two threads inside at once can end a pause early, never leave it off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def sidecar_kind(root: Path, path: Path) -> str | None:
@@ -111,7 +134,10 @@ class Ingestor:
             return stats
         try:
             if kind == "jsonl":
-                self._ingest_jsonl(path, stats, force=force, from_start=from_start, budget=budget, stop=stop)
+                with gc_paused():
+                    self._ingest_jsonl(
+                        path, stats, force=force, from_start=from_start, budget=budget, stop=stop
+                    )
             else:
                 self._ingest_per_output(path, stats, force=force)
         except FileNotFoundError:
