@@ -135,3 +135,32 @@ def test_folders_linked_from_outside_are_not_followed(
     wait_until(lambda: staged(staging) == [{"real": 1}])
     time.sleep(1.0)  # a few rescans: the linked folder must still not be read
     assert staged(staging) == [{"real": 1}]
+
+
+def test_a_turn_ends_early_for_news_from_a_file_not_queued(settings: Settings, staging: Staging) -> None:
+    root = settings.require_root()
+    busy, quiet = (root / name / "valohai.metadata.jsonl" for name in ("exec-busy", "exec-quiet"))
+    for path in (busy, quiet):
+        path.parent.mkdir(parents=True)
+    lines = [vline(n=n) for n in range(200)]
+    busy.write_text("".join(lines))
+    quiet.write_text(vline(quiet=1))
+    watcher = Watcher(settings, staging, lambda target: None, threading.Event())
+    watcher.ingestor.batch_bytes = len(lines[0]) * 10  # a turn is many batches
+
+    # The quiet file is already queued: its news cannot jump ahead, so the turn runs whole.
+    watcher.queue.add(quiet, time.monotonic())
+    watcher.dirty.add(quiet)
+    whole = watcher._ingest(busy)
+    assert whole is not None and not whole.unread and whole.lines == 200
+
+    # Not queued: the busy file's turn ends after the batch in hand, and it goes back in the queue.
+    with open(busy, "a") as f:
+        f.write("".join(lines))
+    assert watcher.queue.pop(time.monotonic()) == quiet
+    watcher.dirty.add(busy)  # the busy file's own news never cut its turn
+    watcher.dirty.add(quiet)
+    cut = watcher._ingest(busy)
+    assert cut is not None and cut.unread and 0 < cut.lines <= 10
+    assert busy in watcher.queue
+    assert len(staged(staging)) == 200 + cut.lines

@@ -73,6 +73,13 @@ class _Dirty(FileSystemEventHandler):
             self.folders.add(path)
         self.wake.set()
 
+    def news_besides(self, current: Path, queued: ReadQueue) -> bool:
+        """True if a file other than `current`, and not queued yet, has an event waiting (or a
+        new folder does): most likely a quiet file with a new line, which the read queue would
+        put first."""
+        with self.lock:
+            return bool(self.folders) or any(p != current and p not in queued for p in self.paths)
+
     def take(self) -> tuple[set[Path], set[Path]]:
         with self.lock:
             paths, folders = self.paths, self.folders
@@ -169,10 +176,17 @@ class Watcher:
             self.queue.add(path, now)
 
     def _ingest(self, path: Path) -> IngestStats | None:
+        def yield_turn() -> bool:
+            # Asked between two batches. A file with news that is not queued yet (a quiet one,
+            # as a rule: busy files with a backlog are queued) waits for this batch, not for the
+            # rest of the turn. When every busy file is behind, they are all queued and turns
+            # run whole, so catching up keeps its pace.
+            return self.stop.is_set() or self.dirty.news_besides(path, self.queue)
+
         try:
-            # At most PASS_BYTES of one file per pass: a file with a large backlog goes back in
+            # At most PASS_BYTES of one file per turn: a file with a large backlog goes back in
             # the queue, so a line appended to another file waits for a slice, not the backlog.
-            stats = self.ingestor.ingest(path, budget=PASS_BYTES, stop=self.stop.is_set)
+            stats = self.ingestor.ingest(path, budget=PASS_BYTES, stop=yield_turn)
         except OSError as exc:
             log.warning("cannot read %s: %s", path, exc)
             return None
