@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -60,6 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- commands ---------------------------------------------------------------------------------
 
 
+def _freeze_startup_objects() -> None:
+    """Take what a long-running command built at start out of the cycle collector's sight.
+
+    Modules, classes and settings (~100,000 objects once Celery, SQLAlchemy and watchdog are
+    imported) live as long as the process, yet every full collector pass walked all of them:
+    ~70 ms on a 2-core machine, a stall that came every few thousand lines in the middle of the
+    watcher's loop and set the p99 of append -> staged. Frozen, they are never walked again; what
+    is made later is collected as before. Before a fork (Celery's prefork pool) it also keeps the
+    children from copying the pages of these objects (Python's `gc.freeze` documentation).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from .up import run_up
 
@@ -73,6 +88,7 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     staging = connections.staging(settings)
     stop = _stop_on_signals()
     watcher = Watcher(settings, staging, Enqueuer(make_app(settings)), stop)
+    _freeze_startup_objects()
     watcher.run()
     log.info(
         "watcher stopped: %d files read, %d lines, %d rejects",
@@ -92,6 +108,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     _heartbeat_thread(
         connections.staging(settings), name, {"concurrency": args.concurrency, "pool": args.pool}
     )
+    _freeze_startup_objects()  # before Celery forks a prefork pool, too (see its docstring)
     # The threads pool by default: applies wait on the database and Redis, not on the CPU, and
     # one process keeps the metrics in one registry. SIGTERM is Celery's warm shutdown: running
     # applies finish; unacknowledged ones are redelivered (acks_late) or swept.
@@ -136,6 +153,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     # supervisors (honcho, compose, systemd) tell a stop from a crash.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
+    _freeze_startup_objects()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
 
