@@ -1,4 +1,4 @@
-"""Pure core: the watcher's read order (smallest last read first, overdue files first)."""
+"""Pure core: the watcher's read order (smallest last read first, overdue files in turn with it)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ def test_a_file_that_waited_too_long_goes_first_whatever_its_size() -> None:
     queue.add(QUIET, now=0.5)
     assert queue.pop(now=1.0) == BUSY
     assert queue.pop(now=1.0) == QUIET
+
+
+def test_overdue_files_and_the_smallest_take_turns() -> None:
+    # The watcher fell behind: every busy file is overdue. A quiet file waits for one of them.
+    queue = ReadQueue(max_wait=1.0)
+    busy = [Path(f"r/busy{i}/f") for i in range(3)]
+    for i, path in enumerate(busy):
+        queue.read(path, 300_000)
+        queue.add(path, now=i / 10)
+    queue.read(QUIET, 300)
+    queue.add(QUIET, now=0.5)
+    assert drain(queue, now=2.0) == [busy[0], QUIET, busy[1], busy[2]]
 
 
 def test_a_queued_file_is_queued_once_and_keeps_its_age() -> None:

@@ -5,7 +5,9 @@ after one slice of a busy file's backlog, not after a whole pass over every busy
 8 busy writers that pass took ~15 ms, and it was every appended line's wait). How much a file
 has to read is guessed from what its last read took: a `stat` per candidate would cost more
 than it saves. A file that has waited `max_wait` seconds goes first whatever its size, so busy
-files are never starved by a stream of small ones.
+files are never starved by a stream of small ones; but overdue files and the smallest take turns,
+so a quiet file waits for one overdue file at most, not for all of them (when the watcher falls
+behind, every busy file is overdue at once).
 
 Both orders are heaps with lazy deletion: an entry is live while its token is the path's
 current one, so adding, re-adding and popping stay O(log n) with thousands of queued files.
@@ -32,6 +34,7 @@ class ReadQueue:
         self._by_age: deque[tuple[float, int, Path]] = deque()  # (queued at, token, path), in order
         self._last_read: dict[Path, int] = {}
         self._tokens = itertools.count()
+        self._overdue_last = False  # the last pop was an overdue file: the smallest goes next
 
     def __len__(self) -> int:
         return len(self._token)
@@ -53,10 +56,12 @@ class ReadQueue:
         by_age = self._by_age
         while by_age and self._token.get(by_age[0][2]) != by_age[0][1]:
             by_age.popleft()  # popped already, through the other order
-        if by_age and now - by_age[0][0] >= self.max_wait:
+        if by_age and now - by_age[0][0] >= self.max_wait and not self._overdue_last:
             _, _, path = by_age.popleft()
             del self._token[path]
+            self._overdue_last = True
             return path
+        self._overdue_last = False
         while self._by_size:
             _, token, path = heapq.heappop(self._by_size)
             if self._token.get(path) == token:

@@ -180,7 +180,8 @@ class Watcher:
             # Asked between two batches. A file with news that is not queued yet (a quiet one,
             # as a rule: busy files with a backlog are queued) waits for this batch, not for the
             # rest of the turn. When every busy file is behind, they are all queued and turns
-            # run whole, so catching up keeps its pace.
+            # run whole, so catching up keeps its pace (a turn's end waits for its last batch's
+            # reply, so turns of one batch would lose the overlap of parsing and staging).
             return self.stop.is_set() or self.dirty.news_besides(path, self.queue)
 
         try:
