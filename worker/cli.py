@@ -66,10 +66,10 @@ def _freeze_startup_objects() -> None:
 
     Modules, classes and settings (~100,000 objects once Celery, SQLAlchemy and watchdog are
     imported) live as long as the process, yet every full collector pass walked all of them:
-    ~70 ms on a 2-core machine, a stall that came every few thousand lines in the middle of the
-    watcher's loop and set the p99 of append -> staged. Frozen, they are never walked again; what
-    is made later is collected as before. Before a fork (Celery's prefork pool) it also keeps the
-    children from copying the pages of these objects (Python's `gc.freeze` documentation).
+    ~70 ms on a 2-core machine, a stall wherever a pass came, in the middle of the watcher's loop
+    too. Frozen, they are never walked again; what is made later is collected as before. Before
+    a fork (Celery's prefork pool) it also keeps the children from copying the pages of these
+    objects (Python's `gc.freeze` documentation).
     """
     gc.collect()
     gc.freeze()
