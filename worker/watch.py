@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 Enqueue = Callable[[str], None]
 HEARTBEAT_SECONDS = 5.0
 PASS_BYTES = 1 << 20  # read at most this much of one file per turn (8 batches of DEFAULT_BATCH_BYTES)
-MAX_WAIT = 0.25  # a queued file waiting this long is read next, however much it has to read
+MAX_WAIT = 0.25  # a file queued this long is overdue: read next, in turn with the smallest
 SLICE_SECONDS = 0.25  # read queued files for this long, then see to completions, scans and sweeps
 _CHANGES = frozenset({"created", "modified", "moved", "closed"})
 
