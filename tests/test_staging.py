@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from tests.helpers import outcome
-from worker.staging import Staging
+from worker.staging import LineOutcome, Staging, _stream_order
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis
@@ -78,6 +78,44 @@ def test_finish_keeps_the_target_due_when_a_newer_entry_arrived(staging: Staging
     assert V1.key not in staging.due_targets(older_than=-1)
     # Applied entries are trimmed, the last one is kept as the anchor.
     assert [i for i, _ in staging.read_after(V1, None)] == [last_id]
+
+
+def lines(first: int, count: int) -> list[LineOutcome]:
+    return [outcome(version_line(f'{{"n": {n}}}'), n) for n in range(first, first + count)]
+
+
+def test_a_snapshot_read_before_the_lock_gives_what_read_after_gives(staging: Staging) -> None:
+    staging.stage_lines(FILE, "exec-1", lines(1, 3), "s")
+    staging.complete_version(V1)
+    snapshot = staging.snapshot(V1)
+    assert snapshot.done and snapshot.whole
+    # Another apply commits entry 1 and trims before ours takes the lock; a line comes later.
+    first_id = snapshot.entries[0][0]
+    staging.finish(V1, first_id)
+    staging.stage_lines(FILE, "exec-1", lines(4, 1), "s")
+    got = [e.metadata["n"] for _, e in staging.read_after(V1, first_id, snapshot)]
+    # Entry 4 came after the snapshot reached the end: it is the next apply's (the target stays due).
+    assert got == [2, 3]
+    assert staging.finish(V1, snapshot.entries[-1][0]) is False
+
+
+def test_a_snapshot_of_a_long_stream_is_continued_from_redis(
+    staging: Staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.staging.READ_BATCH", 2)
+    staging.stage_lines(FILE, "exec-1", lines(1, 5), "s")
+    snapshot = staging.snapshot(V1)
+    assert not snapshot.done and not snapshot.whole and len(snapshot.entries) == 2
+    ids = [i for i, _ in staging.read_after(V1, None)]
+    assert [e.metadata["n"] for _, e in staging.read_after(V1, None, snapshot)] == [1, 2, 3, 4, 5]
+    # A watermark inside the snapshot, and one past it (another apply went further).
+    assert [e.metadata["n"] for _, e in staging.read_after(V1, ids[0], snapshot)] == [2, 3, 4, 5]
+    assert [e.metadata["n"] for _, e in staging.read_after(V1, ids[3], snapshot)] == [5]
+
+
+def test_stream_ids_are_compared_as_numbers() -> None:
+    assert _stream_order("10-0") > _stream_order("9-5")
+    assert _stream_order("9-10") > _stream_order("9-9")
 
 
 def test_execution_completion_completes_the_versions_its_datums_feed(staging: Staging) -> None:

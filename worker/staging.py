@@ -447,8 +447,41 @@ class Staging:
 
     # -- the apply side ----------------------------------------------------------------------
 
-    def read_after(self, target: Target, watermark: str | None) -> Iterator[tuple[str, Entry]]:
-        """Staged entries of a target after `watermark` (exclusive), in order, as (stream id, entry)."""
+    def snapshot(self, target: Target) -> Snapshot:
+        """A target's completion flag and first staged entries, read in one round trip.
+
+        An apply reads this before it takes the database's write lock, so that the other worker
+        can write while this one waits for Redis and decodes. Nothing in it can go stale for the
+        apply: a staged entry never changes and is trimmed only once applied (at or before the
+        watermark the lock then reveals, and `read_after` skips those); a completion flag, once
+        set, stays. What is staged after the snapshot is past the watermark this apply commits,
+        and `finish` then leaves the target due for the next apply.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.keys.done(target))
+        pipe.xrange(self.keys.stream(target), min="-", max="+", count=READ_BATCH)
+        done, batch = pipe.execute()
+        entries = [(raw_id.decode(), Entry.from_json(fields[b"e"])) for raw_id, fields in batch]
+        return Snapshot(bool(done), entries, whole=len(batch) < READ_BATCH)
+
+    def read_after(
+        self, target: Target, watermark: str | None, snapshot: Snapshot | None = None
+    ) -> Iterator[tuple[str, Entry]]:
+        """Staged entries of a target after `watermark` (exclusive), in order, as (stream id, entry).
+
+        With a `snapshot` of the target, its entries are used and Redis is read only past them.
+        """
+        if snapshot is not None:
+            after = _stream_order(watermark) if watermark else (-1, -1)
+            for stream_id, entry in snapshot.entries:
+                if _stream_order(stream_id) > after:
+                    yield stream_id, entry
+            if snapshot.whole:
+                # The end of the stream as it was read: see `snapshot` for what comes after.
+                return
+            last = snapshot.entries[-1][0]
+            if not watermark or _stream_order(last) > after:
+                watermark = last
         stream = self.keys.stream(target)
         start = f"({watermark}" if watermark else "-"
         while True:
@@ -520,6 +553,21 @@ class Staging:
         if len(self._last_swept) > 100_000:
             self._last_swept.clear()
         return targets
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What `Staging.snapshot` read of a target."""
+
+    done: bool
+    entries: list[tuple[str, Entry]]  # (stream id, entry), the stream's first READ_BATCH
+    whole: bool  # the entries reached the end of the stream as it was
+
+
+def _stream_order(stream_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair (`"10-2"` sorts before `"9-0"` as text)."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq)
 
 
 def _consecutive_runs(outcomes: list[LineOutcome]) -> list[list[LineOutcome]]:

@@ -49,18 +49,19 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     target waits, then sees the new watermark and finds nothing left to do.
     """
     result = ApplyResult(target.key)
+    snapshot = staging.snapshot(target)  # before the lock: see Staging.snapshot
     with _sqlite_queue(engine), Session(writer(engine), expire_on_commit=False) as session, session.begin():
         mark = lock_watermark(session, target.key)
         result.watermark = mark.stream_id
         applier = Applier(session, datetime.now(UTC))
-        if target.kind == "version" and not version_completed(session, staging, target):
+        if target.kind == "version" and not version_completed(session, staging, target, snapshot.done):
             # Register it, so the API can show a building version; its entries stay staged.
             applier.version(target)
             result.skipped = "version is still building"
             return result
         if target.kind == "version":
             applier.complete_version(target)
-        for stream_id, entry in staging.read_after(target, mark.stream_id):
+        for stream_id, entry in staging.read_after(target, mark.stream_id, snapshot):
             applier.apply(entry)
             mark.stream_id = stream_id
             result.applied += 1
@@ -103,8 +104,9 @@ def lock_watermark(session: Session, target: str) -> Watermark:
     return session.scalars(select(Watermark).where(Watermark.target == target).with_for_update()).one()
 
 
-def version_completed(session: Session, staging: Staging, target: Target) -> bool:
-    if staging.is_done(target):
+def version_completed(session: Session, staging: Staging, target: Target, done: bool = False) -> bool:
+    """Whether a version is completed: `done` (its flag, as read before), Redis, or the database."""
+    if done or staging.is_done(target):
         return True
     status = session.scalar(
         select(DatasetVersion.status)
