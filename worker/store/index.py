@@ -156,14 +156,30 @@ def _bind_processor(column: Any, dialect: Any) -> Any:
 
 
 def _encoded(rows: list[dict[str, Any]], names: list[str], encoders: list[Any]) -> list[tuple[Any, ...]]:
-    """Each row's values in `names` order, through its column's encoder (None: as it is)."""
-    out = []
-    for row in rows:
-        values = []
-        for name, encode in zip(names, encoders, strict=True):
-            value = row[name]
-            values.append(value if encode is None or value is None else encode(value))
-        out.append(tuple(values))
+    """Each row's values in `names` order, through its column's encoder (None: as it is).
+
+    Encoded a column at a time, and a value that is the same object as the one before it is
+    encoded once: an apply's history rows share their time and, per entry, their source.
+    """
+    columns: list[list[Any]] = []
+    for name, encode in zip(names, encoders, strict=True):
+        column = [row[name] for row in rows]
+        columns.append(column if encode is None else _encode_column(column, encode))
+    return list(zip(*columns, strict=True))
+
+
+def _encode_column(values: list[Any], encode: Any) -> list[Any]:
+    out: list[Any] = []
+    last: Any = out  # a sentinel no value is
+    last_encoded: Any = None
+    for value in values:
+        if value is None:
+            out.append(None)
+        elif value is last:
+            out.append(last_encoded)
+        else:
+            last, last_encoded = value, encode(value)
+            out.append(last_encoded)
     return out
 
 
