@@ -67,23 +67,23 @@ def test_partial_reindex_equals_full_reindex(
 ) -> None:
     name = f"ds-{next(_counter)}"
     expected = initial
-    with Session(engine) as session, session.begin():
-        applier = Applier(session, datetime.now(UTC))
-        applier.set(applier.dataset(name), "dataset", entry(name, initial))
+    with engine.begin() as conn:
+        applier = Applier(conn, datetime.now(UTC))
+        applier.set(applier.dataset(name), entry(name, initial))
         applier.flush()
     # Each later change set is its own apply (a late write): only its keys are re-indexed.
     for changes in later:
         expected, _ = merge(expected, changes)
-        with Session(engine) as session, session.begin():
-            applier = Applier(session, datetime.now(UTC))
-            applier.set(applier.dataset(name), "dataset", entry(name, changes))
+        with engine.begin() as conn:
+            applier = Applier(conn, datetime.now(UTC))
+            applier.set(applier.dataset(name), entry(name, changes))
             applier.flush()
     with Session(engine) as session, session.begin():
         owner = session.scalars(select(Dataset).where(Dataset.name == name)).one()
         assert owner.properties == expected
         after_partial = stored_rows(session, owner.id)
         assert after_partial == expected_rows(expected)
-        reindex(session, "dataset", owner.id, expected)  # from scratch
+        reindex(session.connection(), "dataset", owner.id, expected)  # from scratch
         assert stored_rows(session, owner.id) == after_partial
 
 
@@ -98,7 +98,7 @@ def test_reindex_of_changed_keys_touches_only_them(engine: Engine, changed: int)
         owner = Dataset(name="d", properties=properties, created_at=now, updated_at=now)
         session.add(owner)
         session.flush()
-        reindex(session, "dataset", owner.id, properties)
+        reindex(session.connection(), "dataset", owner.id, properties)
         untouched = session.scalars(select(PropertyIndex.id).where(PropertyIndex.path.like('["k199"%'))).all()
         keys = [f"k{i}" for i in range(changed)]
         for i, key in enumerate(keys):
@@ -108,7 +108,7 @@ def test_reindex_of_changed_keys_touches_only_them(engine: Engine, changed: int)
                 properties[key] = "now a string"
             else:
                 properties[key] = {"n": {"x": None}}
-        reindex(session, "dataset", owner.id, properties, keys)
+        reindex(session.connection(), "dataset", owner.id, properties, keys)
         assert stored_rows(session, owner.id) == expected_rows(properties)
         kept = session.scalars(select(PropertyIndex.id).where(PropertyIndex.path.like('["k199"%'))).all()
         if changed <= PARTIAL_MAX_KEYS:
@@ -117,16 +117,16 @@ def test_reindex_of_changed_keys_touches_only_them(engine: Engine, changed: int)
 
 def test_no_op_apply_writes_nothing(engine: Engine) -> None:
     """Entries that change nothing add no history and leave the index rows as they were."""
-    with Session(engine) as session, session.begin():
-        applier = Applier(session, datetime.now(UTC))
-        applier.set(applier.dataset("d"), "dataset", entry("d", {"a": 1, "b": {"c": "x"}}))
+    with engine.begin() as conn:
+        applier = Applier(conn, datetime.now(UTC))
+        applier.set(applier.dataset("d"), entry("d", {"a": 1, "b": {"c": "x"}}))
         applier.flush()
     with Session(engine) as session:
         ids = session.scalars(select(PropertyIndex.id).order_by(PropertyIndex.id)).all()
         history = session.scalars(select(PropertyChange.id)).all()
-    with Session(engine) as session, session.begin():
-        applier = Applier(session, datetime.now(UTC))
-        applier.set(applier.dataset("d"), "dataset", entry("d", {"a": 1, "missing": None}))
+    with engine.begin() as conn:
+        applier = Applier(conn, datetime.now(UTC))
+        applier.set(applier.dataset("d"), entry("d", {"a": 1, "missing": None}))
         applier.flush()
     with Session(engine) as session:
         assert session.scalars(select(PropertyIndex.id).order_by(PropertyIndex.id)).all() == ids
@@ -135,11 +135,11 @@ def test_no_op_apply_writes_nothing(engine: Engine) -> None:
 
 def test_history_rows_keep_their_order_and_json(engine: Engine) -> None:
     """History inserted in one statement: ids follow the order of the changes; nulls are SQL NULL."""
-    with Session(engine) as session, session.begin():
-        applier = Applier(session, datetime.now(UTC))
+    with engine.begin() as conn:
+        applier = Applier(conn, datetime.now(UTC))
         owner = applier.dataset("d")
         for metadata in ({"a": 1, "b": [1, {"x": None}]}, {"a": None, "c": {"d": "e"}}, {"b": "s"}):
-            applier.set(owner, "dataset", entry("d", metadata))
+            applier.set(owner, entry("d", metadata))
         applier.flush()
     with Session(engine) as session:
         history = session.scalars(select(PropertyChange).order_by(PropertyChange.id)).all()
@@ -178,7 +178,7 @@ def test_index_delete_keeps_using_the_owner_index_as_the_table_grows(pg_schema_u
         with engine.connect() as conn:
             for owner_id in range(30):  # past psycopg's prepare threshold and PostgreSQL's 5 custom plans
                 with Session(bind=conn) as session, session.begin():
-                    reindex(session, "version", owner_id, {f"k{i}": i for i in range(3)})
+                    reindex(session.connection(), "version", owner_id, {f"k{i}": i for i in range(3)})
             conn.execute(
                 text(
                     "INSERT INTO property_index (owner_kind, owner_id, path, vtype, num) "

@@ -66,8 +66,8 @@ def populate(engine: Engine, property_sets: list[dict[str, Any]]) -> None:
             )
             session.add_all([ds, v])
             session.flush()
-            reindex(session, "dataset", ds.id, props)
-            reindex(session, "version", v.id, props)
+            reindex(session.connection(), "dataset", ds.id, props)
+            reindex(session.connection(), "version", v.id, props)
 
 
 def search_versions(engine: Engine, text: str, **kw: Any) -> list[str]:

@@ -79,7 +79,7 @@ def fill(engine: Engine, datasets: list[dict[str, Any]], versions: list[tuple[in
         session.add_all(rows)
         session.flush()
         for row, props in zip(rows, datasets, strict=True):
-            reindex(session, "dataset", row.id, props)
+            reindex(session.connection(), "dataset", row.id, props)
         for owner, name, props in version_names(versions):
             version = DatasetVersion(
                 dataset_id=rows[owner].id,
@@ -91,7 +91,7 @@ def fill(engine: Engine, datasets: list[dict[str, Any]], versions: list[tuple[in
             )
             session.add(version)
             session.flush()
-            reindex(session, "version", version.id, props)
+            reindex(session.connection(), "version", version.id, props)
 
 
 def version_names(versions: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, str, dict[str, Any]]]:

@@ -8,7 +8,6 @@ from typing import Any, cast
 
 import orjson
 from sqlalchemy import JSON, Connection, Table, delete, func, insert, or_
-from sqlalchemy.orm import Session
 
 from .db import json_text
 from .models import PropertyIndex
@@ -70,7 +69,7 @@ PARTIAL_MAX_KEYS = 64
 
 
 def reindex(
-    session: Session,
+    conn: Connection,
     owner_kind: str,
     owner_id: int,
     properties: dict[str, Any],
@@ -86,11 +85,9 @@ def reindex(
     `had_rows=False`: the owner's stored set was empty, so it has no rows to delete (they are
     written only here, in the transaction that stores the set); a new version is the usual case.
 
-    Runs through Core on the session's connection: an ORM bulk insert groups rows by which
-    columns are NULL (typed rows alternate), turning the executemany into one INSERT per row,
-    and an ORM DELETE would autoflush the session first.
+    Runs through Core: an ORM bulk insert groups rows by which columns are NULL (typed rows
+    alternate), turning the executemany into one INSERT per row.
     """
-    conn = session.connection()
     table = cast(Table, PropertyIndex.__table__)
     owner = (table.c.owner_kind == owner_kind, table.c.owner_id == owner_id)
     if not had_rows:

@@ -68,11 +68,9 @@ def touch_last_used(engine: Engine, version: Target, now: datetime | None = None
     source = Source("platform")
     for target in (version, version.dataset_target):
         # The same lock as an apply of that target, so the two never overwrite each other.
-        with Session(writer(engine), expire_on_commit=False) as session, session.begin():
-            lock_watermark(session, target.key)
-            applier = Applier(session, datetime.now(UTC))
-            if target.kind == "version":
-                applier.set(applier.version(target), "version", Entry(target, "set", source, stamp))
-            else:
-                applier.set(applier.dataset(target.dataset), "dataset", Entry(target, "set", source, stamp))
+        with writer(engine).begin() as conn:
+            lock_watermark(conn, target.key)
+            applier = Applier(conn, datetime.now(UTC))
+            owner = applier.version(target) if target.kind == "version" else applier.dataset(target.dataset)
+            applier.set(owner, Entry(target, "set", source, stamp))
             applier.flush()
