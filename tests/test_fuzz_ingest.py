@@ -257,6 +257,7 @@ def test_garbage_never_crashes_never_leaves_the_root_and_good_lines_land_once(
             staging.complete_execution(EXECUTION)
             ingestor.ingest(path)  # the execution is done: a last line without newline counts now
             watcher.scan()
+            watcher._drain()
 
         outside_real = os.path.realpath(outside)
         leaked = [p for p in opened if p == outside_real or p.startswith(outside_real + os.sep)]

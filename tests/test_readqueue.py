@@ -50,6 +50,18 @@ def test_overdue_files_and_the_smallest_take_turns() -> None:
     assert drain(queue, now=2.0) == [busy[0], QUIET, busy[1], busy[2]]
 
 
+def test_a_read_that_found_nothing_keeps_a_busy_file_big() -> None:
+    queue = ReadQueue(max_wait=1.0)
+    queue.read(BUSY, 300_000)
+    queue.read(BUSY, 0)  # its event came after the last read had taken its lines
+    queue.read(QUIET, 300)
+    queue.add(BUSY, now=0.0)
+    queue.add(QUIET, now=0.1)
+    assert queue.smallest() == 300
+    assert drain(queue, now=0.2) == [QUIET, BUSY]
+    assert queue.smallest() is None
+
+
 def test_a_queued_file_is_queued_once_and_keeps_its_age() -> None:
     queue = ReadQueue(max_wait=1.0)
     queue.read(BUSY, 300_000)

@@ -14,7 +14,7 @@ import pytest
 from worker.settings import Settings
 from worker.staging import Staging
 from worker.uris import Target
-from worker.watch import Watcher
+from worker.watch import QUIET_BYTES, Watcher
 
 pytestmark = pytest.mark.redis
 
@@ -137,31 +137,46 @@ def test_folders_linked_from_outside_are_not_followed(
     assert staged(staging) == [{"real": 1}]
 
 
-def test_a_turn_ends_early_for_news_from_a_file_not_queued(settings: Settings, staging: Staging) -> None:
+def test_a_busy_turn_ends_early_for_a_quiet_file_only(settings: Settings, staging: Staging) -> None:
     root = settings.require_root()
-    busy, quiet = (root / name / "valohai.metadata.jsonl" for name in ("exec-busy", "exec-quiet"))
-    for path in (busy, quiet):
+    busy, other, quiet = (
+        root / name / "valohai.metadata.jsonl" for name in ("exec-busy", "exec-other", "exec-quiet")
+    )
+    for path in (busy, other, quiet):
         path.parent.mkdir(parents=True)
     lines = [vline(n=n) for n in range(200)]
     busy.write_text("".join(lines))
     quiet.write_text(vline(quiet=1))
     watcher = Watcher(settings, staging, lambda target: None, threading.Event())
     watcher.ingestor.batch_bytes = len(lines[0]) * 10  # a turn is many batches
-
-    # The quiet file is already queued: its news cannot jump ahead, so the turn runs whole.
     # (The queue takes its clock as an argument: a fixed one keeps its order out of the test.)
-    watcher.queue.add(quiet, now=0.0)
-    watcher.dirty.add(quiet)
+
+    # Another busy file waits in the queue: the turn runs whole, catching up keeps its pace.
+    watcher.queue.read(other, QUIET_BYTES * 4)
+    watcher.queue.add(other, now=0.0)
     whole = watcher._ingest(busy)
     assert whole is not None and not whole.unread and whole.lines == 200
+    assert watcher.queue.pop(now=0.0) == other
 
-    # Not queued: the busy file's turn ends after the batch in hand, and it goes back in the queue.
-    with open(busy, "a") as f:
-        f.write("".join(lines))
-    assert watcher.queue.pop(now=0.0) == quiet  # the only file queued
-    watcher.dirty.add(busy)  # the busy file's own news never cut its turn
+    def more() -> None:
+        with open(busy, "a") as f:
+            f.write("".join(lines))
+
+    # A quiet file waits in the queue (taken in just before the turn): the turn ends after the
+    # batch in hand, and the busy file goes back in the queue.
+    more()
+    watcher.queue.read(quiet, 100)
+    watcher.queue.add(quiet, now=0.0)
+    cut = watcher._ingest(busy)
+    assert cut is not None and cut.unread and 0 < cut.lines <= 10
+    assert busy in watcher.queue and quiet in watcher.queue
+    assert watcher.queue.pop(now=0.0) == quiet
+    assert watcher.queue.pop(now=0.0) == busy
+
+    # A quiet file has news not taken in yet: the same. The busy file's own news never cuts.
+    staged_before = len(staged(staging))
+    watcher.dirty.add(busy)
     watcher.dirty.add(quiet)
     cut = watcher._ingest(busy)
     assert cut is not None and cut.unread and 0 < cut.lines <= 10
-    assert busy in watcher.queue
-    assert len(staged(staging)) == 200 + cut.lines
+    assert len(staged(staging)) == staged_before + cut.lines

@@ -69,8 +69,22 @@ class ReadQueue:
                 return path
         return None
 
+    def smallest(self) -> int | None:
+        """The last read size of the smallest queued file (None when nothing is queued)."""
+        by_size = self._by_size
+        while by_size and self._token.get(by_size[0][2]) != by_size[0][1]:
+            heapq.heappop(by_size)  # popped already, through the other order
+        return by_size[0][0] if by_size else None
+
     def read(self, path: Path, size: int) -> None:
-        """Remember how many bytes the last read of `path` took."""
+        """Remember how many bytes the last read of `path` took.
+
+        A read that found nothing says nothing of the file's pace (its event came after an
+        earlier read had taken its lines): a busy file would pass for the smallest next time, and
+        a quiet file queued behind it would wait for its next, large turn.
+        """
+        if not size:
+            return
         if len(self._last_read) >= MEMORY:
             self._last_read.clear()
         self._last_read[path] = size
