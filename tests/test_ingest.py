@@ -187,6 +187,32 @@ def test_a_budget_or_a_stop_ends_reading_between_batches_and_the_next_call_goes_
     assert metas(staging) == [{"n": n} for n in range(300)]
 
 
+def test_a_carried_batch_is_counted_by_the_next_call_and_never_staged_twice(
+    root: Path, staging: Staging
+) -> None:
+    """`carry=True` leaves the last batch's reply for later: the next call (another file's, or
+    the same file's, whose checkpoint must be in first) or `settle` waits for it."""
+    (root / "exec-2").mkdir()
+    one, two = root / "exec-1" / "valohai.metadata.jsonl", root / "exec-2" / "valohai.metadata.jsonl"
+    one.write_text("".join(vline(n=n) for n in range(5)))
+    two.write_text(datum("a.png", k=1))
+    ingestor = Ingestor(root, staging, line_limit=4096)
+
+    first = ingestor.ingest(one, carry=True)
+    assert first.lines == 0 and first.read_bytes > 0  # its only batch is still in flight
+    second = ingestor.ingest(two, carry=True)
+    assert second.lines == 5 and second.due == {V1.key}  # the batch carried over from the first file
+    with one.open("a") as f:
+        f.write("".join(vline(n=n) for n in range(5, 8)))
+    third = ingestor.ingest(one, carry=True)  # settles exec-2's batch, then reads on from 5
+    assert third.lines == 1  # exec-2's datum line
+    assert ingestor.settle().lines == 3 and ingestor.settle().lines == 0
+    sets = [e.metadata for _, e in staging.read_after(V1, None) if e.op == "set"]
+    assert sets == [{"n": n} for n in range(8)]  # each line once, in order
+    datums = staging.read_after(Target.for_execution("exec-2"), None)
+    assert [e.metadata["k"] for _, e in datums] == [1]
+
+
 def test_reading_pauses_the_cycle_collector_and_leaves_no_cycles_behind(
     root: Path, ingestor: Ingestor, staging: Staging, monkeypatch: pytest.MonkeyPatch
 ) -> None:

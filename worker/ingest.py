@@ -103,6 +103,16 @@ def inside_root(root_real: Path, path: Path) -> bool:
         return False
 
 
+@dataclass
+class _InFlight:
+    """A batch sent to the staging script whose reply has not been read yet."""
+
+    sent: Sent
+    file: str  # relative to the root
+    outcomes: list[LineOutcome]
+    mtime: float  # the file's, when it was read (for the append → staged metric)
+
+
 class Ingestor:
     """Reads sidecar files under one root into the staging area."""
 
@@ -113,6 +123,13 @@ class Ingestor:
         self.staging = staging
         self.line_limit = line_limit
         self.batch_bytes = batch_bytes
+        self._carried: _InFlight | None = None  # see `ingest(carry=True)`
+
+    def settle(self) -> IngestStats:
+        """Wait for a batch carried over by `ingest(carry=True)`: its lines and due targets."""
+        stats = IngestStats()
+        self._settle_carried(stats)
+        return stats
 
     def ingest(
         self,
@@ -122,23 +139,32 @@ class Ingestor:
         from_start: bool = False,
         budget: int | None = None,
         stop: Callable[[], bool] | None = None,
+        carry: bool = False,
     ) -> IngestStats:
         """Stage whatever is new in one sidecar file. `force`/`from_start` are for replay.
 
         With a `budget` (bytes) or a `stop` callable, reading may end early, between two staged
         batches; `stats.unread` then says the file has more to read from its checkpoint.
+
+        `carry=True` (the watcher): return without waiting for the last batch's reply, so that
+        Redis runs it while the next call reads and parses. The next call (or `settle`) waits for
+        it before it sends anything, and its stats then count that batch's lines and due targets;
+        if that batch failed, the next call raises, and the file it came from is read again from
+        its checkpoint at the next scan, as after any failed batch.
         """
         kind = sidecar_kind(self.root, path)
         stats = IngestStats()
         if kind is None or not inside_root(self.root, path):
+            self._settle_carried(stats)
             return stats
         try:
             if kind == "jsonl":
                 with gc_paused():
                     self._ingest_jsonl(
-                        path, stats, force=force, from_start=from_start, budget=budget, stop=stop
+                        path, stats, force=force, from_start=from_start, budget=budget, stop=stop, carry=carry
                     )
             else:
+                self._settle_carried(stats)
                 self._ingest_per_output(path, stats, force=force)
         except FileNotFoundError:
             return stats  # removed between the event and the read: nothing to stage
@@ -156,28 +182,23 @@ class Ingestor:
         from_start: bool,
         budget: int | None,
         stop: Callable[[], bool] | None,
+        carry: bool,
     ) -> None:
         rel = str(path.relative_to(self.root))
         execution = path.relative_to(self.root).parts[0]
+        if self._carried is not None and self._carried.file == rel:
+            # This file's own batch: its checkpoint must be in Redis before it is loaded.
+            self._settle_carried(stats)
         raw_state = None if from_start else self.staging.load_state(rel)
         state = FileState.from_json(raw_state) if raw_state else None
         start = state.offset if state else 0
         final = False
         # One batch is in flight while the next is read and parsed: Redis runs the staging script
-        # of batch N while Python parses batch N+1. Batch N+1 is sent only once N's reply is in.
-        sent: Sent | None = None
-        sent_outcomes: list[LineOutcome] = []
-        sent_mtime = 0.0
+        # of batch N while Python parses batch N+1. Batch N+1 is sent only once N's reply is in
+        # (N may be another file's, carried over from the call before).
 
         def settle() -> None:
-            """Wait for the batch in flight; count it and its due targets."""
-            nonlocal sent
-            if sent is not None:
-                stats.due.update(sent.wait())
-                sent = None
-                self._count(sent_outcomes, stats)
-                if sent_outcomes:
-                    metrics.APPEND_TO_STAGED.observe(max(0.0, time.time() - sent_mtime))
+            self._settle_carried(stats)
 
         # O_NOFOLLOW: the file itself must not be a link (the folders were checked by inside_root).
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -200,7 +221,7 @@ class Ingestor:
                         # The batch and the checkpoint after it go together, in one script.
                         state_json = result.state.to_json()
                         sent = self.staging.send_lines(rel, execution, outcomes, state_json, force=force)
-                        sent_outcomes, sent_mtime = outcomes, st.st_mtime
+                        self._carried = _InFlight(sent, rel, outcomes, st.st_mtime)
                     state = result.state
                     stats.pending_bytes = max(0, st.st_size - state.offset)
                     if result.at_eof:
@@ -220,10 +241,23 @@ class Ingestor:
                     ):
                         stats.unread = True
                         break
-            settle()
-        finally:
-            if sent is not None:
-                sent.abandon()
+            if not carry:
+                settle()
+        except BaseException:
+            if self._carried is not None:
+                self._carried.sent.abandon()
+                self._carried = None
+            raise
+
+    def _settle_carried(self, stats: IngestStats) -> None:
+        """Wait for the batch in flight, if any; count it and its due targets in `stats`."""
+        batch, self._carried = self._carried, None
+        if batch is None:
+            return
+        stats.due.update(batch.sent.wait())
+        self._count(batch.outcomes, stats)
+        if batch.outcomes:
+            metrics.APPEND_TO_STAGED.observe(max(0.0, time.time() - batch.mtime))
 
     def outcome(self, line: Line, rel: str, execution: str, *, log_reject: bool = True) -> LineOutcome:
         """What one line becomes: its entries, or a reject saying where and why."""
