@@ -197,9 +197,6 @@ class Ingestor:
         # of batch N while Python parses batch N+1. Batch N+1 is sent only once N's reply is in
         # (N may be another file's, carried over from the call before).
 
-        def settle() -> None:
-            self._settle_carried(stats)
-
         # O_NOFOLLOW: the file itself must not be a link (the folders were checked by inside_root).
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
@@ -216,7 +213,7 @@ class Ingestor:
                         start = 0
                     outcomes = [self.outcome(line, rel, execution) for line in result.lines]
                     stats.read_bytes += sum(line.length for line in result.lines)
-                    settle()
+                    self._settle_carried(stats)
                     if result.lines or result.state != state:
                         # The batch and the checkpoint after it go together, in one script.
                         state_json = result.state.to_json()
@@ -242,8 +239,11 @@ class Ingestor:
                         stats.unread = True
                         break
             if not carry:
-                settle()
+                self._settle_carried(stats)
         except BaseException:
+            # The batch in flight ran or not, as a whole: its file's next read starts from
+            # whichever checkpoint Redis holds. (If it was another file's, the targets it made
+            # due wait for the watcher's sweep.)
             if self._carried is not None:
                 self._carried.sent.abandon()
                 self._carried = None
