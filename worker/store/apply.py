@@ -102,7 +102,7 @@ def lock_watermark(conn: Connection, target: str) -> str | None:
         return conn.scalar(_SELECT_MARK, {"target": target})
     # On PostgreSQL the row is the lock: make sure it exists, then lock it.
     conn.execute(_statements(conn).insert_mark, {"target": target})
-    return conn.scalar(_SELECT_MARK.with_for_update(), {"target": target})
+    return conn.scalar(_LOCK_MARK, {"target": target})
 
 
 def save_watermark(conn: Connection, target: str, stream_id: str | None, now: datetime) -> None:
@@ -115,12 +115,8 @@ def version_completed(
     """Whether a version is completed: `done` (its flag, as read before), Redis, or the database."""
     if done or staging.is_done(target):
         return True
-    status = session.scalar(
-        select(_VERSIONS.c.status)
-        .join(_DATASETS, _DATASETS.c.id == _VERSIONS.c.dataset_id)
-        .where(_DATASETS.c.name == target.dataset, _VERSIONS.c.name == target.version)
-    )
-    return status == "completed"
+    row = session.execute(_SELECT_VERSION, {"dataset": target.dataset, "name": target.version}).first()
+    return row is not None and row.status == "completed"
 
 
 @dataclass
@@ -303,6 +299,7 @@ _MARKS = cast(Table, Watermark.__table__)
 _CHANGES = cast(Table, PropertyChange.__table__)
 
 _SELECT_MARK = select(_MARKS.c.stream_id).where(_MARKS.c.target == bindparam("target"))
+_LOCK_MARK = _SELECT_MARK.with_for_update()
 _SELECT_VERSION = (
     select(_VERSIONS.c.id, _VERSIONS.c.properties, _VERSIONS.c.status)
     .join(_DATASETS, _DATASETS.c.id == _VERSIONS.c.dataset_id)
