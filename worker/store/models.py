@@ -141,3 +141,18 @@ class PropertyIndex(Base):
     str_value: Mapped[str | None] = mapped_column(Text)
     str_lower: Mapped[str | None] = mapped_column(Text)
     bool_value: Mapped[bool | None]
+
+
+class QuarantinedTarget(Base):
+    """A target whose apply kept failing with an error that is not transient.
+
+    Its staged entries stay in Redis, held until `sidecar retry` removes this row (and the Redis
+    mark); nothing is dropped. `error` is the last error's type and message, for `sidecar status`.
+    """
+
+    __tablename__ = "quarantined_targets"
+
+    target: Mapped[str] = mapped_column(String(600), primary_key=True)
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int]
+    quarantined_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
