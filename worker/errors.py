@@ -28,7 +28,9 @@ class BadURI(SidecarError):
         self.problem = problem
 
     def __str__(self) -> str:
-        return f"bad dataset URI {self.uri!r}: {self.problem}"
+        # Capped: a reject's reason is kept in Redis and listed; a hostile line's URI may be 1 MiB.
+        uri = self.uri if len(self.uri) <= 200 else self.uri[:200] + "..."
+        return f"bad dataset URI {uri!r}: {self.problem}"
 
 
 class InvalidEntry(SidecarError):

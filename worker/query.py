@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeAlias, assert_never
 
 from .errors import InvalidEntry
+from .limits import fits_index, path_text
 
 __all__ = [
     "KEYWORDS",
@@ -583,6 +584,8 @@ _OPERATORS: dict[CompareOp, Callable[[Any, Any], bool]] = {
 
 def _resolve(key: Key, properties: Mapping[str, Any]) -> Any:
     """The value at `key`, or `_MISSING` when a segment is absent or a parent is not an object."""
+    if not fits_index(path_text(key.path)):
+        return _MISSING  # stored, but not searchable by this path (see worker/limits.py)
     current: Any = properties
     for segment in key.path:
         if not isinstance(current, Mapping) or segment not in current:

@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 import orjson
 
-from . import schemas
+from . import limits, schemas
 from .errors import BadURI, InvalidEntry, ReservedKey
 from .uris import Target, dataset_target, version_target
 
 RESERVED_PREFIX = "valohai."
-MAX_KEY_LENGTH = 256
+MAX_KEY_LENGTH = limits.KEY_MAX
 MAX_DEPTH = 32
 DATASET_VERSIONS_KEY = "valohai.dataset-versions"
 _CONTAINERS = (dict, list)
@@ -99,6 +99,7 @@ def parse_line(raw: bytes, source: Source) -> list[Entry]:
         raise InvalidEntry(f"not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidEntry(f"expected a JSON object, got {type(document).__name__}")
+    _check_storable(raw, document)
     shallow = _shallow(raw)
     if "dataset-version" in document:
         return [_target_entry(document, "dataset-version", source, shallow)]
@@ -118,6 +119,7 @@ def parse_datum_object(raw: bytes, path: str, source: Source) -> list[Entry]:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidEntry(f"not JSON: {exc}") from None
+    _check_storable(raw, document)
     wrapped = {"file": path, "metadata": document}
     schema_error = schemas.first_error("datum-line", wrapped)
     if schema_error:
@@ -130,6 +132,9 @@ def datum_entries(
 ) -> list[Entry]:
     """A datum's `set` entry and one `member` entry per version in `valohai.dataset-versions`."""
     # The datum-line schema has already checked the key lengths (every caller validates first).
+    problem = limits.datum_path_problem(path)
+    if problem:
+        raise InvalidEntry(problem)
     check_properties(metadata, allow_reserved=True, shallow=shallow, lengths_checked=True)
     entries = [Entry(Target.for_execution(source.execution), "set", source, metadata, path)]
     seen: set[str] = set()
@@ -146,6 +151,10 @@ def user_write(target: Target, metadata: Any, source: Source) -> Entry:
     if not isinstance(metadata, dict):
         raise InvalidEntry("expected a JSON object of properties")
     check_properties(metadata)
+    # Parsed by the stdlib, which reads NaN, huge integers and lone surrogates: check every value.
+    problem = limits.value_problem(metadata)
+    if problem:
+        raise InvalidEntry(problem)
     return Entry(target, "set", source, metadata)
 
 
@@ -185,6 +194,16 @@ def _looks_valid(
     return shallow or not any(
         type(v) in _CONTAINERS and _deeper_than(v, MAX_DEPTH) for v in metadata.values()
     )
+
+
+def _check_storable(raw: bytes, document: Any) -> None:
+    """Refuse a line holding a string the database cannot store (NUL). orjson has already
+    refused numbers beyond a double and lone surrogates; the byte test keeps this off the
+    common path."""
+    if limits.line_may_hold_nul(raw):
+        problem = limits.value_problem(document)
+        if problem:
+            raise InvalidEntry(problem)
 
 
 def _shallow(raw: bytes) -> bool:

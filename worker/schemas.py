@@ -77,5 +77,6 @@ def reference_error(name: str, document: Any) -> str | None:
     where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
     message = error.message
     if len(message) > 200:
-        message = message[:200] + "..."
+        # The middle goes: jsonschema quotes the offending value first and says why last.
+        message = message[:100] + "..." + message[-80:]
     return f"{name}{where}: {message}" if where else f"{name}: {message}"

@@ -8,6 +8,7 @@ from functools import cached_property, lru_cache
 from typing import Literal
 
 from .errors import BadURI
+from .limits import NAME_MAX
 
 SCHEME = "dataset://"
 LATEST = "latest"
@@ -66,6 +67,8 @@ def parse_uri(uri: str, *, allow_latest: bool = False) -> tuple[str, str | None]
     for part in parts:
         if not part:
             raise BadURI(uri, "empty name part")
+        if len(part) > NAME_MAX:
+            raise BadURI(uri, f"a name is {len(part)} characters long, over the limit of {NAME_MAX}")
         if not _PART.fullmatch(part):
             raise BadURI(uri, f"{part!r} may only hold letters, digits, '-', '_' and '.'")
     if len(parts) == 1:

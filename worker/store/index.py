@@ -6,9 +6,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, cast
 
-import orjson
 from sqlalchemy import JSON, Connection, Table, delete, func, insert, or_
 
+from ..limits import fits_index, path_text
 from .db import json_text
 from .models import PropertyIndex
 
@@ -26,18 +26,21 @@ class IndexRow:
     bool_value: bool | None = None
 
 
-def path_text(keys: tuple[str, ...] | list[str]) -> str:
-    """The stored form of a key path: a JSON array of the keys."""
-    return orjson.dumps(list(keys)).decode()
-
-
 def flatten(properties: dict[str, Any]) -> list[IndexRow]:
-    """Every path of a property set with its type; nested objects are walked, arrays are not."""
+    """Every path of a property set with its type; nested objects are walked, arrays are not.
+
+    A path whose text is longer than the index can hold (`limits.INDEX_PATH_MAX_BYTES`) is left
+    out, and so is everything under it (longer still): the value stays stored whole in the
+    owner's properties, it is only not searchable by that path.
+    """
     rows: list[IndexRow] = []
     stack: list[tuple[tuple[str, ...], Any]] = [((k,), v) for k, v in properties.items()]
     while stack:
         keys, value = stack.pop()
-        rows.append(_row(path_text(keys), value))
+        path = path_text(keys)
+        if not fits_index(path):
+            continue
+        rows.append(_row(path, value))
         if isinstance(value, dict):
             stack.extend(((*keys, k), v) for k, v in value.items())
     return rows
