@@ -51,25 +51,36 @@ assert len(_deepest_path(FITS, 5, 300).encode()) == limits.INDEX_PATH_MAX_BYTES
 assert len(_deepest_path(PAST, 5, 300).encode()) == limits.INDEX_PATH_MAX_BYTES + 1
 _NESTED = _nested(5, 300)
 
+
+def _v(metadata: dict[str, Any], uri: str = "dataset://ds/v1") -> dict[str, Any]:
+    return {"dataset-version": uri, "metadata": metadata}
+
+
+def _d(path: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    return {"file": path, "metadata": metadata}
+
+
+P = limits.DATUM_PATH_MAX_BYTES
+IN_V1 = {"valohai.dataset-versions": ["dataset://ds/v1"]}
 # (name, line, accepted?) — a line is a dict, written as JSON with `ensure_ascii=False`.
 CASES: list[tuple[str, dict[str, Any], bool]] = [
-    ("version name at the limit", {"dataset-version": f"dataset://ds/{'v' * N}", "metadata": {"a": 1}}, True),
-    ("version name past it", {"dataset-version": f"dataset://ds/{'v' * (N + 1)}", "metadata": {"a": 1}}, False),
+    ("version name at the limit", _v({"a": 1}, f"dataset://ds/{'v' * N}"), True),
+    ("version name past it", _v({"a": 1}, f"dataset://ds/{'v' * (N + 1)}"), False),
     ("dataset name at the limit", {"dataset": f"dataset://{'d' * N}", "metadata": {"a": 1}}, True),
     ("dataset name past it", {"dataset": f"dataset://{'d' * (N + 1)}", "metadata": {"a": 1}}, False),
-    ("key at the limit", {"dataset-version": "dataset://ds/v1", "metadata": {"k" * 256: 1}}, True),
-    ("key past it", {"dataset-version": "dataset://ds/v1", "metadata": {"k" * 257: 1}}, False),
-    ("4-byte key at the limit", {"dataset-version": "dataset://ds/v1", "metadata": {"😀" * 256: 1}}, True),
-    ("nested path that fits the index", {"dataset-version": "dataset://ds/v1", "metadata": {FITS: _NESTED}}, True),
-    ("nested path past the index", {"dataset-version": "dataset://ds/v1", "metadata": {PAST: _NESTED}}, True),
-    ("12 levels of 250-character keys", {"dataset-version": "dataset://ds/v1", "metadata": {"deep": _nested(12, 250)}}, True),
-    ("a NUL in a value", {"dataset-version": "dataset://ds/v1", "metadata": {"nul": "a\u0000b"}}, False),
-    ("a NUL in a nested key", {"dataset-version": "dataset://ds/v1", "metadata": {"n": {"a\u0000": 1}}}, False),
-    ("64-bit integers", {"dataset-version": "dataset://ds/v1", "metadata": {"big": 2**64 - 1, "small": -(2**63)}}, True),
-    ("an integer past 64 bits (read as a double)", {"dataset-version": "dataset://ds/v1", "metadata": {"huge": 2**64}}, True),
-    ("datum path at the limit", {"file": "p" * limits.DATUM_PATH_MAX_BYTES, "metadata": {"valohai.dataset-versions": ["dataset://ds/v1"]}}, True),
-    ("datum path past it", {"file": "p" * (limits.DATUM_PATH_MAX_BYTES + 1), "metadata": {"x": 1}}, False),
-    ("4-byte datum path past it", {"file": "😀" * 513, "metadata": {"x": 1}}, False),
+    ("key at the limit", _v({"k" * 256: 1}), True),
+    ("key past it", _v({"k" * 257: 1}), False),
+    ("4-byte key at the limit", _v({"😀" * 256: 1}), True),
+    ("nested path that fits the index", _v({FITS: _NESTED}), True),
+    ("nested path past the index", _v({PAST: _NESTED}), True),
+    ("12 levels of 250-character keys", _v({"deep": _nested(12, 250)}), True),
+    ("a NUL in a value", _v({"nul": "a\u0000b"}), False),
+    ("a NUL in a nested key", _v({"n": {"a\u0000": 1}}), False),
+    ("64-bit integers", _v({"big": 2**64 - 1, "small": -(2**63)}), True),
+    ("an integer past 64 bits (read as a double)", _v({"huge": 2**64}), True),
+    ("datum path at the limit", _d("p" * P, IN_V1), True),
+    ("datum path past it", _d("p" * (P + 1), {"x": 1}), False),
+    ("4-byte datum path past it", _d("😀" * 513, {"x": 1}), False),
 ]
 
 
