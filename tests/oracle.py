@@ -14,6 +14,7 @@ only the table models are imported, to read the database.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,10 +26,10 @@ from sqlalchemy.orm import Session, joinedload
 from worker.store.models import Dataset, DatasetVersion, Datum
 
 JSONL_NAMES = ("valohai.metadata.jsonl", "outputs.metadata.jsonl")
-_NAME = r"[A-Za-z0-9._-]+"
+_NAME = r"[A-Za-z0-9._-]{1,255}"
 _VERSION_URI = re.compile(rf"dataset://({_NAME})/({_NAME})")
 _DATASET_URI = re.compile(rf"dataset://({_NAME})")
-_MAX_KEY, _MAX_DEPTH, _MAX_PATH = 256, 32, 4096
+_MAX_KEY, _MAX_DEPTH, _MAX_PATH, _MAX_PATH_BYTES = 256, 32, 4096, 2048
 
 Files = Mapping[str, Sequence[bytes]] | Iterable[Path]
 State = dict[str, dict[str, Any]]
@@ -106,6 +107,7 @@ def _good_datum_path(path: Any) -> bool:
     return (
         isinstance(path, str)
         and 1 <= len(path) <= _MAX_PATH
+        and len(path.encode()) <= _MAX_PATH_BYTES
         and not path.startswith("/")
         and ".." not in path.split("/")
         and "\0" not in path
@@ -122,7 +124,7 @@ def classify(raw: bytes, execution: str) -> list[tuple[str, dict[str, Any]]]:
         doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError):
         return []
-    if not isinstance(doc, dict):
+    if not isinstance(doc, dict) or not _storable(doc):
         return []
     for kind, pattern in (("dataset-version", _VERSION_URI), ("dataset", _DATASET_URI)):
         if kind in doc:
@@ -140,6 +142,20 @@ def classify(raw: bytes, execution: str) -> list[tuple[str, dict[str, Any]]]:
             return []
         return [(datum_key(execution, path), metadata)]
     return []
+
+
+def _storable(value: Any) -> bool:
+    """No string (key or value) holds NUL, and no number overflows a double (what the database
+    cannot store, and the README says is rejected)."""
+    if isinstance(value, dict):
+        return all("\0" not in k and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    if isinstance(value, str):
+        return "\0" not in value
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
 
 
 def _no_constant(name: str) -> Any:

@@ -91,14 +91,24 @@ def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_a
             _check_watchers(staging, watcher_max_age) if checks["redis"] == "ok" else "unknown"
         )
         ready = all(v == "ok" for v in checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
-        )
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "checks": checks}
+        if checks["redis"] == "ok":
+            # Shown, not failed on: one poisoned target must not take the API out of service.
+            body["quarantined"] = _quarantined(staging)
+        return JSONResponse(body, 200 if ready else 503)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _quarantined(staging: Staging) -> dict[str, Any]:
+    try:
+        held = staging.quarantined()
+    except redis.RedisError:
+        return {"count": None, "targets": []}
+    return {"count": len(held), "targets": sorted(held)[:20]}
 
 
 def _check_redis(staging: Staging) -> str:

@@ -27,7 +27,7 @@ from .staging import Staging
 from .status import cmd_status
 from .store.migrate import upgrade
 from .tasks import Enqueuer, make_app
-from .uris import version_target
+from .uris import Target, version_target
 
 log = logging.getLogger("sidecar")
 
@@ -173,6 +173,34 @@ def cmd_complete(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from .store import quarantine
+    from .tasks import retry_targets
+
+    staging = connections.staging(settings)
+    engine = connections.engine(settings)
+    held = set(staging.quarantined()) | set(quarantine.listed(engine))
+    if args.all:
+        targets = sorted(held)
+    elif args.uri:
+        targets = [Target.parse(args.uri).key]  # BadURI names what is wrong with it
+    else:
+        print("sidecar retry: give a target (URI or execution:<id>) or --all", file=sys.stderr)
+        return 2
+    unknown = [t for t in targets if t not in held]
+    if unknown:
+        print(f"sidecar retry: not quarantined: {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    retry_targets(engine, staging, Enqueuer(make_app(settings)), targets)
+    engine.dispose()
+    print(
+        f"released {len(targets)} quarantined target(s); applies enqueued"
+        if targets
+        else "nothing quarantined"
+    )
+    return 0
+
+
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from .ingest import Ingestor
     from .replay import replay, sidecar_files, terminal_progress
@@ -282,6 +310,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     complete = command("complete", cmd_complete, "mark a dataset version as completed and apply it")
     complete.add_argument("uri", help="dataset://<name>/<version>")
+    retry = command("retry", cmd_retry, "put quarantined targets back and apply them again")
+    retry.add_argument("uri", nargs="?", help="dataset://<name>[/<version>] or execution:<id>")
+    retry.add_argument("--all", action="store_true", help="every quarantined target")
     replay = command(
         "replay", cmd_replay, "read sidecar files again from the start; stage and apply what was missed"
     )

@@ -55,6 +55,16 @@ class Keys:
         return f"{self.tag}:known-versions"
 
     @property
+    def failures(self) -> str:
+        """Hash: target -> failed apply attempts in a row (errors that are not transient)."""
+        return f"{self.tag}:failures"
+
+    @property
+    def quarantine(self) -> str:
+        """Hash: target -> JSON (error, attempts, at) of a target held after too many failures."""
+        return f"{self.tag}:quarantine"
+
+    @property
     def rejects(self) -> str:
         """List of rejected lines (newest first), capped."""
         return f"{self.tag}:rejects"

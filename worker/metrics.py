@@ -52,7 +52,8 @@ def reject_reason(reason: str) -> str:
 
 
 class BacklogCollector(Collector):
-    """Gauges read from Redis when scraped: targets due for an apply, and the oldest one's age."""
+    """Gauges read from Redis when scraped: targets due for an apply, the oldest one's age, and
+    the targets quarantined."""
 
     def __init__(self) -> None:
         self.staging: Staging | None = None
@@ -62,14 +63,20 @@ class BacklogCollector(Collector):
             return
         due = GaugeMetricFamily("sidecar_backlog_due_targets", "Targets with entries waiting for an apply")
         oldest = GaugeMetricFamily("sidecar_backlog_oldest_due_seconds", "Age of the oldest due target")
+        held = GaugeMetricFamily(
+            "sidecar_quarantined_targets", "Targets held after failed applies (see `sidecar retry`)"
+        )
         try:
             count, age = self.staging.backlog()
+            quarantined = self.staging.quarantined_count()
         except redis.RedisError:
             return
         due.add_metric([], count)
         oldest.add_metric([], age)
+        held.add_metric([], quarantined)
         yield due
         yield oldest
+        yield held
 
 
 _BACKLOG = BacklogCollector()

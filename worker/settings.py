@@ -34,6 +34,10 @@ class Settings:
     sweep_after: float = 5.0
     line_limit: int = MiB
     visibility_timeout: int = 900
+    # An apply failing with an error that is not transient is retried this many times (after
+    # apply_retry_backoff, 2x, 4x ... seconds, at most 60), then its target is quarantined.
+    apply_retries: int = 5
+    apply_retry_backoff: float = 1.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -63,6 +67,10 @@ class Settings:
             raise ConfigError("SIDECAR_PORT", f"{self.port} is not a TCP port")
         if self.rescan_interval <= 0:
             raise ConfigError("SIDECAR_RESCAN_INTERVAL", "must be positive")
+        if self.apply_retries < 0:
+            raise ConfigError("SIDECAR_APPLY_RETRIES", "must be 0 or more")
+        if self.apply_retry_backoff < 0:
+            raise ConfigError("SIDECAR_APPLY_RETRY_BACKOFF", "must be 0 or more seconds")
         if self.log_format not in ("text", "json"):
             raise ConfigError("SIDECAR_LOG_FORMAT", "must be text or json")
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
@@ -138,6 +146,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "sweep_after": float,
     "line_limit": int,
     "visibility_timeout": int,
+    "apply_retries": int,
+    "apply_retry_backoff": float,
 }
 
 

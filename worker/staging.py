@@ -163,6 +163,17 @@ return 0
 """
 
 
+# Keep a quarantined target out of the due set, unless `release` put it back meanwhile: the mark
+# and the removal go together, so a retry racing with a held apply still leaves the target due.
+_HOLD = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class Reject:
     """A line that could not be staged, and why; never holds the line's content (it may hold secrets)."""
@@ -258,6 +269,7 @@ class Staging:
         self._last_swept: dict[str, float] = {}
         self._stage = client.register_script(_STAGE)
         self._finish = client.register_script(_FINISH)
+        self._hold = client.register_script(_HOLD)
 
     # -- the watcher's side ------------------------------------------------------------------
 
@@ -460,9 +472,17 @@ class Staging:
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(self.keys.done(target))
         pipe.xrange(self.keys.stream(target), min="-", max="+", count=READ_BATCH)
-        done, batch = pipe.execute()
+        pipe.hexists(self.keys.quarantine, target.key)
+        pipe.hexists(self.keys.failures, target.key)
+        done, batch, quarantined, failed = pipe.execute()
         entries = [(raw_id.decode(), Entry.from_json(fields[b"e"])) for raw_id, fields in batch]
-        return Snapshot(bool(done), entries, whole=len(batch) < READ_BATCH)
+        return Snapshot(
+            bool(done),
+            entries,
+            whole=len(batch) < READ_BATCH,
+            quarantined=bool(quarantined),
+            failed=bool(failed),
+        )
 
     def read_after(
         self, target: Target, watermark: str | None, snapshot: Snapshot | None = None
@@ -510,6 +530,44 @@ class Staging:
         pipe.set(self.keys.done(target), completed_at, nx=True)
         self._finish(keys=keys, args=args, client=pipe)
         return bool(pipe.execute()[-1])
+
+    # -- failing applies and quarantine ------------------------------------------------------
+
+    def note_failure(self, target: Target) -> int:
+        """Count one more failed apply of `target` (an error that is not transient); the count."""
+        return int(self.redis.hincrby(self.keys.failures, target.key, 1))
+
+    def clear_failures(self, target: Target) -> None:
+        """The target applied: its next failure starts the count again."""
+        self.redis.hdel(self.keys.failures, target.key)
+
+    def quarantine(self, target: Target, error: str, attempts: int, at: str) -> None:
+        """Hold `target`: its entries stay staged, and applies skip it until `release`."""
+        record = orjson.dumps({"error": error, "attempts": attempts, "at": at})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.quarantine, target.key, record)
+        pipe.zrem(self.keys.due, target.key)
+        pipe.execute()
+
+    def hold(self, target: Target) -> bool:
+        """An apply found `target` quarantined: keep it out of the due set (see `_HOLD`)."""
+        return bool(self._hold(keys=[self.keys.quarantine, self.keys.due], args=[target.key]))
+
+    def release(self, target: Target) -> None:
+        """Put a quarantined target back: its failure count restarts and it is due again."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.keys.quarantine, target.key)
+        pipe.hdel(self.keys.failures, target.key)
+        pipe.zadd(self.keys.due, {target.key: _now_ms()}, nx=True)
+        pipe.execute()
+
+    def quarantined(self) -> dict[str, dict[str, Any]]:
+        """Every quarantined target with its record (error, attempts, at)."""
+        raw = cast(dict[bytes, bytes], self.redis.hgetall(self.keys.quarantine))
+        return {k.decode(): orjson.loads(v) for k, v in sorted(raw.items())}
+
+    def quarantined_count(self) -> int:
+        return int(self.redis.hlen(self.keys.quarantine))
 
     def due_targets(self, older_than: float) -> list[str]:
         """Targets due for longer than `older_than` seconds (their apply was lost or is slow)."""
@@ -562,6 +620,8 @@ class Snapshot:
     done: bool
     entries: list[tuple[str, Entry]]  # (stream id, entry), the stream's first READ_BATCH
     whole: bool  # the entries reached the end of the stream as it was
+    quarantined: bool = False  # held after too many failed applies (`Staging.quarantine`)
+    failed: bool = False  # an earlier apply failed: a success clears the count
 
 
 def _stream_order(stream_id: str) -> tuple[int, int]:

@@ -25,12 +25,16 @@ def collect(staging: Staging, *, stuck_after: float) -> dict[str, Any]:
         problems.append(f"a target has waited {oldest:.0f} s for its apply (limit {stuck_after:.0f} s)")
     if due_count and not any(b["role"] == "worker" for b in beats):
         problems.append("entries wait for an apply and no worker is alive")
+    quarantined = staging.quarantined()
+    if quarantined:
+        problems.append(f"{len(quarantined)} target(s) quarantined after failed applies: `sidecar retry`")
     return {
         "building": building,
         "completed_unapplied": completed_unapplied,
         "due_targets": due_count,
         "oldest_unapplied_seconds": round(oldest, 3),
         "rejects_last_hour": len(recent),
+        "quarantined": [{"target": k, **v} for k, v in quarantined.items()],
         "watchers": [b for b in beats if b["role"] == "watcher"],
         "workers": [b for b in beats if b["role"] == "worker"],
         "problems": problems,
@@ -74,6 +78,9 @@ def _print(report: dict[str, Any]) -> None:
         print(f"  {uri}")
     print(f"due targets: {report['due_targets']}, oldest waiting {report['oldest_unapplied_seconds']:.1f} s")
     print(f"rejects in the last hour: {report['rejects_last_hour']}")
+    print(f"quarantined: {len(report['quarantined'])}")
+    for q in report["quarantined"][:20]:
+        print(f"  {q['target']}  after {q['attempts']} tries, {q['at']}: {q['error']}")
     for w in report["watchers"]:
         print(
             f"watcher {w['name']}: {w['root']}, {w['files']} files, {w['pending_bytes']} bytes pending, "

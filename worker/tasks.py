@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -23,12 +26,14 @@ from . import connections, metrics
 from .keys import Keys
 from .settings import Settings
 from .staging import Staging
-from .store.apply import apply_target
+from .store import quarantine
+from .store.apply import ApplyResult, apply_target
 from .uris import Target
 
 log = logging.getLogger(__name__)
 
 APPLY_TASK = "sidecar.apply"
+Enqueue = Callable[[str], None]
 
 # Errors worth a retry: the database or Redis is down or locked for now.
 TRANSIENT = (
@@ -80,22 +85,23 @@ def make_app(settings: Settings) -> Celery:
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
-        autoretry_for=TRANSIENT,
-        retry_backoff=1,
-        retry_backoff_max=60,
-        retry_jitter=True,
+        # Transient errors retry for as long as they last; the others are counted per target
+        # in Redis (`_failed`), so duplicates of one task (the sweep) share one bound.
         max_retries=None,
     )
     def apply(self: Task[Any, Any], target_key: str) -> dict[str, Any]:
         engine, staging = resources.get()
+        target = Target.parse(target_key)
         started = time.perf_counter()
         try:
-            result = apply_target(engine, staging, Target.parse(target_key))
-        except TRANSIENT:
+            result = apply_target(engine, staging, target)
+        except TRANSIENT as exc:
             metrics.APPLIES.labels("retry").inc()
-            raise
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+        except Exception as exc:  # not transient: retried a bounded number of times, then held
+            return _failed(self, settings, engine, staging, target, exc)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
-        metrics.APPLIES.labels("skipped" if result.skipped else "applied" if result.applied else "noop").inc()
+        metrics.APPLIES.labels(_outcome(result)).inc()
         metrics.ENTRIES_APPLIED.inc(result.applied)
         if result.applied or result.skipped:
             log.info(
@@ -108,6 +114,66 @@ def make_app(settings: Settings) -> Celery:
         return {"applied": result.applied, "watermark": result.watermark, "skipped": result.skipped}
 
     return app
+
+
+def _outcome(result: ApplyResult) -> str:
+    if result.skipped == "quarantined":
+        return "held"
+    return "skipped" if result.skipped else "applied" if result.applied else "noop"
+
+
+def _backoff(settings: Settings, retries: int) -> float:
+    """Seconds before the next try: the base, doubled per retry, at most 60, fully jittered (as
+    Celery's `retry_backoff`, whose helper takes whole seconds only)."""
+    return random.uniform(0, min(60.0, settings.apply_retry_backoff * 2**retries))
+
+
+def _failed(
+    task: Task[Any, Any], settings: Settings, engine: Engine, staging: Staging, target: Target, exc: Exception
+) -> dict[str, Any]:
+    """An apply failed with an error that is not transient (a bug, or a limit nothing checked).
+
+    Retried `apply_retries` times with backoff, then the target is quarantined: recorded in the
+    database first (durable), then held in Redis, which takes it out of the due set. Nothing is
+    dropped: its entries, and those staged later, wait in Redis until `sidecar retry`. A crash
+    between the two steps leaves the target due; its next failure quarantines it again.
+    """
+    attempts = staging.note_failure(target)
+    error = describe(exc)
+    if attempts <= settings.apply_retries:
+        metrics.APPLIES.labels("failed").inc()
+        log.warning(
+            "apply %s failed (try %d of %d): %s", target.key, attempts, settings.apply_retries + 1, error
+        )
+        raise task.retry(exc=exc, countdown=_backoff(settings, attempts - 1), max_retries=None) from exc
+    now = datetime.now(UTC)
+    quarantine.record(engine, target.key, error, attempts, now)
+    staging.quarantine(target, error, attempts, now.isoformat())
+    metrics.APPLIES.labels("quarantined").inc()
+    log.error("apply %s quarantined after %d failed tries: %s", target.key, attempts, error)
+    return {"applied": 0, "quarantined": error}
+
+
+def describe(exc: BaseException) -> str:
+    """An error as one short line for status and logs: the database's own message, without the
+    statement and parameters SQLAlchemy appends (they may be large, or hold the values)."""
+    inner = getattr(exc, "orig", None) or exc
+    lines = str(inner).strip().splitlines()
+    text = f"{type(inner).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 500 else text[:500] + "..."
+
+
+def retry_targets(engine: Engine, staging: Staging, enqueue: Enqueue, targets: list[str]) -> list[str]:
+    """`sidecar retry`: forget the quarantine of `targets` and enqueue an apply of each.
+
+    The database row goes first: if Redis then fails, the target is still held and shown, and
+    the retry can be run again.
+    """
+    quarantine.remove(engine, targets)
+    for key in targets:
+        staging.release(Target.parse(key))
+        enqueue(key)
+    return targets
 
 
 class Enqueuer:

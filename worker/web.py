@@ -6,7 +6,8 @@ token on (the script asks for it once on a 401 and keeps it in `sessionStorage`)
 says which dataset or version it is for; an unknown id answers a 404 page.
 
 One read-only JSON route belongs to the pages and lives under `/api/` (so the token guards it):
-the number of entries staged in Redis for a dataset or version after its applied watermark.
+the number of entries staged in Redis for a dataset or version after its applied watermark, and
+its quarantine record if its applies kept failing.
 """
 
 from __future__ import annotations
@@ -126,9 +127,10 @@ def _staged_route(app: FastAPI, engine: Engine, staging: Staging, kind: str, bas
             target = _target(session, kind, owner_id)  # NotFound: the app's JSON 404
         try:
             found = staged_after_watermark(engine, staging, target)
+            held = staging.quarantined().get(target.key)
         except redis.RedisError as exc:  # Redis down: the page says "unknown", the rest still works
             return JSONResponse({"error": "unavailable", "detail": f"staging area: {exc}"}, 503)
-        return JSONResponse(found.to_json())
+        return JSONResponse({**found.to_json(), "quarantined": held})
 
 
 def _target(session: Session, kind: str, owner_id: int) -> Target:

@@ -473,6 +473,16 @@
         out.textContent = n ? `${plural(n, "entry", "entries")}${data.capped ? " or more" : ""}` : "none";
         if (n && building) out.append(h("span", { class: "muted", text: " (applied when the version completes)" }));
         out.title = data.watermark ? `after watermark ${data.watermark}` : "nothing applied yet";
+        const held = $("quarantine");
+        held.hidden = !data.quarantined;
+        if (data.quarantined) {
+          const q = data.quarantined;
+          held.replaceChildren(
+            h("p", { text: `Quarantined: its applies failed ${q.attempts} times (last at ${q.at}). Its entries are kept and held.` }),
+            h("pre", { text: q.error }),
+            h("p", { text: `Put it back with: sidecar retry ${data.target}` }),
+          );
+        }
       } catch (error) {
         out.textContent = "unknown";
         out.title = problem(error);

@@ -48,6 +48,11 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     """
     result = ApplyResult(target.key)
     snapshot = staging.snapshot(target)  # before the lock: see Staging.snapshot
+    if snapshot.quarantined:
+        # Held after too many failed applies: its entries stay staged until `sidecar retry`.
+        staging.hold(target)
+        result.skipped = "quarantined"
+        return result
     with _sqlite_queue(engine), writer(engine).begin() as conn:
         mark = lock_watermark(conn, target.key)
         result.watermark = mark
@@ -70,6 +75,8 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     # `finish` puts it back so that late lines for this version keep being applied by themselves.
     completed_at = applier.now.isoformat() if target.kind == "version" else None
     staging.finish(target, result.watermark, completed_at)
+    if snapshot.failed:
+        staging.clear_failures(target)
     return result
 
 

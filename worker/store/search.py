@@ -29,8 +29,9 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import KeyedColumnElement
 
+from ..limits import path_text
 from ..query import And, Compare, Exists, FilterError, In, Key, Like, Node, Not, Or, Value, parse
-from .index import STR_KEY_LENGTH, lower, path_text
+from .index import STR_KEY_LENGTH, lower
 from .models import PropertyIndex
 
 OwnerKind = Literal["dataset", "version"]
