@@ -130,7 +130,8 @@ def test_staged_count_follows_the_watermark(client: TestClient, engine: Engine, 
     apply_target(engine, staging, V1)  # registers the version as building; nothing applied
     dataset_id, version_id = ids(client)
     url = f"/api/web/dataset-versions/{version_id}/staged/"
-    assert client.get(url).json() == {"target": V1.key, "watermark": None, "staged": 2, "capped": False}
+    want = {"target": V1.key, "watermark": None, "staged": 2, "capped": False, "quarantined": None}
+    assert client.get(url).json() == want
     assert client.get(f"/api/web/datasets/{dataset_id}/staged/").json()["staged"] == 1
 
     # An API write on a building version is staged too.
