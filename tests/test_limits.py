@@ -172,3 +172,23 @@ def test_api_writes_refuse_what_the_database_cannot_hold(metadata: dict[str, Any
 
 def test_api_writes_at_the_limits_pass() -> None:
     user_write(Target("dataset", "ds"), {"n": [2**64 - 1, -(2**63), 1e308, "ok"]}, Source("api"))
+
+
+def test_a_path_that_is_not_utf8_is_one_reject_and_the_rest_is_read(staging: Staging, tmp_path: Path) -> None:
+    """A folder named with bytes that are not UTF-8 crashed the read (Redis keys and the store
+    need text); now it is one reject, recorded once however often it is scanned."""
+    import os
+
+    bad_dir = os.path.join(os.fsencode(tmp_path), b"exec-\xff")
+    os.mkdir(bad_dir)
+    with open(os.path.join(bad_dir, b"valohai.metadata.jsonl"), "wb") as f:
+        f.write(b'{"dataset-version": "dataset://ds/v1", "metadata": {"a": 1}}\n')
+    good = _write(tmp_path, [_v({"b": 2})])
+    ingestor = Ingestor(tmp_path, staging, line_limit=1024 * 1024)
+    bad = tmp_path / os.fsdecode(b"exec-\xff") / "valohai.metadata.jsonl"
+    for _ in range(3):
+        assert ingestor.ingest(bad).lines == 0
+    assert ingestor.ingest(good).lines == 1
+    rejects = staging.rejects()
+    assert [(r.file, r.line) for r in rejects] == [("exec-\\xff/valohai.metadata.jsonl", 0)]
+    assert "not valid UTF-8" in rejects[0].reason

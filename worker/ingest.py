@@ -124,6 +124,27 @@ class Ingestor:
         self.line_limit = line_limit
         self.batch_bytes = batch_bytes
         self._carried: _InFlight | None = None  # see `ingest(carry=True)`
+        self._bad_names: set[str] = set()  # paths refused by `_utf8_name`, rejected once
+
+    def _utf8_name(self, path: Path) -> bool:
+        """Whether the file's path is text every store can hold. A folder or file named with
+        bytes that are not UTF-8 (Python reads them as surrogates) cannot become an execution
+        id, a datum path or a Redis key: it is a reject, recorded once per process, not a
+        crash at every scan."""
+        rel = str(path.relative_to(self.root))
+        try:
+            rel.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            pass
+        if rel not in self._bad_names:
+            self._bad_names.add(rel)
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            reason = "the file's path is not valid UTF-8, so it is not read (rename it)"
+            log.warning("rejected %s: %s", shown, reason)
+            self.staging.record_reject(Reject(shown, 0, 0, reason, shown.split("/")[0], now_iso()))
+            metrics.LINES_REJECTED.labels("bad_path").inc()
+        return False
 
     def settle(self) -> IngestStats:
         """Wait for a batch carried over by `ingest(carry=True)`: its lines and due targets."""
@@ -154,7 +175,7 @@ class Ingestor:
         """
         kind = sidecar_kind(self.root, path)
         stats = IngestStats()
-        if kind is None or not inside_root(self.root, path):
+        if kind is None or not inside_root(self.root, path) or not self._utf8_name(path):
             self._settle_carried(stats)
             return stats
         try:
