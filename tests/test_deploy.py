@@ -223,7 +223,8 @@ def test_procfile_runs_under_honcho_start_and_stops_on_sigterm(
         ready = http.get("/readyz")
         assert ready.status_code == 200, ready.text
         checks = {"redis": "ok", "database": "ok", "watcher": "ok"}
-        assert ready.json() == {"status": "ready", "checks": checks}
+        quarantined = {"count": 0, "targets": []}
+        assert ready.json() == {"status": "ready", "checks": checks, "quarantined": quarantined}
         assert any(h["role"] == "worker" for h in staging.heartbeats()), "no worker heartbeat"
         http.close()
         stop_and_check(honcho, marker)

@@ -584,8 +584,11 @@ _OPERATORS: dict[CompareOp, Callable[[Any, Any], bool]] = {
 
 def _resolve(key: Key, properties: Mapping[str, Any]) -> Any:
     """The value at `key`, or `_MISSING` when a segment is absent or a parent is not an object."""
-    if not fits_index(path_text(key.path)):
-        return _MISSING  # stored, but not searchable by this path (see worker/limits.py)
+    try:
+        if not fits_index(path_text(key.path)):
+            return _MISSING  # stored, but not searchable by this path (see worker/limits.py)
+    except TypeError:
+        return _MISSING  # a key that is not valid Unicode (a lone surrogate): none is stored
     current: Any = properties
     for segment in key.path:
         if not isinstance(current, Mapping) or segment not in current:
