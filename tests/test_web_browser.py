@@ -487,3 +487,28 @@ def test_no_horizontal_scroll_on_a_phone(browser: Any, server: Server, shots: Pa
         assert all(w <= NARROW["width"] for w in widths.values()), widths
     finally:
         context.close()
+
+
+def test_a_quarantined_version_says_so_and_how_to_put_it_back(page: Any, server: Server, shots: Path) -> None:
+    import redis as redis_lib
+    from playwright.sync_api import expect
+
+    from worker.keys import Keys
+    from worker.staging import Staging
+    from worker.uris import Target
+
+    client = redis_lib.Redis.from_url((server.data_dir / "redis.url").read_text().strip())
+    staging = Staging(client, Keys("sidecar"))
+    target = Target("version", "press-line", BUILDING)
+    staging.quarantine(target, "IntegrityError: poisoned by the test", 6, "2026-12-02T10:00:00+00:00")
+    try:
+        login(page, f"/dataset-versions/{server.version(BUILDING)['id']}/")
+        notice = page.locator("#quarantine")
+        expect(notice).to_be_visible()
+        expect(notice).to_contain_text("Quarantined: its applies failed 6 times")
+        expect(notice).to_contain_text("IntegrityError: poisoned by the test")
+        expect(notice).to_contain_text(f"sidecar retry {target.key}")
+        page.screenshot(path=str(shots / "version-quarantined.png"), full_page=True)
+    finally:
+        staging.release(target)
+        client.close()
