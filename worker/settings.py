@@ -34,6 +34,7 @@ class Settings:
     sweep_after: float = 5.0
     line_limit: int = MiB
     visibility_timeout: int = 900
+    retention_seconds: float = 86400.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -63,6 +64,8 @@ class Settings:
             raise ConfigError("SIDECAR_PORT", f"{self.port} is not a TCP port")
         if self.rescan_interval <= 0:
             raise ConfigError("SIDECAR_RESCAN_INTERVAL", "must be positive")
+        if self.retention_seconds < 0:
+            raise ConfigError("SIDECAR_RETENTION_SECONDS", "must be 0 or more")
         if self.log_format not in ("text", "json"):
             raise ConfigError("SIDECAR_LOG_FORMAT", "must be text or json")
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
@@ -138,6 +141,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "sweep_after": float,
     "line_limit": int,
     "visibility_timeout": int,
+    "retention_seconds": float,
 }
 
 
