@@ -662,6 +662,23 @@ class Staging:
                 held.flags[key] = flag.decode()
         return held
 
+    def settled(self, targets: list[str], watermarks: dict[str, str | None]) -> bool:
+        """True if no target is due and none has anything staged past its applied watermark
+        (read without a lock: `forget` checks it again atomically before deleting)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in targets:
+            pipe.zscore(self.keys.due, key)
+            pipe.xrevrange(self.keys.stream(Target.parse(key)), "+", "-", count=1)
+        answers = pipe.execute()
+        for i, key in enumerate(targets):
+            score, last = answers[2 * i], answers[2 * i + 1]
+            if score is not None:
+                return False
+            mark = watermarks.get(key)
+            if last and (mark is None or _stream_order(last[0][0].decode()) > _stream_order(mark)):
+                return False
+        return True
+
     def forget(self, held: Held, watermarks: dict[str, str | None], *, whole: bool) -> bool:
         """Delete what `held` read, if nothing moved since (see _FORGET); True if deleted.
 

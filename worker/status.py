@@ -31,6 +31,7 @@ def collect(staging: Staging, *, stuck_after: float) -> dict[str, Any]:
         "due_targets": due_count,
         "oldest_unapplied_seconds": round(oldest, 3),
         "rejects_last_hour": len(recent),
+        "redis": staging.memory(),
         "watchers": [b for b in beats if b["role"] == "watcher"],
         "workers": [b for b in beats if b["role"] == "worker"],
         "problems": problems,
@@ -74,6 +75,12 @@ def _print(report: dict[str, Any]) -> None:
         print(f"  {uri}")
     print(f"due targets: {report['due_targets']}, oldest waiting {report['oldest_unapplied_seconds']:.1f} s")
     print(f"rejects in the last hour: {report['rejects_last_hour']}")
+    mem = report["redis"]
+    oldest = "no completed execution retained"
+    if mem["oldest_retained"]:
+        age = mem["oldest_retained_seconds"]
+        oldest = f"oldest retained execution {mem['oldest_retained']}, completed {age:.0f} s ago"
+    print(f"redis memory: {mem['used_memory_human']}; {mem['held_executions']} executions held; {oldest}")
     for w in report["watchers"]:
         print(
             f"watcher {w['name']}: {w['root']}, {w['files']} files, {w['pending_bytes']} bytes pending, "
