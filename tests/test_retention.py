@@ -10,6 +10,8 @@ this test's to judge).
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import cast
 
 import pytest
@@ -127,6 +129,7 @@ def test_completed_and_applied_executions_leave_redis(
     assert prefix_memory(redis_client, keys) == after
 
     # `sidecar replay` stages only what is missing: nothing.
+    assert replay(engine, staging, ingestor, paths[:3], dry_run=True).changes == []
     summary = replay(engine, staging, ingestor, paths[:3])
     assert summary.applied == 0 and summary.lines == 3 * LINES
     assert history_rows(engine) == changes
@@ -275,3 +278,44 @@ def test_retention_waits_for_its_time_and_for_the_applies(
     apply_due(engine, staging, handed)
     assert Retention(staging, lambda: engine, retention_seconds=3600).run().forgotten == []  # too early
     assert Retention(staging, lambda: engine, retention_seconds=0).run().forgotten == ["exec-0"]
+
+
+def test_the_watcher_runs_retention_and_does_not_read_a_finished_file_again(
+    settings: Settings, staging: Staging, engine: Engine
+) -> None:
+    """The watcher loop: a pass beside each scan; a rescan falls back to the database's record."""
+    from dataclasses import replace
+
+    from tests.test_watch import wait_until
+    from worker.watch import Watcher
+
+    root = settings.require_root()
+    path = root / "exec-0" / JSONL
+    path.parent.mkdir()
+    path.write_text("".join(lines_of(0, 20)))
+    sent: list[str] = []
+    stop = threading.Event()
+    watcher = Watcher(
+        replace(settings, retention_seconds=0.0, rescan_interval=0.2), staging, sent.append, stop
+    )
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: staging.load_state(f"exec-0/{JSONL}") is not None)
+        staging.complete_execution("exec-0")
+        wait_until(lambda: bool(sent))
+        apply_due(engine, staging, set(sent))
+        wait_until(lambda: not staging.redis.hlen(staging.keys.executions))
+        lines = watcher.stats.lines
+        time.sleep(1.0)  # rescans: the finished file is not read again
+        assert watcher.stats.lines == lines
+        assert staging.load_state(f"exec-0/{JSONL}") is None
+        with open(path, "a") as f:
+            f.write("".join(lines_of(0, 1, start=20)))
+        wait_until(lambda: watcher.stats.lines == lines + 1)
+        wait_until(lambda: bool(staging.due_targets(older_than=-1)))
+        apply_due(engine, staging)
+        assert_matches_db(engine, expected_state([path], root=root))
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -138,6 +138,7 @@ class Ingestor:
         self.finished = finished
         self.root_id = f"{socket.gethostname()}:{self.root}"
         self._carried: _InFlight | None = None  # see `ingest(carry=True)`
+        self._forgot = False  # retention has forgotten something (see Staging.ever_forgot)
 
     def settle(self) -> IngestStats:
         """Wait for a batch carried over by `ingest(carry=True)`: its lines and due targets."""
@@ -280,6 +281,10 @@ class Ingestor:
         current = self.staging.load_state(rel)
         if current is not None or self.finished is None:
             return current, None
+        if not self._forgot:
+            self._forgot = self.staging.ever_forgot()  # once true, true for good
+            if not self._forgot:
+                return None, None
         record = self.finished(rel)
         return (record.state, record) if record is not None else (None, None)
 

@@ -75,14 +75,18 @@ class Retention:
         """One pass: forget every execution that may go. Safe to run anywhere, any number of
         times at once (each step is an upsert or a script that checks before it deletes)."""
         stats = RetentionStats()
+        completed, gone = self.staging.completed_before(self.retention_seconds), self._gone()
+        if not completed and not gone:
+            return stats  # nothing to ask the database about
         engine = self.engine()
         if not finished.ready(engine):
-            log.debug("the database has no finished_files table yet; retention waits for the migration")
+            log.warning("the database has no finished_files table yet; retention waits for the migration")
             return stats
-        for execution in self.staging.completed_before(self.retention_seconds):
+        for execution in completed:
             self._forget(engine, execution, stats, gone=False)
-        for execution in self._gone():
-            self._forget(engine, execution, stats, gone=True)
+        for execution in gone:
+            if execution not in completed:
+                self._forget(engine, execution, stats, gone=True)
         if stats.forgotten:
             log.info("retention: %d executions left Redis", len(stats.forgotten))
         return stats

@@ -255,12 +255,14 @@ if whole then
   end
   redis.call('DEL', KEYS[3], KEYS[4])
   redis.call('ZREM', KEYS[5], ARGV[1])
-  local floor = redis.call('GET', KEYS[9])
-  for _, id in ipairs(lasts) do
-    if not floor or newer(id, floor) then floor = id end
-  end
-  if floor then redis.call('SET', KEYS[9], floor) end
 end
+-- The floor exists once retention ever forgot something: until then no file can have a record
+-- in the database, and readers need not ask it (a watcher may have no database to ask).
+local floor = redis.call('GET', KEYS[9]) or '0-0'
+for _, id in ipairs(lasts) do
+  if newer(id, floor) then floor = id end
+end
+redis.call('SET', KEYS[9], floor)
 return 1
 """
 
@@ -661,6 +663,10 @@ class Staging:
             if flag is not None:
                 held.flags[key] = flag.decode()
         return held
+
+    def ever_forgot(self) -> bool:
+        """True once retention forgot an execution (only then can a file have a finished record)."""
+        return bool(self.redis.exists(self.keys.stream_floor))
 
     def settled(self, targets: list[str], watermarks: dict[str, str | None]) -> bool:
         """True if no target is due and none has anything staged past its applied watermark
