@@ -319,3 +319,19 @@ def test_the_watcher_runs_retention_and_does_not_read_a_finished_file_again(
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def test_a_file_that_appears_after_its_completed_execution_was_forgotten(
+    settings: Settings, staging: Staging, engine: Engine, ingestor: Ingestor
+) -> None:
+    """The completion came first (nothing staged yet) and left Redis: it comes back with the file."""
+    staging.complete_execution("exec-0")
+    assert Retention(staging, lambda: engine, retention_seconds=0).run().forgotten == ["exec-0"]
+    assert not staging.is_done(Target.for_execution("exec-0"))
+    root = settings.require_root()
+    path = root / "exec-0" / JSONL
+    path.parent.mkdir()
+    path.write_text("".join(lines_of(0, 10)))
+    apply_due(engine, staging, ingestor.ingest(path).due)
+    # The datum lines are due by the restored completion, and complete the version they name.
+    assert_matches_db(engine, expected_state([path], root=root), completed=["dataset://ret/v0"])

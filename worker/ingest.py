@@ -286,7 +286,7 @@ class Ingestor:
             if not self._forgot:
                 return None, None
         record = self.finished(rel)
-        return (record.state, record) if record is not None else (None, None)
+        return (record.state or None, record) if record is not None else (None, None)
 
     def _restore(self, record: FinishedRecord) -> None:
         """Put a finished file's state back in Redis: its checkpoint, line digests, and its

@@ -114,8 +114,8 @@ class Retention:
         if not whole and not gone:
             return  # completed_before listed it, but its flag went meanwhile: not ours to judge
         marks = finished.watermarks(engine, held.targets) if whole else {}
-        if whole and not self.staging.settled(held.targets, marks):
-            stats.kept.append(execution)
+        if whole and self.staging.unapplied_by(execution, held.targets, marks):
+            stats.kept.append(execution)  # some of its entries wait for an apply
             return
         # The database first: once Redis forgets, only the record knows where the files ended.
         files = {f: (state, held.digests.get(f, b"")) for f, state in held.files.items()}

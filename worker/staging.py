@@ -205,10 +205,9 @@ return 0
 
 
 # Retention: take one execution's staging state out of Redis, once the database holds what must
-# outlive it (see worker/retention.py). All or nothing, and only if nothing moved since it was
-# read: every file's checkpoint as read (a batch staged meanwhile moved it), and, for a completed
-# execution, every target it fed not due and with nothing staged past its applied watermark (a
-# line staged meanwhile, by this execution or another, keeps the target and the execution).
+# outlive it (see worker/retention.py). Nothing is deleted if a file's checkpoint moved since it
+# was read (a batch of this execution staged meanwhile); the targets it fed go too if they are
+# not due and hold nothing past their applied watermark.
 # KEYS: 1 offsets, 2 the execution's file set, 3 its target set, 4 its done flag, 5 completed,
 #       6 executions, 7 due, 8 known versions, 9 stream floor, 10..9+N the files' line digests,
 #       then per target its stream and its done flag.
@@ -226,20 +225,7 @@ local whole, n = ARGV[2] == '1', tonumber(ARGV[3])
 for i = 0, n - 1 do
   if (redis.call('HGET', KEYS[1], ARGV[4 + 2 * i]) or '') ~= ARGV[5 + 2 * i] then return 0 end
 end
-local first_target, first_key = 4 + 2 * n, 10 + n
 local lasts = {}
-if whole then
-  local a, k = first_target, first_key
-  while a <= #ARGV do
-    if redis.call('ZSCORE', KEYS[7], ARGV[a]) then return 0 end
-    local last = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
-    if #last > 0 then
-      if ARGV[a + 1] == '' or newer(last[1][1], ARGV[a + 1]) then return 0 end
-      lasts[#lasts + 1] = last[1][1]
-    end
-    a, k = a + 3, k + 2
-  end
-end
 for i = 0, n - 1 do
   redis.call('HDEL', KEYS[1], ARGV[4 + 2 * i])
   redis.call('DEL', KEYS[10 + i])
@@ -247,10 +233,19 @@ end
 redis.call('DEL', KEYS[2])
 redis.call('HDEL', KEYS[6], ARGV[1])
 if whole then
-  local a, k = first_target, first_key
+  -- A target whose every entry is applied and that is not due goes with its stream, flag and
+  -- known-version entry. One that another execution's entries (or an apply) still hold stays:
+  -- this execution's own entries in it are applied (checked before, and a line of this execution
+  -- staged since moved a checkpoint above).
+  local a, k = 4 + 2 * n, 10 + n
   while a <= #ARGV do
-    redis.call('DEL', KEYS[k], KEYS[k + 1])
-    if ARGV[a + 2] == '1' then redis.call('SREM', KEYS[8], ARGV[a]) end
+    local last = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
+    local applied = #last == 0 or (ARGV[a + 1] ~= '' and not newer(last[1][1], ARGV[a + 1]))
+    if applied and not redis.call('ZSCORE', KEYS[7], ARGV[a]) then
+      if #last > 0 then lasts[#lasts + 1] = last[1][1] end
+      redis.call('DEL', KEYS[k], KEYS[k + 1])
+      if ARGV[a + 2] == '1' then redis.call('SREM', KEYS[8], ARGV[a]) end
+    end
     a, k = a + 3, k + 2
   end
   redis.call('DEL', KEYS[3], KEYS[4])
@@ -271,10 +266,11 @@ return 1
 # watcher that restored it first, or a completion since, wins.
 # KEYS: 1 offsets, 2 the file's line digests, 3 the execution's file set, 4 executions, 5 the
 #       execution's done flag, 6 completed, 7.. the done flags of the versions it fed.
-# ARGV: 1 file, 2 checkpoint, 3 digests, 4 execution, 5 root, 6 completion ISO time ("" = not
-#       completed), 7 completion time (ms), 8.. the versions' flag values (as KEYS 7..).
+# ARGV: 1 file, 2 checkpoint ("" = none: a new file), 3 digests, 4 execution, 5 root,
+#       6 completion ISO time ("" = not completed), 7 completion time (ms), 8.. the versions'
+#       flag values (as KEYS 7..).
 _RESTORE = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 and #ARGV[3] > 0 then
+if ARGV[2] ~= '' and redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 and #ARGV[3] > 0 then
   redis.call('SET', KEYS[2], ARGV[3], 'NX')
 end
 redis.call('SADD', KEYS[3], ARGV[1])
@@ -668,22 +664,21 @@ class Staging:
         """True once retention forgot an execution (only then can a file have a finished record)."""
         return bool(self.redis.exists(self.keys.stream_floor))
 
-    def settled(self, targets: list[str], watermarks: dict[str, str | None]) -> bool:
-        """True if no target is due and none has anything staged past its applied watermark
-        (read without a lock: `forget` checks it again atomically before deleting)."""
-        pipe = self.redis.pipeline(transaction=False)
+    def unapplied_by(
+        self, execution: str, targets: list[str], watermarks: dict[str, str | None], limit: int = 10_000
+    ) -> list[str]:
+        """The targets holding an entry of `execution` past their applied watermark (or more than
+        `limit` entries to look through past it: held, to be safe)."""
+        held = []
         for key in targets:
-            pipe.zscore(self.keys.due, key)
-            pipe.xrevrange(self.keys.stream(Target.parse(key)), "+", "-", count=1)
-        answers = pipe.execute()
-        for i, key in enumerate(targets):
-            score, last = answers[2 * i], answers[2 * i + 1]
-            if score is not None:
-                return False
-            mark = watermarks.get(key)
-            if last and (mark is None or _stream_order(last[0][0].decode()) > _stream_order(mark)):
-                return False
-        return True
+            target = Target.parse(key)
+            if target.kind == "execution" and target.execution != execution:
+                continue
+            for seen, (_, entry) in enumerate(self.read_after(target, watermarks.get(key)), 1):
+                if entry.source.execution == execution or seen >= limit or target.kind == "execution":
+                    held.append(key)
+                    break
+        return held
 
     def forget(self, held: Held, watermarks: dict[str, str | None], *, whole: bool) -> bool:
         """Delete what `held` read, if nothing moved since (see _FORGET); True if deleted.

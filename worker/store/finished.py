@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Engine, Table, bindparam, inspect, select
+from sqlalchemy import null as sa_null
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -33,6 +34,13 @@ _SELECT_FILE = (
     .join(_EXECUTIONS, _EXECUTIONS.c.execution == _FILES.c.execution)
     .where(_FILES.c.file == bindparam("file"))
 )
+_SELECT_EXECUTION = select(
+    _EXECUTIONS.c.execution,
+    sa_null().label("state"),
+    sa_null().label("digests"),
+    _EXECUTIONS.c.completed_at,
+    _EXECUTIONS.c.flags,
+).where(_EXECUTIONS.c.execution == bindparam("execution"))
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class FinishedRecord:
 
     file: str
     execution: str
-    state: str  # the file's last checkpoint
+    state: str  # the file's last checkpoint ("" for a file its execution never staged from)
     digests: bytes
     completed_ms: int | None  # None: forgotten before it completed (its folder was deleted)
     flags: dict[str, str]  # completed version -> its done flag's value
@@ -55,17 +63,21 @@ def ready(engine: Engine) -> bool:
 def find(engine: Engine, file: str) -> FinishedRecord | None:
     """The record of a finished file, or None (never finished, or never forgotten)."""
     with engine.connect() as conn:
-        row = conn.execute(_SELECT_FILE, {"file": file}).first()
+        row: Any = conn.execute(_SELECT_FILE, {"file": file}).first()
+        if row is None:
+            # A file that appeared after its execution was forgotten (completed before it wrote
+            # anything, say): no checkpoint, but the completion must come back with its lines.
+            row = conn.execute(_SELECT_EXECUTION, {"execution": file.split("/", 1)[0]}).first()
     if row is None:
         return None
     completed = row.completed_at
     if completed is not None and completed.tzinfo is None:  # SQLite hands back naive times
         completed = completed.replace(tzinfo=UTC)
     return FinishedRecord(
-        row.file,
+        file,
         row.execution,
-        row.state,
-        bytes(row.digests),
+        row.state or "",
+        bytes(row.digests or b""),
         None if completed is None else int(completed.timestamp() * 1000),
         dict(row.flags or {}),
     )
