@@ -335,3 +335,27 @@ def test_a_file_that_appears_after_its_completed_execution_was_forgotten(
     apply_due(engine, staging, ingestor.ingest(path).due)
     # The datum lines are due by the restored completion, and complete the version they name.
     assert_matches_db(engine, expected_state([path], root=root), completed=["dataset://ret/v0"])
+
+
+def test_a_target_shared_with_a_running_execution_stays_while_the_completed_one_goes(
+    settings: Settings, staging: Staging, engine: Engine, ingestor: Ingestor
+) -> None:
+    root = settings.require_root()
+    paths = [root / f"exec-{i}" / JSONL for i in range(2)]
+    for path in paths:
+        path.parent.mkdir()
+    paths[0].write_text("".join(lines_of(0, 20)))  # dataset lines to dataset://ret among others
+    apply_due(engine, staging, ingestor.ingest(paths[0]).due)
+    staging.complete_execution("exec-0")
+    apply_due(engine, staging)
+    # exec-1, still running, stages dataset lines that wait for its completion.
+    paths[1].write_text("".join(lines_of(1, 20)))
+    apply_due(engine, staging, ingestor.ingest(paths[1]).due)
+    dataset = Target("dataset", "ret")
+    assert Retention(staging, lambda: engine, retention_seconds=0).run().forgotten == ["exec-0"]
+    assert staging.redis.exists(staging.keys.stream(dataset))  # exec-1's dataset lines wait in it
+    staging.complete_execution("exec-1")
+    apply_due(engine, staging)
+    assert Retention(staging, lambda: engine, retention_seconds=0).run().forgotten == ["exec-1"]
+    assert not staging.redis.exists(staging.keys.stream(dataset))
+    assert_matches_db(engine, expected_state(paths, root=root))
