@@ -25,6 +25,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from tests.oracle import assert_matches_db, expected_state
+from tests.retention_check import assert_retention_keeps_the_oracle
 from worker.ingest import Ingestor
 from worker.records import Source, user_write
 from worker.staging import Staging
@@ -248,6 +249,12 @@ def test_completion_racing_with_a_burst_of_appends_equals_the_oracle_every_round
             raise AssertionError(
                 f"round {number} ({r.mode} completion, seed {base + number}): {exc}"
             ) from None
+    # Retention then takes every round's staging state out of Redis: the oracle still holds.
+    paths = [root / rel for rel in files]
+    first = Target("version", "race0", "v1")
+    assert_retention_keeps_the_oracle(
+        engine, staging, root, paths, late=(paths[0], first), api_writes=api, completed=completed
+    )
     print(f"{ROUNDS} rounds, {mid_burst} completed in the middle of the burst (seed base {base})")
     # The point of the test is the overlap: the pinned rounds surely completed while lines were
     # being staged (an order of events, not a speed: the writer waited for the completion).

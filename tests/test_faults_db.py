@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 
 from tests.e2e_helpers import clean_env, free_port, kill_group, stop_group, wait_until
 from tests.oracle import assert_matches_db, db_state, expected_state
+from tests.retention_check import assert_retention_keeps_the_oracle
 from worker.ingest import Ingestor
 from worker.keys import Keys
 from worker.settings import Settings
@@ -194,6 +195,10 @@ class Pipeline:
         for key in self.staging.complete_version(version):
             self.enqueue(key)
 
+    def complete_execution(self, execution: str) -> None:
+        for key in self.staging.complete_execution(execution):
+            self.enqueue(key)
+
     def converged(self, engine: Engine, expected: dict[str, dict[str, Any]], completed: list[str]) -> bool:
         """The watcher's sweep (re-sends what waits too long), then the oracle."""
         self.staging.sweep(self.enqueue, older_than=3.0)
@@ -258,6 +263,10 @@ def test_sqlite_locked_during_the_apply(
     worker.wait(lambda: pipeline.converged(engine, expected, [v.key]), "convergence after the lock", 0.5)
     if busy_ms is not None:
         assert "database is locked" in worker.log()
+    pipeline.complete_execution("exec-l")
+    worker.wait(lambda: pipeline.converged(engine, expected, [v.key]), "the execution applied", 0.5)
+    root = settings.require_root()
+    assert_retention_keeps_the_oracle(engine, staging, root, [path], late=(path, v), completed=[v.key])
 
 
 # -- (b) PostgreSQL behind a proxy that is cut and restored -------------------------------------
@@ -391,3 +400,12 @@ def test_postgres_unreachable_during_the_apply(
         line for line in worker.log().splitlines() if RETRY in line and "connection failed" not in line
     ]
     print(f"{worker.log().count(RETRY)} retries; cut in the middle of a transaction: {bool(cut_mid_query)}")
+    for execution in ("exec-big", "exec-small"):
+        pipeline.complete_execution(execution)
+    completed = [big.key, small.key]
+    worker.wait(lambda: pipeline.converged(engine, expected, completed), "the executions applied", 0.5)
+    paths = [path_big, path_small]
+    root = settings.require_root()
+    assert_retention_keeps_the_oracle(
+        engine, staging, root, paths, late=(path_small, small), completed=completed
+    )

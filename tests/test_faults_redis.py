@@ -42,6 +42,7 @@ from sqlalchemy import Engine
 
 from tests.e2e_helpers import clean_env, free_port, kill_group, stop_group, wait_until
 from tests.oracle import assert_matches_db, expected_state
+from tests.retention_check import assert_retention_keeps_the_oracle
 from worker.keys import Keys
 from worker.settings import Settings
 from worker.staging import Staging
@@ -383,3 +384,11 @@ def test_redis_killed_while_staging_loses_nothing(
     assert "failed" in watcher.log()  # it did meet the outage, and lived through it
     # ... and its enqueue reaches the restarted broker again (late lines of A, the sweep).
     assert client.llen(Keys(prefix).queue) > queued
+
+    # Retention after the crash: the oracle still holds, a rescan and a replay stage nothing, and
+    # a late line for A is applied (the watcher is stopped so that the check alone reads the files).
+    watcher.stop()
+    paths = [writer.path(e) for e in FILES]
+    assert_retention_keeps_the_oracle(
+        engine, staging, root, paths, late=(writer.path("exec-a"), A), completed=[A.key, B.key]
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from . import metrics
 from .errors import InvalidEntry
 from .records import Source, parse_datum_object, parse_line
 from .staging import LineOutcome, Reject, Sent, Staging, line_digest, now_iso
+from .store.finished import FinishedRecord
 from .tail import FileState, Line, read_new
 from .uris import Target
 
@@ -33,6 +35,8 @@ JSONL_NAMES = ("valohai.metadata.jsonl", "outputs.metadata.jsonl")
 # runs this one, 128 KiB was faster than 64, 256 or 512 KiB (75-78k against 69-74k lines/s here).
 DEFAULT_BATCH_BYTES = 128 << 10
 PER_OUTPUT_SUFFIX = ".metadata.json"
+# The database's record of a file whose staging state retention took out of Redis (None: none).
+FindFinished = Callable[[str], FinishedRecord | None]
 
 
 @dataclass
@@ -117,12 +121,22 @@ class Ingestor:
     """Reads sidecar files under one root into the staging area."""
 
     def __init__(
-        self, root: Path, staging: Staging, *, line_limit: int, batch_bytes: int = DEFAULT_BATCH_BYTES
+        self,
+        root: Path,
+        staging: Staging,
+        *,
+        line_limit: int,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        finished: FindFinished | None = None,
     ) -> None:
         self.root = root.resolve()
         self.staging = staging
         self.line_limit = line_limit
         self.batch_bytes = batch_bytes
+        # Where a file with no checkpoint in Redis is looked up (retention took it out): without
+        # it, such a file is read from the start as a new one.
+        self.finished = finished
+        self.root_id = f"{socket.gethostname()}:{self.root}"
         self._carried: _InFlight | None = None  # see `ingest(carry=True)`
         self._bad_names: set[str] = set()  # paths refused by `_utf8_name`, rejected once
 
@@ -145,6 +159,7 @@ class Ingestor:
             self.staging.record_reject(Reject(shown, 0, 0, reason, shown.split("/")[0], now_iso()))
             metrics.LINES_REJECTED.labels("bad_path").inc()
         return False
+        self._forgot = False  # retention has forgotten something (see Staging.ever_forgot)
 
     def settle(self) -> IngestStats:
         """Wait for a batch carried over by `ingest(carry=True)`: its lines and due targets."""
@@ -210,8 +225,11 @@ class Ingestor:
         if self._carried is not None and self._carried.file == rel:
             # This file's own batch: its checkpoint must be in Redis before it is loaded.
             self._settle_carried(stats)
-        raw_state = None if from_start else self.staging.load_state(rel)
-        state = FileState.from_json(raw_state) if raw_state else None
+        current, record = self._checkpoint(rel)
+        state = FileState.from_json(current) if current and not from_start else None
+        # The checkpoint the next batch is read from, which the staging script checks is still
+        # the file's (retention may take it out of Redis meanwhile). Replay rewinds on purpose.
+        expect: str | None = None if from_start else (current or "")
         start = state.offset if state else 0
         final = False
         # One batch is in flight while the next is read and parsed: Redis runs the staging script
@@ -238,17 +256,25 @@ class Ingestor:
                     if result.lines or result.state != state:
                         # The batch and the checkpoint after it go together, in one script.
                         state_json = result.state.to_json()
-                        sent = self.staging.send_lines(rel, execution, outcomes, state_json, force=force)
+                        if record is not None:
+                            self._restore(record)  # something new in a finished file
+                            record = None
+                        sent = self.staging.send_lines(
+                            rel,
+                            execution,
+                            outcomes,
+                            state_json,
+                            force=force,
+                            expect=expect,
+                            root=self.root_id,
+                        )
+                        expect = state_json
                         self._carried = _InFlight(sent, rel, outcomes, st.st_mtime)
                     state = result.state
                     stats.pending_bytes = max(0, st.st_size - state.offset)
                     if result.at_eof:
                         # A last line without its newline is held until the execution completes.
-                        if (
-                            result.partial
-                            and not final
-                            and self.staging.is_done(Target.for_execution(execution))
-                        ):
+                        if result.partial and not final and self._completed(execution, record):
                             final = True
                             continue
                         break
@@ -269,6 +295,38 @@ class Ingestor:
                 self._carried.sent.abandon()
                 self._carried = None
             raise
+
+    def _checkpoint(self, rel: str) -> tuple[str | None, FinishedRecord | None]:
+        """A file's checkpoint: Redis's, else the database's record of it as finished (returned
+        too, to be put back in Redis before anything new of the file is staged)."""
+        current = self.staging.load_state(rel)
+        if current is not None or self.finished is None:
+            return current, None
+        if not self._forgot:
+            self._forgot = self.staging.ever_forgot()  # once true, true for good
+            if not self._forgot:
+                return None, None
+        record = self.finished(rel)
+        return (record.state or None, record) if record is not None else (None, None)
+
+    def _restore(self, record: FinishedRecord) -> None:
+        """Put a finished file's state back in Redis: its checkpoint, line digests, and its
+        execution's completion flags, so a late line is staged as it would have been before."""
+        self.staging.restore(
+            record.file,
+            record.state,
+            record.digests,
+            record.execution,
+            root=self.root_id,
+            completed_ms=record.completed_ms,
+            flags=record.flags,
+        )
+
+    def _completed(self, execution: str, record: FinishedRecord | None) -> bool:
+        """Whether the execution completed (its flag, or the finished record not put back yet)."""
+        if record is not None and record.completed_ms is not None:
+            return True
+        return self.staging.is_done(Target.for_execution(execution))
 
     def _settle_carried(self, stats: IngestStats) -> None:
         """Wait for the batch in flight, if any; count it and its due targets in `stats`."""
@@ -310,7 +368,8 @@ class Ingestor:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             signature = orjson.dumps([st.st_ino, st.st_size, st.st_mtime_ns]).decode()
-            if not force and self.staging.load_state(rel) == signature:
+            current, record = self._checkpoint(rel)
+            if not force and current == signature:
                 return
             data = f.read(self.line_limit + 1)
         stats.read_bytes = len(data)
@@ -323,10 +382,16 @@ class Ingestor:
                 outcome.entries = parse_datum_object(data, output, source)
             except InvalidEntry as exc:
                 # The writer may still be writing it: judge it when the execution has completed.
-                if not self.staging.is_done(Target.for_execution(execution)):
+                if not self._completed(execution, record):
                     return
                 outcome.reject = self._reject(source, str(exc))
-        stats.due.update(self.staging.stage_lines(rel, execution, [outcome], signature, force=force))
+        if record is not None:
+            self._restore(record)
+        expect = None if force else (current or "")
+        due = self.staging.stage_lines(
+            rel, execution, [outcome], signature, force=force, expect=expect, root=self.root_id
+        )
+        stats.due.update(due)
         self._count([outcome], stats)
 
     @staticmethod

@@ -49,6 +49,26 @@ class Keys:
         """Set of `<op>:<target>` an execution's lines staged for (`m:` membership, `d:`, `v:`, `x:`)."""
         return f"{self.tag}:exec-targets:{execution}"
 
+    def execution_files(self, execution: str) -> str:
+        """Set of the files (relative to the root) an execution's lines were staged from."""
+        return f"{self.tag}:exec-files:{execution}"
+
+    @property
+    def executions(self) -> str:
+        """Hash: execution with staging state in Redis -> the root it was read under (`host:path`)."""
+        return f"{self.tag}:executions"
+
+    @property
+    def completed(self) -> str:
+        """Sorted set: completed executions whose staging state is still in Redis, scored by the
+        completion time (ms). Retention takes its candidates from here."""
+        return f"{self.tag}:completed"
+
+    @property
+    def stream_floor(self) -> str:
+        """The highest stream id retention ever deleted: a stream created again starts above it."""
+        return f"{self.tag}:stream-floor"
+
     @property
     def known_versions(self) -> str:
         """Set of versions ever staged for (the first sighting registers a building version)."""

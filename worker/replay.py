@@ -24,7 +24,7 @@ from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, inside_root, sidec
 from .merge import merge
 from .records import Entry
 from .staging import LineOutcome, Staging
-from .store import queries
+from .store import finished, queries
 from .store.apply import apply_target, version_completed
 from .tail import read_new
 from .uris import Target
@@ -92,6 +92,10 @@ def replay(
 ) -> ReplaySummary:
     """Replay `files` (only those that mention `version`, if given); apply what became due."""
     summary = ReplaySummary()
+    if ingestor.finished is None:
+        # A file retention took out of Redis has its checkpoint and line digests in the database:
+        # with them, the lines already staged are skipped as before (and put back in Redis).
+        ingestor.finished = lambda file: finished.find(engine, file)
     if version is not None:
         files = [f for f in files if _mentions(f, version.key)]
     for i, path in enumerate(files, 1):
@@ -127,7 +131,11 @@ def _dry_file(
         summary.files += 1  # per-output files hold one datum: counted, not diffed
         return
     execution = rel.parts[0]
-    final = staging.is_done(Target.for_execution(execution))
+    raw = cast(bytes | None, staging.redis.get(staging.keys.lines(str(rel))))
+    record = None
+    if raw is None and staging.load_state(str(rel)) is None and staging.ever_forgot():
+        record = finished.find(engine, str(rel))  # retention took it out of Redis
+    final = staging.is_done(Target.for_execution(execution)) or bool(record and record.completed_ms)
     outcomes: list[LineOutcome] = []
     with open(path, "rb") as f:
         state = None
@@ -142,7 +150,7 @@ def _dry_file(
     summary.files += 1
     summary.lines += len(outcomes)
     summary.rejects += sum(1 for o in outcomes if o.reject is not None)
-    digests = bytearray(cast(bytes, staging.redis.get(staging.keys.lines(str(rel)))) or b"")
+    digests = bytearray(raw or (record.digests if record else b""))
     new_entries = [e for o in _would_stage(digests, outcomes) for e in o.entries]
     _diff(engine, staging, new_entries, summary)
 

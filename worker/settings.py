@@ -38,6 +38,7 @@ class Settings:
     # apply_retry_backoff, 2x, 4x ... seconds, at most 60), then its target is quarantined.
     apply_retries: int = 5
     apply_retry_backoff: float = 1.0
+    retention_seconds: float = 86400.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -71,6 +72,8 @@ class Settings:
             raise ConfigError("SIDECAR_APPLY_RETRIES", "must be 0 or more")
         if self.apply_retry_backoff < 0:
             raise ConfigError("SIDECAR_APPLY_RETRY_BACKOFF", "must be 0 or more seconds")
+        if self.retention_seconds < 0:
+            raise ConfigError("SIDECAR_RETENTION_SECONDS", "must be 0 or more")
         if self.log_format not in ("text", "json"):
             raise ConfigError("SIDECAR_LOG_FORMAT", "must be text or json")
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
@@ -148,6 +151,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "visibility_timeout": int,
     "apply_retries": int,
     "apply_retry_backoff": float,
+    "retention_seconds": float,
 }
 
 

@@ -29,13 +29,16 @@ REJECTS_KEPT = 10_000
 READ_BATCH = 1000
 
 # KEYS: 1 offsets, 2 due, 3 rejects, 4 line digests of the file, 5 the execution's target set,
-#       6 known versions, 7.. streams and done flags, referenced by index from the records.
+#       6 known versions, 7 the execution's file set, 8 executions, 9 stream floor, 10.. streams
+#       and done flags, referenced by index from the records.
 # ARGV: 1 file, 2 state JSON ("" = leave), 3 now (ms), 4 "1" = skip the digest check (replay),
 #       5 ISO time, 6 rejects kept, 7 number of the batch's first line, 8 one 8-byte digest per
 #       line of the batch (consecutive lines), 9 index of the execution's done flag in KEYS,
 #       10 the records (struct '>IIIIII' each: line - first line, op, stream, version-done flag,
-#       member, payload length), 11 the payloads, one after the other, 12 M, 13..12+M the distinct
-#       members ('<op>:<target>' of the execution's target set).
+#       member, payload length), 11 the payloads, one after the other, 12 the checkpoint the batch
+#       was read from ("" = no check; "=" + state JSON, "=" alone: none), 13 execution, 14 root
+#       it was read under ("" = leave), 15 M, 16..15+M the distinct members ('<op>:<target>' of
+#       the execution's target set).
 # The per-batch constants (done flags, members, known versions) are looked up once per batch, and
 # the records and payloads are packed into two arguments: encoding one argument per entry in
 # redis-py, not Redis, was the cost (a seventh of ingest).
@@ -43,6 +46,40 @@ _STAGE = """
 local now, force, iso, kept = ARGV[3], ARGV[4] == '1', ARGV[5], tonumber(ARGV[6])
 local first_line, digests, xi, records = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
 local payloads = ARGV[11]
+
+-- The checkpoint the batch was read from must still be the file's: retention may have taken the
+-- execution's state out of Redis between the watcher's read of the checkpoint and this call (the
+-- batch would land without the execution's done flag and digests). The reader then reads again.
+-- A batch whose reply was lost and that is sent again finds its own checkpoint: it already ran.
+if ARGV[12] ~= '' then
+  local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+  if cur ~= string.sub(ARGV[12], 2) then
+    if ARGV[2] ~= '' and cur == ARGV[2] then return {} end
+    return redis.error_reply('STALE the checkpoint of ' .. ARGV[1] .. ' moved since it was read')
+  end
+end
+
+-- A stream that retention deleted and a late line creates again must go on above the watermark
+-- applied from it (XADD '*' in a new stream takes Redis's clock, which may have gone back).
+local checked = {}
+local function xadd(si, payload)
+  if checked[si] == nil then
+    checked[si] = true
+    if redis.call('EXISTS', KEYS[si]) == 0 then
+      local floor = redis.call('GET', KEYS[9])
+      if floor then
+        local fm = tonumber(string.match(floor, '^(%d+)'))
+        local t = redis.call('TIME')
+        if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) <= fm then
+          redis.call('XADD', KEYS[si], string.format('%d-*', fm + 1), 'e', payload)
+          return
+        end
+      end
+    end
+  end
+  redis.call('XADD', KEYS[si], '*', 'e', payload)
+end
+
 local due = {}
 local function mark(target) due[target] = true end
 
@@ -96,8 +133,8 @@ for r = 1, #records / 24 do
     if op == 2 then
       redis.call('LPUSH', KEYS[3], payload)
     else
-      redis.call('XADD', KEYS[si], '*', 'e', payload)
-      local member = ARGV[12 + mi]
+      xadd(si, payload)
+      local member = ARGV[15 + mi]
       if not seen_member[mi] then
         seen_member[mi] = true
         members[#members + 1] = member
@@ -135,7 +172,11 @@ for i = 1, #members, 1000 do
   redis.call('SADD', KEYS[5], unpack(members, i, math.min(i + 999, #members)))
 end
 redis.call('LTRIM', KEYS[3], 0, kept - 1)
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('SADD', KEYS[7], ARGV[1])
+  if ARGV[14] ~= '' then redis.call('HSET', KEYS[8], ARGV[13], ARGV[14]) end
+end
 local out = {}
 for target, _ in pairs(due) do out[#out + 1] = target end
 return out
@@ -172,6 +213,98 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
 end
 return 0
 """
+
+
+# Retention: take one execution's staging state out of Redis, once the database holds what must
+# outlive it (see worker/retention.py). Nothing is deleted if a file's checkpoint moved since it
+# was read (a batch of this execution staged meanwhile); the targets it fed go too if they are
+# not due and hold nothing past their applied watermark.
+# KEYS: 1 offsets, 2 the execution's file set, 3 its target set, 4 its done flag, 5 completed,
+#       6 executions, 7 due, 8 known versions, 9 stream floor, 10..9+N the files' line digests,
+#       then per target its stream and its done flag.
+# ARGV: 1 execution, 2 "1" = everything (completed) / "0" = the files only (folder deleted before
+#       completion: its staged entries wait for its completion), 3 N, then N (file, checkpoint)
+#       pairs, then per target (target, applied watermark or "", "1" if a version).
+_FORGET = """
+local function newer(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+local whole, n = ARGV[2] == '1', tonumber(ARGV[3])
+for i = 0, n - 1 do
+  if (redis.call('HGET', KEYS[1], ARGV[4 + 2 * i]) or '') ~= ARGV[5 + 2 * i] then return 0 end
+end
+local lasts = {}
+for i = 0, n - 1 do
+  redis.call('HDEL', KEYS[1], ARGV[4 + 2 * i])
+  redis.call('DEL', KEYS[10 + i])
+end
+redis.call('DEL', KEYS[2])
+redis.call('HDEL', KEYS[6], ARGV[1])
+if whole then
+  -- A target whose every entry is applied and that is not due goes with its stream, flag and
+  -- known-version entry. One that another execution's entries (or an apply) still hold stays:
+  -- this execution's own entries in it are applied (checked before, and a line of this execution
+  -- staged since moved a checkpoint above).
+  local a, k = 4 + 2 * n, 10 + n
+  while a <= #ARGV do
+    local last = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
+    local applied = #last == 0 or (ARGV[a + 1] ~= '' and not newer(last[1][1], ARGV[a + 1]))
+    if applied and not redis.call('ZSCORE', KEYS[7], ARGV[a]) then
+      if #last > 0 then lasts[#lasts + 1] = last[1][1] end
+      redis.call('DEL', KEYS[k], KEYS[k + 1])
+      if ARGV[a + 2] == '1' then redis.call('SREM', KEYS[8], ARGV[a]) end
+    end
+    a, k = a + 3, k + 2
+  end
+  redis.call('DEL', KEYS[3], KEYS[4])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+end
+-- The floor exists once retention ever forgot something: until then no file can have a record
+-- in the database, and readers need not ask it (a watcher may have no database to ask).
+local floor = redis.call('GET', KEYS[9]) or '0-0'
+for _, id in ipairs(lasts) do
+  if newer(id, floor) then floor = id end
+end
+redis.call('SET', KEYS[9], floor)
+return 1
+"""
+
+# Put a finished file's state back from the database record, before a new line of it is staged
+# (an append or rewrite after retention). Only what is missing is written (NX everywhere): a
+# watcher that restored it first, or a completion since, wins.
+# KEYS: 1 offsets, 2 the file's line digests, 3 the execution's file set, 4 executions, 5 the
+#       execution's done flag, 6 completed, 7.. the done flags of the versions it fed.
+# ARGV: 1 file, 2 checkpoint ("" = none: a new file), 3 digests, 4 execution, 5 root,
+#       6 completion ISO time ("" = not completed), 7 completion time (ms), 8.. the versions'
+#       flag values (as KEYS 7..).
+_RESTORE = """
+if ARGV[2] ~= '' and redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 and #ARGV[3] > 0 then
+  redis.call('SET', KEYS[2], ARGV[3], 'NX')
+end
+redis.call('SADD', KEYS[3], ARGV[1])
+if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[4], ARGV[4], ARGV[5]) end
+if ARGV[6] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[6], 'NX')
+  redis.call('ZADD', KEYS[6], 'NX', ARGV[7], ARGV[4])
+end
+for i = 7, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'NX') end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+
+
+@dataclass
+class Held:
+    """What Redis holds of one execution's staging state (`Staging.held`)."""
+
+    execution: str
+    completed_ms: int | None  # None: not completed
+    files: dict[str, str]  # file -> its checkpoint
+    digests: dict[str, bytes]  # file -> its line digests
+    targets: list[str]  # the targets its lines staged for
+    flags: dict[str, str]  # completed version it fed -> its done flag's value
 
 
 @dataclass(frozen=True)
@@ -270,6 +403,8 @@ class Staging:
         self._stage = client.register_script(_STAGE)
         self._finish = client.register_script(_FINISH)
         self._hold = client.register_script(_HOLD)
+        self._forget = client.register_script(_FORGET)
+        self._restore = client.register_script(_RESTORE)
 
     # -- the watcher's side ------------------------------------------------------------------
 
@@ -286,24 +421,43 @@ class Staging:
         state_json: str,
         *,
         force: bool = False,
+        expect: str | None = None,
+        root: str = "",
     ) -> list[str]:
         """Stage a batch of lines and the file's new checkpoint atomically; return targets now due.
 
         The lines must be consecutive (as a file is read); a batch with a gap is staged as several
-        calls, the checkpoint going with the last.
+        calls, the checkpoint going with the last. `expect`: the checkpoint the lines were read
+        from ("" = none), which must still be the file's (else a ResponseError `STALE ...`); None: no check.
+        `root`: the watched root the file is under (`host:path`), for forgetting deleted folders.
         """
         outcomes = list(outcomes)
         runs = _consecutive_runs(outcomes)
         due: set[str] = set()
         for i, run in enumerate(runs):
+            last = i == len(runs) - 1
             keys, args = self._stage_args(
-                file, execution, run, state_json if i == len(runs) - 1 else "", force
+                file,
+                execution,
+                run,
+                state_json if last else "",
+                force,
+                expect if i == 0 else None,
+                root if last else "",
             )
             due.update(self._run_stage(keys, args))
         return sorted(due)
 
     def send_lines(
-        self, file: str, execution: str, outcomes: list[LineOutcome], state_json: str, *, force: bool = False
+        self,
+        file: str,
+        execution: str,
+        outcomes: list[LineOutcome],
+        state_json: str,
+        *,
+        force: bool = False,
+        expect: str | None = None,
+        root: str = "",
     ) -> Sent:
         """`stage_lines`, split in two: send the batch now, wait for Redis with `Sent.wait()`.
 
@@ -312,8 +466,11 @@ class Staging:
         if this batch failed, a later one must not move the checkpoint past its lines.
         """
         if len(_consecutive_runs(outcomes)) > 1:  # a gap (replay of a range): the plain way
-            return Sent(self, due=self.stage_lines(file, execution, outcomes, state_json, force=force))
-        keys, args = self._stage_args(file, execution, outcomes, state_json, force)
+            due = self.stage_lines(
+                file, execution, outcomes, state_json, force=force, expect=expect, root=root
+            )
+            return Sent(self, due=due)
+        keys, args = self._stage_args(file, execution, outcomes, state_json, force, expect, root)
         conn: Any = self.redis.connection_pool.get_connection()
         sent = Sent(self, conn=conn, keys=keys, args=args)
         try:
@@ -332,7 +489,14 @@ class Staging:
         return sorted(_decoded(self._stage(keys=keys, args=args)))
 
     def _stage_args(
-        self, file: str, execution: str, outcomes: list[LineOutcome], state_json: str, force: bool
+        self,
+        file: str,
+        execution: str,
+        outcomes: list[LineOutcome],
+        state_json: str,
+        force: bool,
+        expect: str | None = None,
+        root: str = "",
     ) -> tuple[list[str], list[Any]]:
         index: dict[str, int] = {}
         keys = [
@@ -342,6 +506,9 @@ class Staging:
             self.keys.lines(file),
             self.keys.execution_targets(execution),
             self.keys.known_versions,
+            self.keys.execution_files(execution),
+            self.keys.executions,
+            self.keys.stream_floor,
         ]
 
         def key_index(key: str) -> int:
@@ -388,6 +555,9 @@ class Staging:
             # One struct call for the whole batch rather than one per entry.
             struct.pack(f">{len(records)}I", *records),
             b"".join(payloads),
+            "" if expect is None else "=" + expect,
+            execution,
+            root,
             len(members),
             *members,
         ]
@@ -443,7 +613,12 @@ class Staging:
         exe = Target.for_execution(execution)
         # Order matters: the flag first, then the read of the target set. A line staged before
         # the flag is in the set we read; one staged after sees the flag in the staging script.
-        self.redis.set(self.keys.done(exe), now_iso(), nx=True)
+        # The execution becomes a candidate of retention with its flag (NX: the first completion
+        # counts, so a repeated event does not hold its state in Redis for longer).
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.done(exe), now_iso(), nx=True)
+        pipe.zadd(self.keys.completed, {execution: _now_ms()}, nx=True)
+        pipe.execute()
         self.redis.publish(self.keys.events, execution)
         members = cast(set[bytes], self.redis.smembers(self.keys.execution_targets(execution)))
         due = {exe.key}
@@ -456,6 +631,139 @@ class Staging:
         now = _now_ms()
         self.redis.zadd(self.keys.due, dict.fromkeys(due, now), nx=True)
         return sorted(due)
+
+    # -- retention (worker/retention.py) -----------------------------------------------------
+
+    def completed_before(self, seconds_ago: float) -> list[str]:
+        """Executions completed at least `seconds_ago` whose staging state is still in Redis."""
+        limit = _now_ms() - int(seconds_ago * 1000)
+        raw = cast(list[bytes], self.redis.zrangebyscore(self.keys.completed, "-inf", limit))
+        return [r.decode() for r in raw]
+
+    def executions_under(self, root: str) -> list[str]:
+        """Executions held in Redis whose files were read under `root` (`host:path`)."""
+        raw = cast(dict[bytes, bytes], self.redis.hgetall(self.keys.executions))
+        return sorted(k.decode() for k, v in raw.items() if v.decode() == root)
+
+    def held(self, execution: str) -> Held:
+        """An execution's staging state as Redis holds it now."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zscore(self.keys.completed, execution)
+        pipe.smembers(self.keys.execution_files(execution))
+        pipe.smembers(self.keys.execution_targets(execution))
+        score, raw_files, members = pipe.execute()
+        files = sorted(f.decode() for f in raw_files)
+        targets = sorted({m.decode()[2:] for m in members})
+        versions = [t for t in targets if Target.parse(t).kind == "version"]
+        pipe = self.redis.pipeline(transaction=False)
+        for file in files:
+            pipe.hget(self.keys.offsets, file)
+            pipe.get(self.keys.lines(file))
+        for key in versions:
+            pipe.get(self.keys.done(Target.parse(key)))
+        answers = pipe.execute()
+        held = Held(execution, None if score is None else int(score), {}, {}, targets, {})
+        for i, file in enumerate(files):
+            state, digests = answers[2 * i], answers[2 * i + 1]
+            if state is not None:
+                held.files[file], held.digests[file] = state.decode(), digests or b""
+        for key, flag in zip(versions, answers[2 * len(files) :], strict=True):
+            if flag is not None:
+                held.flags[key] = flag.decode()
+        return held
+
+    def ever_forgot(self) -> bool:
+        """True once retention forgot an execution (only then can a file have a finished record)."""
+        return bool(self.redis.exists(self.keys.stream_floor))
+
+    def unapplied_by(
+        self, execution: str, targets: list[str], watermarks: dict[str, str | None], limit: int = 10_000
+    ) -> list[str]:
+        """The targets holding an entry of `execution` past their applied watermark (or more than
+        `limit` entries to look through past it: held, to be safe)."""
+        held = []
+        for key in targets:
+            target = Target.parse(key)
+            if target.kind == "execution" and target.execution != execution:
+                continue
+            for seen, (_, entry) in enumerate(self.read_after(target, watermarks.get(key)), 1):
+                if entry.source.execution == execution or seen >= limit or target.kind == "execution":
+                    held.append(key)
+                    break
+        return held
+
+    def forget(self, held: Held, watermarks: dict[str, str | None], *, whole: bool) -> bool:
+        """Delete what `held` read, if nothing moved since (see _FORGET); True if deleted.
+
+        `watermarks`: each target's applied watermark, from the database. `whole=False` takes
+        only the files' state (an execution not completed whose folder was deleted).
+        """
+        execution = held.execution
+        keys = [
+            self.keys.offsets,
+            self.keys.execution_files(execution),
+            self.keys.execution_targets(execution),
+            self.keys.done(Target.for_execution(execution)),
+            self.keys.completed,
+            self.keys.executions,
+            self.keys.due,
+            self.keys.known_versions,
+            self.keys.stream_floor,
+            *(self.keys.lines(f) for f in held.files),
+        ]
+        args: list[Any] = [execution, "1" if whole else "0", len(held.files)]
+        for file, state in held.files.items():
+            args += [file, state]
+        for key in held.targets:
+            target = Target.parse(key)
+            keys += [self.keys.stream(target), self.keys.done(target)]
+            args += [key, watermarks.get(key) or "", "1" if target.kind == "version" else "0"]
+        return bool(self._forget(keys=keys, args=args))
+
+    def restore(
+        self,
+        file: str,
+        state: str,
+        digests: bytes,
+        execution: str,
+        *,
+        root: str = "",
+        completed_ms: int | None = None,
+        flags: dict[str, str] | None = None,
+    ) -> str | None:
+        """Put a finished file's state back (see _RESTORE); the checkpoint Redis now holds."""
+        flags = flags or {}
+        completed_iso = (
+            "" if completed_ms is None else datetime.fromtimestamp(completed_ms / 1000, UTC).isoformat()
+        )
+        keys = [
+            self.keys.offsets,
+            self.keys.lines(file),
+            self.keys.execution_files(execution),
+            self.keys.executions,
+            self.keys.done(Target.for_execution(execution)),
+            self.keys.completed,
+            *(self.keys.done(Target.parse(v)) for v in flags),
+        ]
+        args: list[Any] = [file, state, digests, execution, root, completed_iso, completed_ms or 0]
+        args += flags.values()
+        raw = self._restore(keys=keys, args=args)
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def memory(self) -> dict[str, Any]:
+        """Redis's memory (`INFO memory`) and the oldest completed execution still held, for status."""
+        info = self.redis.info("memory")
+        raw = self.redis.zrange(self.keys.completed, 0, 0, withscores=True)
+        oldest = cast(list[tuple[bytes, float]], raw)
+        age = max(0.0, (_now_ms() - oldest[0][1]) / 1000) if oldest else None
+        return {
+            "used_memory": int(info.get("used_memory", 0)),
+            "used_memory_human": str(info.get("used_memory_human", "")),
+            "maxmemory": int(info.get("maxmemory", 0)),
+            "held_executions": int(self.redis.hlen(self.keys.executions)),
+            "oldest_retained": oldest[0][0].decode() if oldest else None,
+            "oldest_retained_seconds": None if age is None else round(age, 3),
+        }
 
     # -- the apply side ----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ def collect(staging: Staging, *, stuck_after: float) -> dict[str, Any]:
         "oldest_unapplied_seconds": round(oldest, 3),
         "rejects_last_hour": len(recent),
         "quarantined": [{"target": k, **v} for k, v in quarantined.items()],
+        "redis": staging.memory(),
         "watchers": [b for b in beats if b["role"] == "watcher"],
         "workers": [b for b in beats if b["role"] == "worker"],
         "problems": problems,
@@ -81,6 +82,12 @@ def _print(report: dict[str, Any]) -> None:
     print(f"quarantined: {len(report['quarantined'])}")
     for q in report["quarantined"][:20]:
         print(f"  {q['target']}  after {q['attempts']} tries, {q['at']}: {q['error']}")
+    mem = report["redis"]
+    oldest = "no completed execution retained"
+    if mem["oldest_retained"]:
+        age = mem["oldest_retained_seconds"]
+        oldest = f"oldest retained execution {mem['oldest_retained']}, completed {age:.0f} s ago"
+    print(f"redis memory: {mem['used_memory_human']}; {mem['held_executions']} executions held; {oldest}")
     for w in report["watchers"]:
         print(
             f"watcher {w['name']}: {w['root']}, {w['files']} files, {w['pending_bytes']} bytes pending, "

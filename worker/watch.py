@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
+import sqlalchemy.exc
+from sqlalchemy import Engine
 from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
@@ -30,11 +32,15 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from . import connections
 from .errors import ConfigError
 from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, IngestStats, sidecar_kind
 from .readqueue import ReadQueue
+from .retention import Retention
 from .settings import Settings
 from .staging import Staging
+from .store import finished
+from .store.finished import FinishedRecord
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +124,18 @@ class Watcher:
         self.staging = staging
         self.enqueue = enqueue
         self.stop = stop
-        self.ingestor = Ingestor(self.root, staging, line_limit=settings.line_limit)
+        self._engine: Engine | None = None  # made when first needed (see `_db`)
+        self._db_ready_at = -1e9  # when the database last had the tables (or -1e9: never seen)
+        self.ingestor = Ingestor(
+            self.root, staging, line_limit=settings.line_limit, finished=self._find_finished
+        )
+        self.retention = Retention(
+            staging,
+            self._db,
+            retention_seconds=settings.retention_seconds,
+            root=self.root,
+            root_id=self.ingestor.root_id,
+        )
         self.dirty = _Dirty(self.root)
         self.queue = ReadQueue(MAX_WAIT)
         self.last_scan = 0.0
@@ -143,6 +160,7 @@ class Watcher:
                 now = time.monotonic()
                 if now - self.last_scan >= self.settings.rescan_interval:
                     self.scan()
+                    self._retain()
                 if now - last_sweep >= self.settings.sweep_after:
                     self._sweep()
                     last_sweep = now
@@ -151,6 +169,8 @@ class Watcher:
                     last_beat = now
         finally:
             self._settle()
+            if self._engine is not None:
+                self._engine.dispose()
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
@@ -224,8 +244,14 @@ class Watcher:
             return None
         except redis.RedisError as exc:
             # Nothing was checkpointed: the next scan reads the same lines again. (The batch that
-            # failed may be the one carried over from the file read before.)
+            # failed may be the one carried over from the file read before; a batch refused as
+            # STALE was read from a checkpoint that retention took out meanwhile.)
             log.warning("staging failed while reading %s (%s); will retry at the next scan", path, exc)
+            return None
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            # The database's record of a finished file could not be read: reading the file from
+            # the start instead would stage it all again. The next scan tries again.
+            log.warning("cannot look %s up in the database (%s); will retry at the next scan", path, exc)
             return None
         self.pending[path] = stats.pending_bytes
         self.queue.read(path, stats.read_bytes)
@@ -245,6 +271,27 @@ class Watcher:
         self.stats.add(stats)
         for target in sorted(stats.due):
             self._enqueue(target)
+
+    def _db(self) -> Engine:
+        if self._engine is None:
+            self._engine = connections.engine(self.settings)
+        return self._engine
+
+    def _find_finished(self, file: str) -> FinishedRecord | None:
+        """The database's record of a file retention took out of Redis (see Ingestor)."""
+        engine = self._db()
+        if self._db_ready_at < 0:
+            if not finished.ready(engine):
+                return None  # never migrated: it cannot hold a record
+            self._db_ready_at = time.monotonic()
+        return finished.find(engine, file)
+
+    def _retain(self) -> None:
+        """A retention pass (worker/retention.py), beside each full scan."""
+        try:
+            self.retention.run()
+        except (redis.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            log.warning("retention pass failed (%s); will retry after the next scan", exc)
 
     def _beat(self) -> None:
         """Tell `sidecar status` and `/readyz` what this watcher is doing."""

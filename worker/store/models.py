@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -156,3 +156,37 @@ class QuarantinedTarget(Base):
     error: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int]
     quarantined_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FinishedFile(Base):
+    """A tailed file of an execution whose staging state left Redis (see docs/design.md, retention).
+
+    `state` is the file's last checkpoint (FileState JSON, or a per-output file's signature), so a
+    rescan of the unchanged file reads nothing and an append or rewrite is told apart; `digests`
+    are its line digests (8 bytes per line), so a rewrite or `sidecar replay` stages only what
+    is new.
+    """
+
+    __tablename__ = "finished_files"
+
+    file: Mapped[str] = mapped_column(Text, primary_key=True)
+    execution: Mapped[str] = mapped_column(String(255), index=True)
+    state: Mapped[str] = mapped_column(Text)
+    digests: Mapped[bytes] = mapped_column(LargeBinary)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FinishedExecution(Base):
+    """An execution whose staging state left Redis: what putting it back needs.
+
+    `completed_at` is None for an execution forgotten because its folder was deleted before it
+    completed. `flags` maps each completed version the execution fed to its completion flag's
+    value, so that a late line finds the flags (and the due set) as they were.
+    """
+
+    __tablename__ = "finished_executions"
+
+    execution: Mapped[str] = mapped_column(String(255), primary_key=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    flags: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
