@@ -12,6 +12,7 @@ the number of entries staged in Redis for a dataset or version after its applied
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -25,12 +26,14 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from .api_models import OwnerId
 from .errors import NotFound
 from .staging import Staging
 from .store import queries
 from .store.models import Watermark
 from .uris import Target
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
@@ -120,14 +123,15 @@ def mount_web(app: FastAPI, engine: Engine, staging: Staging) -> None:
 
 def _staged_route(app: FastAPI, engine: Engine, staging: Staging, kind: str, base: str) -> None:
     @app.get(f"/api/web/{base}/{{owner_id}}/staged/", name=f"{kind}_staged", include_in_schema=False)
-    def staged(owner_id: int) -> JSONResponse:
+    def staged(owner_id: OwnerId) -> JSONResponse:
         """Entries staged in Redis for this target after its watermark (not applied yet)."""
         with Session(engine) as session:
             target = _target(session, kind, owner_id)  # NotFound: the app's JSON 404
         try:
             found = staged_after_watermark(engine, staging, target)
         except redis.RedisError as exc:  # Redis down: the page says "unknown", the rest still works
-            return JSONResponse({"error": "unavailable", "detail": f"staging area: {exc}"}, 503)
+            log.warning("staged count of %s: redis unavailable: %s", target.key, exc)
+            return JSONResponse({"error": "unavailable", "detail": "staging area (redis) unavailable"}, 503)
         return JSONResponse(found.to_json())
 
 
