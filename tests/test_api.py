@@ -365,3 +365,14 @@ def test_a_refused_completion_changes_nothing(engine: Engine, staging: Staging) 
         (version,) = c.get("/api/v0/dataset-versions/").json()["results"]
     # Answered with an error: the input's last-used mark must not have been written either.
     assert "valohai.last-used" not in version["properties"]
+
+
+def test_openapi_names_the_token_when_one_is_set(engine: Engine, staging: Staging) -> None:
+    with TestClient(create_app(engine, staging, lambda key: None, api_token="t0ken")) as c:
+        spec = c.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["token"]["name"] == "Authorization"
+    assert spec["paths"]["/api/v0/datasets/"]["get"]["security"] == [{"token": []}]
+    assert "security" not in spec["paths"]["/webhooks/events"]["post"]
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (method, path)  # validation errors are 400/404

@@ -37,6 +37,7 @@ from .api_models import (
 )
 from .edge import MAX_BODY, WriteGuard, error_response
 from .errors import BadURI, InvalidEntry, NotFound
+from .query import MAX_LENGTH as MAX_FILTER
 from .query import FilterError
 from .staging import Staging
 from .store import queries
@@ -48,7 +49,18 @@ from .webhooks import Action, parse_event, signature_problem
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
+FILTER_TEXT = "The filter language (see README, Search); a filter that does not parse answers 400."
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+# The filter language and an ordering key are grammars no JSON Schema can hold: named formats.
+Filter = Annotated[
+    str | None,
+    Query(max_length=MAX_FILTER, json_schema_extra={"format": "sidecar-filter"}, description=FILTER_TEXT),
+]
+Ordering = Annotated[
+    str | None,
+    Query(json_schema_extra={"format": "sidecar-ordering"}, description="A key; `-key` sorts descending."),
+]
+VersionURI = Annotated[str, Query(pattern=r"^dataset://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 # Every /api/ route may answer these: no token, a body over the cap, Redis or the database down.
 API_ERRORS = (401, 413, 503)
@@ -72,6 +84,7 @@ def create_app(
 
     if api_token:
         _require_token(app, api_token)
+    _describe(app, token=bool(api_token))
     # Starlette's limiter counts bytes while a handler reads the body and stops past the cap (a
     # 413 rendered by _http). WriteGuard is added last, so it runs first: a Content-Length over
     # the cap or a refused write never reaches the token check, the limiter or a handler.
@@ -218,6 +231,31 @@ def _require_token(app: FastAPI, token: str) -> None:
         return await call_next(request)
 
 
+def _describe(app: FastAPI, token: bool) -> None:
+    """Finish `/openapi.json`: FastAPI lists a 422 on every operation with parameters, but ours
+    answer validation errors 400 (a parameter) or 404 (a path id); and with a token set, every
+    /api/ operation says it needs it."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = plain()  # caches itself in app.openapi_schema; completed here once
+            for path, operations in spec["paths"].items():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+                    if token and path.startswith("/api/"):
+                        operation["security"] = [{"token": []}]
+            schemas = spec.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            if token:
+                scheme = {"type": "apiKey", "in": "header", "name": "Authorization"}
+                spec["components"]["securitySchemes"] = {"token": scheme | {"description": "Token <token>"}}
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _metadata_routes(app: FastAPI, engine: Engine, staging: Staging, kind: str, base: str) -> None:
     @app.get(
         f"/api/v0/{base}/{{owner_id}}/metadata/",
@@ -276,7 +314,7 @@ def _resolve_route(app: FastAPI, engine: Engine) -> None:
         response_model=Version,
         responses=errors(*API_ERRORS, 400, 404, e400="Not a dataset://<name>/<version> URI."),
     )
-    def resolve_version(uri: str) -> Any:
+    def resolve_version(uri: VersionURI) -> Any:
         """Resolve `dataset://<name>/<version>` (`latest` = newest completed) and mark it used."""
         with Session(engine) as session:
             try:
@@ -388,8 +426,8 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
     def list_datasets(
         request: Request,
         name: str | None = None,
-        filter: str | None = None,
-        ordering: str | None = None,
+        filter: Filter = None,
+        ordering: Ordering = None,
         limit: Limit = 100,
         offset: Offset = 0,
     ) -> Any:
@@ -409,8 +447,8 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
         request: Request,
         dataset: str | None = None,
         name: str | None = None,
-        filter: str | None = None,
-        ordering: str | None = None,
+        filter: Filter = None,
+        ordering: Ordering = None,
         limit: Limit = 100,
         offset: Offset = 0,
     ) -> Any:
