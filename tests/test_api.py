@@ -193,3 +193,186 @@ def test_redis_down_is_a_json_503(engine: Engine) -> None:
             json={"type": "dataset_version_created", "data": {"version": {"uri": "dataset://a/b"}}},
         )
         assert answer.status_code == 503 and answer.json()["error"] == "unavailable"
+
+
+# -- the HTTP edge (hardening): each of these was a finding against the old server ------------
+
+JSON = {"content-type": "application/json"}
+
+
+def dataset_url(client: TestClient, engine: Engine, staging: Staging) -> str:
+    complete(engine, staging)
+    (dataset,) = client.get("/api/v0/datasets/").json()["results"]
+    return f"/api/v0/datasets/{dataset['id']}/metadata/"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_writes_need_json_content_type(
+    client: TestClient, engine: Engine, staging: Staging, sent: list[str], content_type: str | None
+) -> None:
+    # A browser sends these cross-origin with no preflight: they must not write anything.
+    url = dataset_url(client, engine, staging)
+    headers = {"content-type": content_type} if content_type else {}
+    answer = client.post(url, content=b'{"a": 1}', headers=headers)
+    assert answer.status_code == 415 and answer.json()["error"] == "unsupported_media_type"
+    assert client.get(url).json() == {}
+    event = b'{"type": "dataset_version_created", "data": {"version": {"uri": "dataset://press/v9"}}}'
+    assert client.post("/webhooks/events", content=event, headers=headers).status_code == 415
+    assert sent == [] and staging.complete_version(Target("version", "press", "v9")) != []
+
+
+def test_json_with_charset_is_accepted(client: TestClient, engine: Engine, staging: Staging) -> None:
+    url = dataset_url(client, engine, staging)
+    answer = client.post(
+        url, content=b'{"a": 1}', headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert answer.status_code == 200 and answer.json() == {"a": 1}
+
+
+def test_foreign_origins_cannot_write(engine: Engine, staging: Staging) -> None:
+    app = create_app(engine, staging, lambda key: None, allowed_origins=["https://ops.example"])
+    with TestClient(app, base_url="http://sidecar.local:8000") as c:
+        url = dataset_url(c, engine, staging)
+        evil = c.post(url, json={"a": 1}, headers={"Origin": "https://evil.example"})
+        assert evil.status_code == 403 and evil.json()["error"] == "forbidden"
+        assert c.post(url, json={"a": 1}, headers={"Origin": "null"}).status_code == 403
+        assert c.post(url, json={"a": 2}, headers={"Origin": "http://sidecar.local:8000"}).status_code == 200
+        assert c.post(url, json={"a": 3}, headers={"Origin": "https://ops.example"}).status_code == 200
+        assert c.post(url, json={"a": 4}).status_code == 200  # no Origin: not a browser
+        assert c.get(url, headers={"Origin": "https://evil.example"}).json() == {"a": 4}
+
+
+def test_webhook_body_is_capped_while_read(engine: Engine, staging: Staging) -> None:
+    import asyncio
+
+    app = create_app(engine, staging, lambda key: None)
+    chunk = b" " * 65536
+    received: list[int] = []
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:  # chunked: no Content-Length to refuse up front
+        received.append(len(chunk))
+        return {"type": "http.request", "body": chunk, "more_body": len(received) < 10_000}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/webhooks/events",
+        "raw_path": b"/webhooks/events",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+        "scheme": "http",
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 1),
+        "root_path": "",
+        "http_version": "1.1",
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 413
+    assert sum(received) <= 1024 * 1024 + len(chunk)  # stopped just past 1 MiB, not at 640 MiB
+
+
+def test_large_bodies_are_refused_up_front(client: TestClient, sent: list[str]) -> None:
+    big = client.post("/webhooks/events", content=b" " * (1024 * 1024 + 1), headers=JSON)
+    assert big.status_code == 413 and big.json()["error"] == "too_large"
+    assert client.request("GET", "/healthz", content=b" " * (1024 * 1024 + 1)).status_code == 413
+    assert sent == []
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter"),
+    [
+        ({"offset": "99999999999999999999"}, "offset"),
+        ({"offset": "-1"}, "offset"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "100000"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+    ],
+)
+def test_paging_is_range_checked(client: TestClient, query: dict[str, str], parameter: str) -> None:
+    for path in ("/api/v0/datasets/", "/api/v0/dataset-versions/"):
+        answer = client.get(path, params=query)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["parameter"] == parameter and parameter in answer.json()["detail"]
+
+
+def test_huge_filter_numbers_are_bad_filters(client: TestClient) -> None:
+    for text in ("sample_count > " + "9" * 400, "x < -1" + "0" * 400, "x = 1e999"):
+        answer = client.get("/api/v0/dataset-versions/", params={"filter": text})
+        assert answer.status_code == 400 and answer.json()["position"] == text.index(
+            next(c for c in text if c in "-0123456789")
+        )
+
+
+@pytest.mark.parametrize("raw_id", [str(2**64), str(2**63), "0", "-5"])
+def test_ids_beyond_64_bits_are_404(client: TestClient, raw_id: str) -> None:
+    for path in (
+        f"/api/v0/datasets/{raw_id}/",
+        f"/api/v0/dataset-versions/{raw_id}/metadata/",
+        f"/api/v0/datasets/{raw_id}/metadata/history/",
+        f"/api/web/dataset-versions/{raw_id}/staged/",
+    ):
+        answer = client.get(path)
+        assert answer.status_code == 404 and answer.json()["error"] == "not_found", path
+    assert client.post(f"/api/v0/datasets/{raw_id}/metadata/", json={"a": 1}).status_code == 404
+
+
+def test_5xx_bodies_carry_no_exception_text(staging: Staging) -> None:
+    from worker.store.db import make_engine
+
+    dead = make_engine("postgresql://admin:s3cret-pw@127.0.0.1:1/nope?connect_timeout=1")
+    with TestClient(create_app(dead, staging, lambda key: None)) as c:
+        answer = c.get("/api/v0/datasets/")
+        assert answer.status_code == 503 and answer.json()["error"] == "unavailable"
+        ready = c.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "failing: OperationalError"
+        for text in (answer.text, ready.text):
+            assert "s3cret" not in text and "127.0.0.1" not in text
+
+
+def test_unexpected_errors_are_a_fixed_500(
+    engine: Engine, staging: Staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.store import queries
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("postgresql://admin:s3cret-pw@db/x")
+
+    monkeypatch.setattr(queries, "list_datasets", broken)
+    with TestClient(create_app(engine, staging, lambda key: None), raise_server_exceptions=False) as c:
+        answer = c.get("/api/v0/datasets/")
+    assert answer.status_code == 500 and answer.json()["error"] == "internal"
+    assert "s3cret" not in answer.text and "RuntimeError" not in answer.text
+
+
+def test_a_refused_completion_changes_nothing(engine: Engine, staging: Staging) -> None:
+    import redis as redis_lib
+
+    from worker.keys import Keys
+
+    complete(engine, staging, V1)
+    dead = Staging(redis_lib.Redis(port=1, socket_connect_timeout=0.2), Keys("dead"))
+    event = {
+        "type": "dataset_version_created",
+        "data": {"version": {"uri": "dataset://press/v2"}, "inputs": ["dataset://press/v1"]},
+    }
+    with TestClient(create_app(engine, dead, lambda key: None)) as c:
+        assert c.post("/webhooks/events", json=event).status_code == 503
+        (version,) = c.get("/api/v0/dataset-versions/").json()["results"]
+    # Answered with an error: the input's last-used mark must not have been written either.
+    assert "valohai.last-used" not in version["properties"]
+
+
+def test_openapi_names_the_token_when_one_is_set(engine: Engine, staging: Staging) -> None:
+    with TestClient(create_app(engine, staging, lambda key: None, api_token="t0ken")) as c:
+        spec = c.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["token"]["name"] == "Authorization"
+    assert spec["paths"]["/api/v0/datasets/"]["get"]["security"] == [{"token": []}]
+    assert "security" not in spec["paths"]["/webhooks/events"]["post"]
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (method, path)  # validation errors are 400/404

@@ -42,7 +42,7 @@ def test_readyz_names_what_fails(engine: Engine, staging: Staging) -> None:
 @pytest.mark.redis
 def test_metrics_endpoint(engine: Engine, staging: Staging) -> None:
     with TestClient(create_app(engine, staging, lambda key: None)) as client:
-        client.post("/webhooks/events", content=b"{not json")
+        client.post("/webhooks/events", content=b"{not json", headers={"Content-Type": "application/json"})
         staging.complete_version(Target("version", "press", "v1"))
         text = client.get("/metrics").text
     assert 'sidecar_webhook_requests_total{outcome="bad_request"}' in text

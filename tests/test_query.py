@@ -460,3 +460,13 @@ def test_like_agrees_with_a_regex(pattern: str, value: str) -> None:
 
 def test_like_is_not_exponential() -> None:
     assert not like("a" * 3000, "%a" * 1000 + "b")
+
+
+@pytest.mark.parametrize("text", ["n > " + "9" * 400, "n < -" + "1" * 310, "n = 1e309"])
+def test_numbers_beyond_a_float_are_errors_at_their_position(text: str) -> None:
+    # Numbers are stored and compared as 64-bit floats: a literal no float holds is the user's
+    # error (400), not an OverflowError in the search (it was a 500).
+    with pytest.raises(FilterError) as caught:
+        parse(text)
+    assert caught.value.position == 4 and caught.value.expected == "a finite number"
+    assert parse("n > " + "9" * 300) is not None  # big, but a float holds it

@@ -38,3 +38,13 @@ def test_defaults_find_the_private_redis(tmp_path: Path) -> None:
 def test_round_trip_through_the_environment(tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path, root=tmp_path / "r", redis_url="redis://x/1", polling=True, port=1234)
     assert Settings.load({}, env=s.as_env()) == s
+
+
+def test_allowed_origins() -> None:
+    env = {"SIDECAR_ALLOWED_ORIGINS": "https://ops.example, http://Localhost:3000/,"}
+    s = Settings.load({}, env=env)
+    assert s.allowed_origins == ("https://ops.example", "http://localhost:3000")
+    assert Settings.load({}, env=s.as_env()).allowed_origins == s.allowed_origins
+    assert Settings.load({}, env={}).allowed_origins == ()
+    with pytest.raises(ConfigError, match="SIDECAR_ALLOWED_ORIGINS"):
+        Settings.load({}, env={"SIDECAR_ALLOWED_ORIGINS": "ops.example/path"})

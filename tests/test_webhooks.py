@@ -70,3 +70,13 @@ def test_inputs_named_in_events() -> None:
     }
     action = parse_event({"type": "execution_completed", "data": data})
     assert action.inputs == ("dataset://other/v9", "dataset://press/latest", "dataset://press/v1")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"type": None, "data": {}}, {"data": {}}, {"type": "execution_started", "data": "c$"}, {"type": 7}],
+)
+def test_payloads_that_are_no_notification_are_refused(payload: dict[str, object]) -> None:
+    # The fuzzer's finding: `{"type": null, "data": "c$"}` was answered 202 "ignored".
+    with pytest.raises(InvalidEntry):
+        parse_event(payload)

@@ -5,21 +5,39 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any
 
 import orjson
 import redis
 import sqlalchemy.exc
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from . import metrics
+from .api_models import (
+    MAX_LIMIT,
+    MAX_OFFSET,
+    Change,
+    Dataset,
+    EventAnswer,
+    Health,
+    OwnerId,
+    Page,
+    Readiness,
+    Version,
+    errors,
+)
+from .edge import MAX_BODY, WriteGuard, error_response
 from .errors import BadURI, InvalidEntry, NotFound
+from .query import MAX_LENGTH as MAX_FILTER
 from .query import FilterError
 from .staging import Staging
 from .store import queries
@@ -31,8 +49,22 @@ from .webhooks import Action, parse_event, signature_problem
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
-MAX_LIMIT = 1000
-MAX_BODY = 1024 * 1024
+FILTER_TEXT = "The filter language (see README, Search); a filter that does not parse answers 400."
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+# The filter language and an ordering key are grammars no JSON Schema can hold: named formats.
+Filter = Annotated[
+    str | None,
+    Query(max_length=MAX_FILTER, json_schema_extra={"format": "sidecar-filter"}, description=FILTER_TEXT),
+]
+Ordering = Annotated[
+    str | None,
+    Query(json_schema_extra={"format": "sidecar-ordering"}, description="A key; `-key` sorts descending."),
+]
+VersionURI = Annotated[str, Query(pattern=r"^dataset://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+# Every /api/ route may answer these: no token, a body over the cap, Redis or the database down.
+API_ERRORS = (401, 413, 503)
+WRITE_ERRORS = (*API_ERRORS, 400, 403, 404, 415)
 
 
 def create_app(
@@ -43,29 +75,21 @@ def create_app(
     webhook_secret: str | None = None,
     api_token: str | None = None,
     watcher_max_age: float = 120.0,
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine."""
     app = FastAPI(title="Dataset properties sidecar", version="0.1.0")
-
-    @app.exception_handler(FilterError)
-    def _bad_filter(_request: Request, exc: FilterError) -> JSONResponse:
-        body = {"error": "bad_filter", "detail": str(exc), "position": exc.position, "expected": exc.expected}
-        return JSONResponse(body, status_code=400)
-
-    @app.exception_handler(redis.RedisError)
-    @app.exception_handler(sqlalchemy.exc.OperationalError)
-    def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
-        log.warning("service unavailable: %s", exc)
-        return _error(503, "unavailable", f"{type(exc).__name__}: {exc}")
-
-    @app.exception_handler(NotFound)
-    def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
-
+    _error_handlers(app)
     _health_routes(app, engine, staging, watcher_max_age)
 
     if api_token:
         _require_token(app, api_token)
+    _describe(app, token=bool(api_token))
+    # Starlette's limiter counts bytes while a handler reads the body and stops past the cap (a
+    # 413 rendered by _http). WriteGuard is added last, so it runs first: a Content-Length over
+    # the cap or a refused write never reaches the token check, the limiter or a handler.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY)
+    app.add_middleware(WriteGuard, allowed_origins=allowed_origins, max_body=MAX_BODY)
     _webhook_routes(app, engine, staging, enqueue, webhook_secret)
     _resolve_route(app, engine)  # before /dataset-versions/{id}/, which would match "resolve"
     _read_routes(app, engine)
@@ -75,15 +99,69 @@ def create_app(
     return app
 
 
+def _error_handlers(app: FastAPI) -> None:
+    """Every error is `{"error", "detail"}` JSON; a 5xx body never carries exception text (it can
+    hold a database URL with its password): that goes to the log."""
+
+    @app.exception_handler(FilterError)
+    def _bad_filter(_request: Request, exc: FilterError) -> JSONResponse:
+        body = {"error": "bad_filter", "detail": str(exc), "position": exc.position, "expected": exc.expected}
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(redis.RedisError)
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        service = "redis" if isinstance(exc, redis.RedisError) else "database"
+        log.warning("%s unavailable during %s %s: %s", service, request.method, request.url.path, exc)
+        return _error(503, "unavailable", f"{service} unavailable; try again later")
+
+    @app.exception_handler(NotFound)
+    def _not_found(_request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"error": "not_found", "detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(HTTPException)
+    def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+        # Unknown routes (404), wrong methods (405, with Allow), bodies past the cap (413).
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "error")
+        detail = f"body over {MAX_BODY} bytes" if exc.status_code == 413 else str(exc.detail)
+        return JSONResponse({"error": code, "detail": detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_answer(exc)
+
+    @app.exception_handler(Exception)
+    def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal", "internal error; the server log has the details")
+
+
+def _validation_answer(exc: RequestValidationError) -> JSONResponse:
+    """A path id that is not a 64-bit id names nothing (404); a bad query parameter is a 400
+    naming the parameter and the rule it broke."""
+    first = exc.errors()[0]
+    where, name = (list(first.get("loc", ())) + ["request", "?"])[:2]
+    if where == "path":
+        return _error(404, "not_found", f"not found: {name} {first.get('input')!r}"[:200])
+    body = {"error": "bad_request", "detail": f"{name}: {first.get('msg', 'invalid')}", "parameter": name}
+    return JSONResponse(body, status_code=400)
+
+
 def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_age: float) -> None:
     metrics.register_backlog(staging)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses=errors(413))
     def healthz() -> dict[str, str]:
         """The process is alive."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses=errors(
+            413, also={503: {"model": Readiness, "description": "Not ready: the failing part is named."}}
+        ),
+    )
     def readyz() -> JSONResponse:
         """Redis and the database answer, and a watcher has scanned recently; 503 naming what fails."""
         checks = {"redis": _check_redis(staging), "database": _check_database(engine)}
@@ -97,7 +175,13 @@ def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_a
             body["quarantined"] = _quarantined(staging)
         return JSONResponse(body, 200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses=errors(
+            413, also={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}}
+        ),
+    )
     def metrics_endpoint() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -115,8 +199,8 @@ def _check_redis(staging: Staging) -> str:
     try:
         staging.redis.ping()
         return "ok"
-    except Exception as exc:  # any failure is "not ready", with its reason
-        return f"failing: {exc}"
+    except Exception as exc:  # any failure is "not ready"
+        return _failing("redis", exc)
 
 
 def _check_database(engine: Engine) -> str:
@@ -125,7 +209,13 @@ def _check_database(engine: Engine) -> str:
             conn.exec_driver_sql("SELECT 1")
         return "ok"
     except Exception as exc:
-        return f"failing: {exc}"
+        return _failing("database", exc)
+
+
+def _failing(part: str, exc: Exception) -> str:
+    """Name the part and the exception type only: the message can carry a URL with a password."""
+    log.warning("readiness: %s failing: %s", part, exc)
+    return f"failing: {type(exc).__name__}"
 
 
 def _check_watchers(staging: Staging, max_age: float) -> str:
@@ -151,30 +241,56 @@ def _require_token(app: FastAPI, token: str) -> None:
         return await call_next(request)
 
 
+def _describe(app: FastAPI, token: bool) -> None:
+    """Finish `/openapi.json`: FastAPI lists a 422 on every operation with parameters, but ours
+    answer validation errors 400 (a parameter) or 404 (a path id); and with a token set, every
+    /api/ operation says it needs it."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = plain()  # caches itself in app.openapi_schema; completed here once
+            for path, operations in spec["paths"].items():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+                    if token and path.startswith("/api/"):
+                        operation["security"] = [{"token": []}]
+            schemas = spec.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            if token:
+                scheme = {"type": "apiKey", "in": "header", "name": "Authorization"}
+                spec["components"]["securitySchemes"] = {"token": scheme | {"description": "Token <token>"}}
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _metadata_routes(app: FastAPI, engine: Engine, staging: Staging, kind: str, base: str) -> None:
-    @app.get(f"/api/v0/{base}/{{owner_id}}/metadata/", name=f"get_{kind}_metadata")
-    def get_metadata(owner_id: int) -> dict[str, Any]:
+    @app.get(
+        f"/api/v0/{base}/{{owner_id}}/metadata/",
+        name=f"get_{kind}_metadata",
+        response_model=dict[str, Any],
+        responses=errors(*API_ERRORS, 404),
+    )
+    def get_metadata(owner_id: OwnerId) -> dict[str, Any]:
         return current_properties(engine, kind, owner_id)
 
     @app.post(
         f"/api/v0/{base}/{{owner_id}}/metadata/",
         name=f"set_{kind}_metadata",
-        openapi_extra=_json_body("Properties to set; a null value deletes the key. Keys 1..256 characters."),
-        responses={
-            202: {"description": "The version is still building: the write is staged until completion."},
-            400: {"description": "Not JSON, not an object, a reserved `valohai.` key, a bad key or depth."},
-            404: {"description": "No such dataset or version."},
-            413: {"description": "Body over 1 MiB."},
-        },
+        response_model=dict[str, Any],
+        openapi_extra=_properties_body(),
+        responses=errors(
+            *WRITE_ERRORS,
+            also={202: {"model": dict[str, Any], "description": "The version is still building: staged."}},
+            e400="Not JSON, not an object, a reserved `valohai.` key, a bad key or depth.",
+            e404="No such dataset or version.",
+        ),
     )
-    async def set_metadata(owner_id: int, request: Request) -> JSONResponse:
+    async def set_metadata(owner_id: OwnerId, request: Request) -> JSONResponse:
         """Set each key of the JSON object body; null deletes. Answers the full set after the change."""
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY:
-            return _error(413, "too_large", f"body over {MAX_BODY} bytes")
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return _error(413, "too_large", f"body over {MAX_BODY} bytes")
+        body = await request.body()  # capped while read (RequestBodyLimitMiddleware): past 1 MiB it is a 413
         try:
             payload = orjson.loads(body)
             result = await run_in_threadpool(write_properties, engine, staging, kind, owner_id, payload)
@@ -187,9 +303,15 @@ def _metadata_routes(app: FastAPI, engine: Engine, staging: Staging, kind: str, 
             return JSONResponse(result.properties, status_code=202, headers={"X-Sidecar-Staged": "true"})
         return JSONResponse(result.properties)
 
-    @app.get(f"/api/v0/{base}/{{owner_id}}/metadata/history/", name=f"{kind}_history")
-    def get_history(request: Request, owner_id: int, limit: int = 100, offset: int = 0) -> dict[str, Any]:
-        limit, offset = _paging(limit, offset)
+    @app.get(
+        f"/api/v0/{base}/{{owner_id}}/metadata/history/",
+        name=f"{kind}_history",
+        response_model=Page[Change],
+        responses=errors(*API_ERRORS, 400, 404),
+    )
+    def get_history(
+        request: Request, owner_id: OwnerId, limit: Limit = 100, offset: Offset = 0
+    ) -> dict[str, Any]:
         with Session(engine) as session:
             target_of(session, kind, owner_id)  # 404 for an unknown id
             count, rows = queries.history(session, kind, owner_id, limit=limit, offset=offset)
@@ -197,8 +319,12 @@ def _metadata_routes(app: FastAPI, engine: Engine, staging: Staging, kind: str, 
 
 
 def _resolve_route(app: FastAPI, engine: Engine) -> None:
-    @app.get("/api/v0/dataset-versions/resolve/")
-    def resolve_version(uri: str) -> Any:
+    @app.get(
+        "/api/v0/dataset-versions/resolve/",
+        response_model=Version,
+        responses=errors(*API_ERRORS, 400, 404, e400="Not a dataset://<name>/<version> URI."),
+    )
+    def resolve_version(uri: VersionURI) -> Any:
         """Resolve `dataset://<name>/<version>` (`latest` = newest completed) and mark it used."""
         with Session(engine) as session:
             try:
@@ -233,26 +359,26 @@ def _webhook_routes(
     @app.post(
         "/webhooks/events",
         status_code=202,
-        openapi_extra=_json_body("A platform notification: dataset_version_created or execution_completed."),
-        responses={
-            400: {"description": "Not JSON, or a required field is missing."},
-            401: {"description": "Missing or wrong signature, or a stale timestamp."},
-        },
+        response_model=EventAnswer,
+        openapi_extra=_event_body(),
+        responses=errors(
+            400,
+            401,
+            403,
+            413,
+            415,
+            503,
+            e400="Not JSON, or a required field is missing.",
+            e401="Missing or wrong signature, or a stale timestamp (when SIDECAR_WEBHOOK_SECRET is set).",
+        ),
     )
     async def events(request: Request) -> JSONResponse:
         """Validate and enqueue, nothing more: the apply happens in the worker."""
-        body = await request.body()
-        if secret:
-            problem = signature_problem(
-                secret,
-                request.headers.get("x-sidecar-timestamp"),
-                request.headers.get("x-sidecar-signature"),
-                body,
-                time.time(),
-            )
-            if problem:
-                metrics.WEBHOOKS.labels("unauthorized").inc()
-                return _error(401, "unauthorized", problem)
+        body = await request.body()  # capped while read, before the signature is checked
+        problem = _signature_problem(secret, request, body)
+        if problem:
+            metrics.WEBHOOKS.labels("unauthorized").inc()
+            return _error(401, "unauthorized", problem)
         try:
             action = parse_event(orjson.loads(body))
         except orjson.JSONDecodeError as exc:
@@ -262,13 +388,32 @@ def _webhook_routes(
             metrics.WEBHOOKS.labels("bad_request").inc()
             return _error(400, "bad_request", str(exc))
         metrics.WEBHOOKS.labels("ignored" if action.kind == "ignore" else "accepted").inc()
-        if action.inputs:
-            await run_in_threadpool(_mark_used, engine, action.inputs)
         if action.kind == "ignore":
+            await run_in_threadpool(_mark_used, engine, action.inputs)
             return JSONResponse({"status": "ignored", "type": action.event_type}, status_code=202)
         # Redis calls block: run them off the event loop so one slow Redis stalls one request.
+        # The completion goes first: if it fails the answer is a 503 and nothing was written.
         due = await run_in_threadpool(_complete, staging, enqueue, action)
+        await run_in_threadpool(_mark_used_or_log, engine, action.inputs)
         return JSONResponse({"status": "accepted", "type": action.event_type, "due": due}, status_code=202)
+
+
+def _signature_problem(secret: str | None, request: Request, body: bytes) -> str | None:
+    if not secret:
+        return None
+    headers = request.headers
+    return signature_problem(
+        secret, headers.get("x-sidecar-timestamp"), headers.get("x-sidecar-signature"), body, time.time()
+    )
+
+
+def _mark_used_or_log(engine: Engine, uris: tuple[str, ...]) -> None:
+    """After a completion was accepted, a failed `valohai.last-used` touch must not turn the
+    answer into an error (the completion stands, and would be applied anyway)."""
+    try:
+        _mark_used(engine, uris)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        log.warning("could not mark %d input versions used: %s", len(uris), exc)
 
 
 def _complete(staging: Staging, enqueue: Enqueue, action: Action) -> list[str]:
@@ -287,39 +432,37 @@ def _complete(staging: Staging, enqueue: Enqueue, action: Action) -> list[str]:
 
 
 def _read_routes(app: FastAPI, engine: Engine) -> None:
-    @app.get("/api/v0/datasets/")
+    @app.get("/api/v0/datasets/", response_model=Page[Dataset], responses=errors(*API_ERRORS, 400))
     def list_datasets(
         request: Request,
         name: str | None = None,
-        filter: str | None = None,
-        ordering: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
+        filter: Filter = None,
+        ordering: Ordering = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> Any:
         """Datasets; `filter` takes the filter language, `ordering` a key (`-key` descending)."""
-        limit, offset = _paging(limit, offset)
         ask = queries.ListQuery(name=name, filter=filter, ordering=ordering, limit=limit, offset=offset)
         with Session(engine) as session:
             count, rows = queries.list_datasets(session, ask)
             return _page(request, count, limit, offset, [queries.dataset_json(r) for r in rows])
 
-    @app.get("/api/v0/datasets/{dataset_id}/")
-    def get_dataset(dataset_id: int) -> Any:
+    @app.get("/api/v0/datasets/{dataset_id}/", response_model=Dataset, responses=errors(*API_ERRORS, 404))
+    def get_dataset(dataset_id: OwnerId) -> Any:
         with Session(engine) as session:
             return queries.dataset_json(queries.get_dataset(session, dataset_id))
 
-    @app.get("/api/v0/dataset-versions/")
+    @app.get("/api/v0/dataset-versions/", response_model=Page[Version], responses=errors(*API_ERRORS, 400))
     def list_versions(
         request: Request,
         dataset: str | None = None,
         name: str | None = None,
-        filter: str | None = None,
-        ordering: str | None = None,
-        limit: int = 100,
-        offset: int = 0,
+        filter: Filter = None,
+        ordering: Ordering = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> Any:
         """Versions; `filter` takes the filter language, `ordering` a key (`-key` descending)."""
-        limit, offset = _paging(limit, offset)
         ask = queries.ListQuery(
             name=name, dataset=dataset, filter=filter, ordering=ordering, limit=limit, offset=offset
         )
@@ -328,24 +471,44 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
             results = [queries.version_json(session, r) for r in rows]
             return _page(request, count, limit, offset, results)
 
-    @app.get("/api/v0/dataset-versions/{version_id}/")
-    def get_version(version_id: int) -> Any:
+    @app.get(
+        "/api/v0/dataset-versions/{version_id}/",
+        response_model=Version,
+        responses=errors(*API_ERRORS, 404),
+    )
+    def get_version(version_id: OwnerId) -> Any:
         with Session(engine) as session:
             return queries.version_json(session, queries.get_version(session, version_id))
 
 
-def _json_body(description: str) -> dict[str, Any]:
-    """OpenAPI for a JSON object body that the handler reads itself (to bound and check it)."""
-    schema = {"type": "object", "additionalProperties": True, "description": description}
+def _properties_body() -> dict[str, Any]:
+    """OpenAPI for the metadata body, which the handler reads itself (to check it whole)."""
+    schema = {
+        "type": "object",
+        "description": "Properties to set; a null value deletes the key. At most 32 levels deep.",
+        "propertyNames": {"minLength": 1, "maxLength": 256, "not": {"pattern": "^valohai\\."}},
+        "additionalProperties": True,
+    }
+    return _json_body(schema)
+
+
+def _event_body() -> dict[str, Any]:
+    """OpenAPI for a platform notification (other types are accepted and ignored)."""
+    schema = {
+        "type": "object",
+        "description": "A platform notification: dataset_version_created or execution_completed.",
+        "properties": {"type": {"type": "string"}, "data": {"type": "object"}},
+        "required": ["type"],
+    }
+    return _json_body(schema)
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _error(status: int, error: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
-
-
-def _paging(limit: int, offset: int) -> tuple[int, int]:
-    return max(1, min(limit, MAX_LIMIT)), max(0, offset)
+    return error_response(status, error, detail)
 
 
 def _page(request: Request, count: int, limit: int, offset: int, results: list[Any]) -> dict[str, Any]:

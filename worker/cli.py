@@ -20,7 +20,8 @@ import redis
 import sqlalchemy.exc
 
 from . import connections
-from .errors import SidecarError
+from .edge import exposure_warning
+from .errors import ConfigError, SidecarError
 from .props_cli import add_commands
 from .settings import Settings
 from .staging import Staging
@@ -137,6 +138,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     from .api import create_app
 
+    _check_exposure(settings, insecure=args.insecure)
     engine = connections.engine(settings)
     if args.migrate:
         upgrade(engine)
@@ -147,6 +149,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         webhook_secret=settings.webhook_secret,
         api_token=settings.api_token,
         watcher_max_age=3 * settings.rescan_interval + 30,
+        allowed_origins=settings.allowed_origins,
     )
     # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal to the handler
     # that was installed before it started; with this one a clean stop exits 0, not 143, so
@@ -156,6 +159,16 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     _freeze_startup_objects()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
+
+
+def _check_exposure(settings: Settings, *, insecure: bool) -> None:
+    """Warn about a non-loopback bind with no API token; refuse it unless `--insecure`."""
+    problem = exposure_warning(settings.host, settings.api_token)
+    if problem is None:
+        return
+    if not insecure:
+        raise ConfigError("SIDECAR_API_TOKEN", f"{problem}; set a token, or pass --insecure to serve anyway")
+    log.warning("%s (--insecure)", problem)
 
 
 def _exit_cleanly(_signum: int, _frame: object) -> None:
@@ -304,6 +317,11 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", default="threads", help="Celery pool: threads, prefork, solo [threads]")
     serve = command("serve", cmd_serve, "run the HTTP server (API and webhooks)")
     serving(serve)
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve on a non-loopback address even without SIDECAR_API_TOKEN",
+    )
     for p in (worker, serve):
         p.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
     for p in (worker, watch):

@@ -139,6 +139,7 @@ class Ingestor:
         self.root_id = f"{socket.gethostname()}:{self.root}"
         self._carried: _InFlight | None = None  # see `ingest(carry=True)`
         self._bad_names: set[str] = set()  # paths refused by `_utf8_name`, rejected once
+        self._forgot = False  # retention has forgotten something (see Staging.ever_forgot)
 
     def _utf8_name(self, path: Path) -> bool:
         """Whether the file's path is text every store can hold. A folder or file named with
@@ -159,7 +160,6 @@ class Ingestor:
             self.staging.record_reject(Reject(shown, 0, 0, reason, shown.split("/")[0], now_iso()))
             metrics.LINES_REJECTED.labels("bad_path").inc()
         return False
-        self._forgot = False  # retention has forgotten something (see Staging.ever_forgot)
 
     def settle(self) -> IngestStats:
         """Wait for a batch carried over by `ingest(carry=True)`: its lines and due targets."""

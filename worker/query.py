@@ -63,6 +63,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeAlias, assert_never
@@ -497,9 +498,14 @@ class _Parser:
 
 
 def _number(token: _Token) -> int | float:
-    """Integers stay exact; anything with a fraction or exponent is a finite float."""
+    """Integers stay exact; anything with a fraction or exponent is a finite float. Either must
+    fit a 64-bit float, which is how numbers are stored and compared: a 400-digit integer is an
+    error at its position, not an overflow deep in the search."""
     if not any(c in token.text for c in ".eE"):
-        return int(token.text)  # at most MAX_LENGTH digits, under Python's int-parsing limit
+        number = int(token.text)  # at most MAX_LENGTH digits, under Python's int-parsing limit
+        if abs(number) <= sys.float_info.max:
+            return number
+        raise FilterError(token.pos, "a finite number", f"number {_describe(token)} is out of range")
     value = float(token.text)
     if not math.isfinite(value):
         raise FilterError(token.pos, "a finite number", f"number {_describe(token)} is out of range")

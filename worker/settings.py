@@ -6,6 +6,7 @@ Read once at the edge (the CLI) and passed down; nothing else reads the environm
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -27,6 +28,8 @@ class Settings:
     redis_prefix: str = "sidecar"
     webhook_secret: str | None = None
     api_token: str | None = None
+    # Origins (scheme://host[:port]) besides the server's own that may write from a browser.
+    allowed_origins: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
     polling: bool = False
@@ -78,6 +81,9 @@ class Settings:
             raise ConfigError("SIDECAR_LOG_FORMAT", "must be text or json")
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
             raise ConfigError("SIDECAR_REDIS_PREFIX", "must be non-empty without braces or spaces")
+        for origin in self.allowed_origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ConfigError("SIDECAR_ALLOWED_ORIGINS", f"{origin!r} is not scheme://host[:port]")
 
     @property
     def redis_url_file(self) -> Path:
@@ -126,6 +132,8 @@ class Settings:
 def _render(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(value)
     return str(value)
 
 
@@ -140,7 +148,16 @@ def _to_bool(raw: Any) -> bool:
     raise ValueError(f"{raw!r} is not a boolean")
 
 
+def _origins(raw: Any) -> tuple[str, ...]:
+    """Comma-separated origins, each as a browser sends it: no trailing slash, lowercase."""
+    parts = raw.split(",") if isinstance(raw, str) else list(raw)
+    return tuple(p.strip().rstrip("/").lower() for p in parts if p.strip())
+
+
+_ORIGIN = re.compile(r"https?://[^/\s]+")
+
 _CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "allowed_origins": _origins,
     "data_dir": Path,
     "root": Path,
     "port": int,

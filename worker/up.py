@@ -22,6 +22,7 @@ from typing import IO
 import redis
 
 from . import connections
+from .edge import exposure_warning
 from .errors import ConfigError, ServiceUnavailable
 from .settings import Settings
 from .store.migrate import upgrade
@@ -33,6 +34,9 @@ STOP_GRACE_SECONDS = 15
 def run_up(settings: Settings, *, concurrency: int) -> int:
     """Run until SIGINT/SIGTERM or until a part dies; stop every part cleanly either way."""
     settings.require_root()
+    problem = exposure_warning(settings.host, settings.api_token)
+    if problem:
+        log.warning("%s", problem)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(settings.data_dir)
     redis_proc = None
@@ -52,7 +56,9 @@ def run_up(settings: Settings, *, concurrency: int) -> int:
             settings.redis_url_file.write_text(url + "\n")
         upgrade(connections.engine(settings))
         env = {**os.environ, **settings.as_env()}
-        parts = {"worker": ["--concurrency", str(concurrency)], "watch": [], "serve": []}
+        # `up` only warns about an exposed server (above); its own `serve` must not refuse.
+        serve = ["--insecure"] if problem else []
+        parts = {"worker": ["--concurrency", str(concurrency)], "watch": [], "serve": serve}
         for part, extra in parts.items():
             children.append(subprocess.Popen([sys.executable, "-m", "worker.cli", part, *extra], env=env))
         log.info("sidecar up: watching %s, API on http://%s:%d/", settings.root, settings.host, settings.port)

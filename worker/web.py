@@ -13,6 +13,7 @@ its quarantine record if its applies kept failing.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -26,12 +27,14 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from .api_models import OwnerId
 from .errors import NotFound
 from .staging import Staging
 from .store import queries
 from .store.models import Watermark
 from .uris import Target
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
@@ -121,7 +124,7 @@ def mount_web(app: FastAPI, engine: Engine, staging: Staging) -> None:
 
 def _staged_route(app: FastAPI, engine: Engine, staging: Staging, kind: str, base: str) -> None:
     @app.get(f"/api/web/{base}/{{owner_id}}/staged/", name=f"{kind}_staged", include_in_schema=False)
-    def staged(owner_id: int) -> JSONResponse:
+    def staged(owner_id: OwnerId) -> JSONResponse:
         """Entries staged in Redis for this target after its watermark (not applied yet)."""
         with Session(engine) as session:
             target = _target(session, kind, owner_id)  # NotFound: the app's JSON 404
@@ -129,7 +132,8 @@ def _staged_route(app: FastAPI, engine: Engine, staging: Staging, kind: str, bas
             found = staged_after_watermark(engine, staging, target)
             held = staging.quarantined().get(target.key)
         except redis.RedisError as exc:  # Redis down: the page says "unknown", the rest still works
-            return JSONResponse({"error": "unavailable", "detail": f"staging area: {exc}"}, 503)
+            log.warning("staged count of %s: redis unavailable: %s", target.key, exc)
+            return JSONResponse({"error": "unavailable", "detail": "staging area (redis) unavailable"}, 503)
         return JSONResponse({**found.to_json(), "quarantined": held})
 
 

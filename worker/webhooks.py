@@ -70,9 +70,15 @@ def parse_event(payload: Any) -> Action:
         raise InvalidEntry("expected a JSON object")
     event_type = payload.get("type")
     data = payload.get("data")
+    # The platform always sends a string type and an object of data: anything else is not one of
+    # its notifications, and answering "ignored" (202) would hide a broken sender.
+    if not isinstance(event_type, str):
+        raise InvalidEntry("type: expected a string")
+    if data is not None and not isinstance(data, dict):
+        raise InvalidEntry("data: expected an object")
     inputs = input_uris(data)
     if event_type == "dataset_version_created":
-        if not isinstance(data, dict):
+        if data is None:
             raise InvalidEntry("data: expected an object")
         return Action("version", target=_version_of(data), event_type=event_type, inputs=inputs)
     if event_type == "execution_completed":
@@ -80,7 +86,7 @@ def parse_event(payload: Any) -> Action:
         if not isinstance(execution, str) or not execution or "/" in execution or execution in (".", ".."):
             raise InvalidEntry("data.valohai.execution-id: expected an execution id")
         return Action("execution", execution=execution, event_type=event_type, inputs=inputs)
-    return Action("ignore", event_type=str(event_type), inputs=inputs)
+    return Action("ignore", event_type=event_type, inputs=inputs)
 
 
 def _version_of(data: dict[str, Any]) -> Target:
