@@ -82,9 +82,17 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class Quarantined(BaseModel):
+    count: int | None = Field(description="targets held after failed applies (null: Redis unreadable)")
+    targets: list[str] = Field(description="the first 20 of them")
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
     checks: dict[str, str] = Field(description='"ok", or "failing: <what>" without credentials')
+    quarantined: Quarantined | None = Field(
+        default=None, description="shown when Redis answers; a quarantine does not make the server unready"
+    )
 
 
 class EventAnswer(BaseModel):
