@@ -376,3 +376,24 @@ def test_openapi_names_the_token_when_one_is_set(engine: Engine, staging: Stagin
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             assert "422" not in operation["responses"], (method, path)  # validation errors are 400/404
+
+
+def test_a_write_answered_503_is_never_applied_later(
+    client: TestClient, engine: Engine, staging: Staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy.exc
+
+    from worker.store import writes
+
+    url = dataset_url(client, engine, staging)
+
+    def database_gone(*_args: object) -> None:
+        raise sqlalchemy.exc.OperationalError("apply", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(writes, "apply_target", database_gone)
+    assert client.post(url, json={"ghost": 1}).status_code == 503
+    monkeypatch.undo()
+    # The database is back; the sweep (or any later line) applies the target again.
+    apply_target(engine, staging, Target("dataset", "press"))
+    assert "ghost" not in client.get(url).json()
+    assert client.post(url, json={"real": 1}).json() == {"real": 1}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -16,6 +18,7 @@ from .apply import Applier, apply_target, lock_watermark, version_completed
 from .db import writer
 from .queries import get_dataset, get_version
 
+log = logging.getLogger(__name__)
 LAST_USED = "valohai.last-used"
 
 
@@ -48,12 +51,41 @@ def write_properties(
         target = target_of(session, kind, owner_id)
     entry: Entry = user_write(target, metadata, Source("api"))
     staging.stage_entry(entry)
-    with Session(engine) as session:
-        building = target.kind == "version" and not version_completed(session, staging, target)
-    if building:
-        return WriteResult(current_properties(engine, kind, owner_id), staged=True)
-    apply_target(engine, staging, target)
-    return WriteResult(current_properties(engine, kind, owner_id), staged=False)
+    try:
+        with Session(engine) as session:
+            building = target.kind == "version" and not version_completed(session, staging, target)
+        if building:
+            return WriteResult(current_properties(engine, kind, owner_id), staged=True)
+        apply_target(engine, staging, target)
+        return WriteResult(current_properties(engine, kind, owner_id), staged=False)
+    except Exception:
+        _withdraw(staging, entry)
+        raise
+
+
+WITHDRAW_SCAN = 100  # newest stream entries searched for a write to take back
+
+
+def _withdraw(staging: Staging, entry: Entry) -> None:
+    """Take back a staged write whose request is answered with an error (the database failed).
+
+    Left in the stream, the sweep or the target's next apply would apply it later, after the
+    client was told it failed. It was added a moment ago, so it is among the newest entries.
+    Left open: an apply that reads it between the XADD and this XDEL (a sweep of the same
+    target in that instant), and an error after the apply committed (then it stays applied).
+    """
+    stream = staging.keys.stream(entry.target)
+    wanted = entry.to_json()
+    try:
+        newest = cast(
+            list[tuple[bytes, dict[bytes, bytes]]], staging.redis.xrevrange(stream, count=WITHDRAW_SCAN)
+        )
+        for entry_id, fields in newest:
+            if fields.get(b"e") == wanted:
+                staging.redis.xdel(stream, entry_id)
+                return
+    except redis.RedisError as exc:
+        log.warning("could not take back the failed write on %s: %s", entry.target.key, exc)
 
 
 def current_properties(engine: Engine, kind: str, owner_id: int) -> dict[str, Any]:
