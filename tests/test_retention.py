@@ -26,7 +26,7 @@ from worker.replay import replay
 from worker.retention import Retention
 from worker.settings import Settings
 from worker.staging import Staging
-from worker.status import collect
+from worker.status import _print, collect
 from worker.store import finished
 from worker.store.apply import apply_target
 from worker.store.models import PropertyChange
@@ -152,7 +152,11 @@ def test_completed_and_applied_executions_leave_redis(
 
 
 def test_status_shows_redis_memory_and_the_oldest_retained_execution(
-    settings: Settings, staging: Staging, engine: Engine, ingestor: Ingestor
+    settings: Settings,
+    staging: Staging,
+    engine: Engine,
+    ingestor: Ingestor,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     root = settings.require_root()
     path = root / "exec-0" / JSONL
@@ -165,6 +169,8 @@ def test_status_shows_redis_memory_and_the_oldest_retained_execution(
     assert report["redis"]["used_memory_human"]
     assert report["redis"]["oldest_retained"] == "exec-0"
     assert report["redis"]["oldest_retained_seconds"] >= 0
+    _print(report)
+    assert "oldest retained execution exec-0" in capsys.readouterr().out
     Retention(staging, lambda: engine, retention_seconds=0).run()
     assert collect(staging, stuck_after=300)["redis"]["oldest_retained"] is None
 
