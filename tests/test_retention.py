@@ -365,3 +365,15 @@ def test_a_target_shared_with_a_running_execution_stays_while_the_completed_one_
     assert Retention(staging, lambda: engine, retention_seconds=0).run().forgotten == ["exec-1"]
     assert not staging.redis.exists(staging.keys.stream(dataset))
     assert_matches_db(engine, expected_state(paths, root=root))
+
+
+def test_a_stream_created_again_goes_on_above_the_floor(staging: Staging) -> None:
+    """Redis's clock behind the last deleted id (it went back): the new stream still starts above."""
+    from tests.helpers import outcome
+
+    ahead = int(time.time() * 1000) + 3_600_000
+    staging.redis.set(staging.keys.stream_floor, f"{ahead}-5")
+    line = b'{"dataset-version": "dataset://ret/v9", "metadata": {"a": 1}}'
+    staging.stage_lines(f"exec-0/{JSONL}", "exec-0", [outcome(line)], "s")
+    ((stream_id, _),) = staging.read_after(Target("version", "ret", "v9"), None)
+    assert int(stream_id.split("-")[0]) > ahead
