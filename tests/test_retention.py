@@ -26,7 +26,7 @@ from worker.replay import replay
 from worker.retention import Retention
 from worker.settings import Settings
 from worker.staging import Staging
-from worker.status import collect
+from worker.status import _print, collect
 from worker.store import finished
 from worker.store.apply import apply_target
 from worker.store.models import PropertyChange
@@ -152,7 +152,11 @@ def test_completed_and_applied_executions_leave_redis(
 
 
 def test_status_shows_redis_memory_and_the_oldest_retained_execution(
-    settings: Settings, staging: Staging, engine: Engine, ingestor: Ingestor
+    settings: Settings,
+    staging: Staging,
+    engine: Engine,
+    ingestor: Ingestor,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     root = settings.require_root()
     path = root / "exec-0" / JSONL
@@ -165,6 +169,8 @@ def test_status_shows_redis_memory_and_the_oldest_retained_execution(
     assert report["redis"]["used_memory_human"]
     assert report["redis"]["oldest_retained"] == "exec-0"
     assert report["redis"]["oldest_retained_seconds"] >= 0
+    _print(report)
+    assert "oldest retained execution exec-0" in capsys.readouterr().out
     Retention(staging, lambda: engine, retention_seconds=0).run()
     assert collect(staging, stuck_after=300)["redis"]["oldest_retained"] is None
 
@@ -359,3 +365,15 @@ def test_a_target_shared_with_a_running_execution_stays_while_the_completed_one_
     assert Retention(staging, lambda: engine, retention_seconds=0).run().forgotten == ["exec-1"]
     assert not staging.redis.exists(staging.keys.stream(dataset))
     assert_matches_db(engine, expected_state(paths, root=root))
+
+
+def test_a_stream_created_again_goes_on_above_the_floor(staging: Staging) -> None:
+    """Redis's clock behind the last deleted id (it went back): the new stream still starts above."""
+    from tests.helpers import outcome
+
+    ahead = int(time.time() * 1000) + 3_600_000
+    staging.redis.set(staging.keys.stream_floor, f"{ahead}-5")
+    line = b'{"dataset-version": "dataset://ret/v9", "metadata": {"a": 1}}'
+    staging.stage_lines(f"exec-0/{JSONL}", "exec-0", [outcome(line)], "s")
+    ((stream_id, _),) = staging.read_after(Target("version", "ret", "v9"), None)
+    assert int(stream_id.split("-")[0]) > ahead

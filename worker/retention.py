@@ -44,6 +44,9 @@ from .store import finished
 
 log = logging.getLogger(__name__)
 
+# Seconds before an execution that could not go is looked at again (at most the retention time).
+KEPT_RETRY = 60.0
+
 
 @dataclass
 class RetentionStats:
@@ -70,12 +73,22 @@ class Retention:
         self.retention_seconds = retention_seconds
         self.root, self.root_id = root, root_id
         self._missing: dict[str, float] = {}  # execution -> when its folder was first missed
+        # Candidates something still held: looked at again only after KEPT_RETRY seconds (an
+        # execution feeding a version that builds for days would cost a read of its targets'
+        # backlogs at every pass otherwise).
+        self._retry_at: dict[str, float] = {}
 
     def run(self) -> RetentionStats:
         """One pass: forget every execution that may go. Safe to run anywhere, any number of
         times at once (each step is an upsert or a script that checks before it deletes)."""
         stats = RetentionStats()
-        completed, gone = self.staging.completed_before(self.retention_seconds), self._gone()
+        now = time.monotonic()
+        completed = [
+            e
+            for e in self.staging.completed_before(self.retention_seconds)
+            if self._retry_at.get(e, 0.0) <= now
+        ]
+        gone = self._gone()
         if not completed and not gone:
             return stats  # nothing to ask the database about
         engine = self.engine()
@@ -87,6 +100,12 @@ class Retention:
         for execution in gone:
             if execution not in completed:
                 self._forget(engine, execution, stats, gone=True)
+        if len(self._retry_at) > 100_000:
+            self._retry_at.clear()
+        for execution in stats.kept:
+            self._retry_at[execution] = now + min(KEPT_RETRY, self.retention_seconds)
+        for execution in stats.forgotten:
+            self._retry_at.pop(execution, None)
         if stats.forgotten:
             log.info("retention: %d executions left Redis", len(stats.forgotten))
         return stats

@@ -677,7 +677,7 @@ class Staging:
         return bool(self.redis.exists(self.keys.stream_floor))
 
     def unapplied_by(
-        self, execution: str, targets: list[str], watermarks: dict[str, str | None], limit: int = 10_000
+        self, execution: str, targets: list[str], watermarks: dict[str, str | None], limit: int = READ_BATCH
     ) -> list[str]:
         """The targets holding an entry of `execution` past their applied watermark (or more than
         `limit` entries to look through past it: held, to be safe)."""
