@@ -565,16 +565,24 @@ class Staging:
 
     def stage_entry(self, entry: Entry) -> bool:
         """Stage one entry that has no file (an API write on a building version); True if now due."""
+        return self.stage_write(entry)[1]
+
+    def stage_write(self, entry: Entry) -> tuple[str, bool]:
+        """`stage_entry`, also returning the entry's stream id (for `withdraw`)."""
         target = entry.target
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(self.keys.stream(target), {"e": entry.to_json()})
         pipe.exists(self.keys.done(target))
-        _, done = pipe.execute()
+        stream_id, done = pipe.execute()
         # Race: the version may complete between the XADD and this check. Either the completion's
         # apply reads our entry (it was added first), or we see the flag and make it due ourselves.
         if done:
             self.redis.zadd(self.keys.due, {target.key: _now_ms()}, nx=True)
-        return bool(done)
+        return stream_id.decode(), bool(done)
+
+    def withdraw(self, target: Target, stream_id: str) -> None:
+        """Take back one staged entry that has not been applied (an API write answered with an error)."""
+        self.redis.xdel(self.keys.stream(target), stream_id)
 
     def record_reject(self, reject: Reject) -> None:
         """Record a reject that belongs to no staged batch (e.g. an unreadable file)."""

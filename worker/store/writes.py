@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import redis
 from sqlalchemy import Engine
@@ -50,7 +50,7 @@ def write_properties(
     with Session(engine) as session:
         target = target_of(session, kind, owner_id)
     entry: Entry = user_write(target, metadata, Source("api"))
-    staging.stage_entry(entry)
+    stream_id, _ = staging.stage_write(entry)
     try:
         with Session(engine) as session:
             building = target.kind == "version" and not version_completed(session, staging, target)
@@ -59,31 +59,20 @@ def write_properties(
         apply_target(engine, staging, target)
         return WriteResult(current_properties(engine, kind, owner_id), staged=False)
     except Exception:
-        _withdraw(staging, entry)
+        _withdraw(staging, entry, stream_id)
         raise
 
 
-WITHDRAW_SCAN = 100  # newest stream entries searched for a write to take back
-
-
-def _withdraw(staging: Staging, entry: Entry) -> None:
+def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
     """Take back a staged write whose request is answered with an error (the database failed).
 
     Left in the stream, the sweep or the target's next apply would apply it later, after the
-    client was told it failed. It was added a moment ago, so it is among the newest entries.
-    Left open: an apply that reads it between the XADD and this XDEL (a sweep of the same
+    client was told it failed. Taken back by its own stream id, so an identical earlier write
+    stays. Left open: an apply that reads it between the XADD and this XDEL (a sweep of the same
     target in that instant), and an error after the apply committed (then it stays applied).
     """
-    stream = staging.keys.stream(entry.target)
-    wanted = entry.to_json()
     try:
-        newest = cast(
-            list[tuple[bytes, dict[bytes, bytes]]], staging.redis.xrevrange(stream, count=WITHDRAW_SCAN)
-        )
-        for entry_id, fields in newest:
-            if fields.get(b"e") == wanted:
-                staging.redis.xdel(stream, entry_id)
-                return
+        staging.withdraw(entry.target, stream_id)
     except redis.RedisError as exc:
         log.warning("could not take back the failed write on %s: %s", entry.target.key, exc)
 
