@@ -30,11 +30,14 @@ from worker.uris import Target
 LATE_KEY = "late-after-retention"
 
 
-def apply_all(engine: Engine, staging: Staging, handed: set[str] | frozenset[str] = frozenset()) -> None:
-    """Apply what was handed out, then whatever is due, until nothing is."""
+def apply_all(
+    engine: Engine, staging: Staging, handed: set[str] | frozenset[str] = frozenset(), *, rounds: int = 20
+) -> None:
+    """The worker's part: apply what was handed out, then whatever is due, until nothing is
+    (failing after `rounds` passes that still left something due)."""
     for key in sorted(handed):
         apply_target(engine, staging, Target.parse(key))
-    for _ in range(20):
+    for _ in range(rounds):
         due = staging.due_targets(older_than=-1)
         if not due:
             return

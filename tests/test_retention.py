@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -20,6 +21,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from tests.oracle import assert_matches_db, expected_state
+from tests.retention_check import apply_all
 from worker.ingest import Ingestor
 from worker.keys import Keys
 from worker.replay import replay
@@ -28,7 +30,6 @@ from worker.settings import Settings
 from worker.staging import Staging
 from worker.status import _print, collect
 from worker.store import finished
-from worker.store.apply import apply_target
 from worker.store.models import PropertyChange
 from worker.uris import Target
 
@@ -62,17 +63,19 @@ def lines_of(i: int, count: int, start: int = 0) -> list[str]:
     return out
 
 
-def apply_due(engine: Engine, staging: Staging, also: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-    """The worker's part: apply until nothing is due (and the targets handed out, once)."""
-    for key in sorted(also):
-        apply_target(engine, staging, Target.parse(key))
-    for _ in range(10):
-        due = staging.due_targets(older_than=-1)
-        if not due:
-            return
-        for key in due:
-            apply_target(engine, staging, Target.parse(key))
-    raise AssertionError(f"still due: {staging.due_targets(older_than=-1)}")
+def apply_due(engine: Engine, staging: Staging, also: set[str] | frozenset[str] = frozenset()) -> None:
+    apply_all(engine, staging, also, rounds=10)
+
+
+def finished_execution(staging: Staging, engine: Engine, ingestor: Ingestor, lines: int = 20) -> Path:
+    """exec-0 with `lines` lines, read, completed and applied: what retention may forget."""
+    path = ingestor.root / "exec-0" / JSONL
+    path.parent.mkdir()
+    path.write_text("".join(lines_of(0, lines)))
+    apply_due(engine, staging, ingestor.ingest(path).due)
+    staging.complete_execution("exec-0")
+    apply_due(engine, staging)
+    return path
 
 
 def history_rows(engine: Engine) -> int:
@@ -158,13 +161,7 @@ def test_status_shows_redis_memory_and_the_oldest_retained_execution(
     ingestor: Ingestor,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    root = settings.require_root()
-    path = root / "exec-0" / JSONL
-    path.parent.mkdir()
-    path.write_text("".join(lines_of(0, 20)))
-    apply_due(engine, staging, ingestor.ingest(path).due)
-    staging.complete_execution("exec-0")
-    apply_due(engine, staging)
+    finished_execution(staging, engine, ingestor)
     report = collect(staging, stuck_after=300)
     assert report["redis"]["used_memory_human"]
     assert report["redis"]["oldest_retained"] == "exec-0"
@@ -180,12 +177,7 @@ def test_a_line_staged_while_retention_runs_keeps_the_execution(
 ) -> None:
     """The forget script deletes nothing when a batch moved a checkpoint since it was read."""
     root = settings.require_root()
-    path = root / "exec-0" / JSONL
-    path.parent.mkdir()
-    path.write_text("".join(lines_of(0, 20)))
-    apply_due(engine, staging, ingestor.ingest(path).due)
-    staging.complete_execution("exec-0")
-    apply_due(engine, staging)
+    path = finished_execution(staging, engine, ingestor)
     held = staging.held("exec-0")
     with open(path, "a") as f:
         f.write("".join(lines_of(0, 3, start=20)))
@@ -202,13 +194,7 @@ def test_a_batch_read_before_retention_and_sent_after_is_refused(
     settings: Settings, staging: Staging, engine: Engine, ingestor: Ingestor
 ) -> None:
     """The staging script's checkpoint check: the batch would land without the done flag."""
-    root = settings.require_root()
-    path = root / "exec-0" / JSONL
-    path.parent.mkdir()
-    path.write_text("".join(lines_of(0, 20)))
-    apply_due(engine, staging, ingestor.ingest(path).due)
-    staging.complete_execution("exec-0")
-    apply_due(engine, staging)
+    finished_execution(staging, engine, ingestor)
     rel = f"exec-0/{JSONL}"
     read_from = staging.load_state(rel)
     assert Retention(staging, lambda: engine, retention_seconds=0).run().forgotten == ["exec-0"]
