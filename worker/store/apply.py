@@ -263,7 +263,7 @@ class Applier:
             row = self._get_or_create(
                 _DATUMS,
                 {"execution": execution, "path": path},
-                {"properties": {}, "updated_at": self.now},
+                {"properties": {}, "created_at": self.now, "updated_at": self.now},
             )
             self.owners[key] = Owner("datum", row.id, row.properties or {})
         return self.owners[key]

@@ -5,10 +5,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from ..ids import new_id
 from ..merge import same_json
 
 
@@ -30,15 +42,30 @@ JsonType = _JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "post
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JsonType, Any: JsonType}
+    type_annotation_map = {dict[str, Any]: JsonType, list[Any]: JsonType, Any: JsonType}
+
+
+# Every object the API shows has two ids: `id`, the integer key the index and history tables
+# refer to, and `uid`, the public time-ordered id in UUID form (worker/ids.py) that the API calls
+# `id`. `platform_id` is the platform's own id for the object, when an event carried it; `{id}`
+# paths find an object by either.
+def _uid() -> Mapped[str]:
+    return mapped_column(String(36), index=True, unique=True, default=new_id)
+
+
+def _platform_id() -> Mapped[str | None]:
+    return mapped_column(String(64), index=True, unique=True, nullable=True)
 
 
 class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = _uid()
+    platform_id: Mapped[str | None] = _platform_id()
     name: Mapped[str] = mapped_column(String(255), unique=True)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    tags: Mapped[list[Any]] = mapped_column(default=list)  # from the platform's events
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -50,10 +77,19 @@ class DatasetVersion(Base):
     __table_args__ = (UniqueConstraint("dataset_id", "name"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = _uid()
+    platform_id: Mapped[str | None] = _platform_id()
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), default="building")
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    # Membership as the datums asked for it (`from`, `exclude`, `start_fresh`, `targeting_aliases`,
+    # `packaging`), folded from their `valohai.dataset-versions` items; acted on at completion.
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    previous_version_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_versions.id"))
+    # Why `from` named nothing that exists, when it did not (the version completed with its own files).
+    spec_problem: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -70,10 +106,18 @@ class Datum(Base):
     __table_args__ = (UniqueConstraint("execution", "path"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = _uid()
     execution: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(Text)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The file as it was on disk when its execution completed (None: not read yet, or gone).
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    md5: Mapped[str | None] = mapped_column(String(32))
+    sha1: Mapped[str | None] = mapped_column(String(40))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class VersionFile(Base):
@@ -83,6 +127,49 @@ class VersionFile(Base):
 
     version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"), primary_key=True)
     datum_id: Mapped[int] = mapped_column(ForeignKey("datums.id"), primary_key=True)
+
+
+class VersionAlias(Base):
+    """`dataset://<dataset>/<name>` pointing at one version of that dataset (`targeting_aliases`)."""
+
+    __tablename__ = "version_aliases"
+    __table_args__ = (UniqueConstraint("dataset_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = _uid()
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    name: Mapped[str] = mapped_column(String(255))
+    version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DatumAlias(Base):
+    """`datum://<name>` pointing at one datum (`valohai.alias`)."""
+
+    __tablename__ = "datum_aliases"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = _uid()
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    datum_id: Mapped[int] = mapped_column(ForeignKey("datums.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AliasChange(Base):
+    """History of an alias: what it pointed at before (None: it was new) and since when."""
+
+    __tablename__ = "alias_changes"
+    __table_args__ = (Index("ix_alias_changes_alias", "alias_kind", "alias_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    alias_kind: Mapped[str] = mapped_column(String(16))  # "version" or "datum"
+    alias_id: Mapped[int]
+    old_id: Mapped[int | None]
+    new_id: Mapped[int]
+    source: Mapped[dict[str, Any]]
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class PropertyChange(Base):

@@ -128,6 +128,32 @@ def version_json(session: Session, row: DatasetVersion) -> dict[str, Any]:
     }
 
 
+# Datum keys that the datum object shows as fields of their own, not among its properties.
+DATUM_FIELD_KEYS = ("valohai.tags", "valohai.alias")
+
+
+def datum_json(row: Datum, alias: str | None = None) -> dict[str, Any]:
+    """A datum as the platform shows one: `name` is its path in the execution's outputs folder."""
+    properties = row.properties or {}
+    tags = properties.get("valohai.tags")
+    return {
+        "id": row.uid,
+        "name": row.path,
+        "size": row.size,
+        "md5": row.md5,
+        "sha1": row.sha1,
+        "sha256": row.sha256,
+        "ctime": iso(row.created_at),
+        "mtime": iso(row.updated_at),
+        "uri": None,
+        "purged": False,
+        "output_execution": {"id": row.execution},
+        "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
+        "alias": alias,
+        "properties": {k: v for k, v in properties.items() if k not in DATUM_FIELD_KEYS},
+    }
+
+
 def iso(moment: datetime | None) -> str | None:
     """ISO-8601 in UTC. SQLite hands back naive datetimes; everything we store is UTC."""
     if moment is None:
