@@ -16,7 +16,7 @@ from ..staging import Staging
 from ..uris import Target
 from .apply import Applier, apply_target, lock_watermark, version_completed
 from .db import writer
-from .queries import get_dataset, get_version
+from .queries import Ref, get_dataset, get_version
 
 log = logging.getLogger(__name__)
 LAST_USED = "valohai.last-used"
@@ -30,7 +30,7 @@ class WriteResult:
     staged: bool
 
 
-def target_of(session: Session, kind: str, owner_id: int) -> Target:
+def target_of(session: Session, kind: str, owner_id: Ref) -> Target:
     """The staging target of a dataset or version id; NotFound if there is none."""
     if kind == "dataset":
         return Target("dataset", get_dataset(session, owner_id).name)
@@ -39,7 +39,7 @@ def target_of(session: Session, kind: str, owner_id: int) -> Target:
 
 
 def write_properties(
-    engine: Engine, staging: Staging, kind: str, owner_id: int, metadata: Any
+    engine: Engine, staging: Staging, kind: str, owner_id: Ref, metadata: Any
 ) -> WriteResult:
     """Apply a user's property write (null deletes) to a dataset or version.
 
@@ -77,7 +77,7 @@ def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
         log.warning("could not take back the failed write on %s: %s", entry.target.key, exc)
 
 
-def current_properties(engine: Engine, kind: str, owner_id: int) -> dict[str, Any]:
+def current_properties(engine: Engine, kind: str, owner_id: Ref) -> dict[str, Any]:
     with Session(engine) as session:
         owner = get_dataset(session, owner_id) if kind == "dataset" else get_version(session, owner_id)
         return dict(owner.properties or {})
