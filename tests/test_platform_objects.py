@@ -229,3 +229,17 @@ def test_large_pages_and_the_parameters_clients_send_are_accepted(
         answer = client.get(f"/api/v0/{base}/", params={"limit": 10_000, **extras})
         assert answer.status_code == 200 and answer.json()["count"] == 1
         assert client.get(f"/api/v0/{base}/", params={"limit": 10_001}).status_code == 400
+
+
+def test_a_dataset_is_created_by_name_as_clients_do(client: TestClient) -> None:
+    answer = client.post("/api/v0/datasets/", json={"name": "uploads"})
+    assert answer.status_code == 201, answer.text
+    created = answer.json()
+    assert looks_like_id(created["id"]) and created["latest_version"] is None and created["properties"] == {}
+    assert client.get(f"/api/v0/datasets/{created['id']}/").json()["name"] == "uploads"
+    again = client.post("/api/v0/datasets/", json={"name": "uploads"})
+    assert again.status_code == 400 and again.json()["id"] == created["id"]
+    for bad in ({"name": "a/b"}, {"name": ""}, {"name": 3}, {}, [], {"name": "x" * 256}):
+        answer = client.post("/api/v0/datasets/", json=bad)
+        assert answer.status_code == 400 and answer.json()["error"] == "bad_request", bad
+    assert client.get("/api/v0/datasets/").json()["count"] == 1

@@ -40,7 +40,7 @@ from .errors import BadURI, InvalidEntry, NotFound
 from .query import MAX_LENGTH as MAX_FILTER
 from .query import FilterError
 from .staging import Staging
-from .store import queries
+from .store import queries, writes
 from .store.platform import record_platform_ids
 from .store.queries import FILES_PAGE
 from .store.writes import current_properties, touch_last_used, write_properties
@@ -466,6 +466,33 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
         with Session(engine) as session:
             count, rows = queries.list_datasets(session, ask)
             return _page(request, count, limit, offset, queries.datasets_json(session, rows))
+
+    @app.post(
+        "/api/v0/datasets/",
+        status_code=201,
+        response_model=Dataset,
+        openapi_extra=_json_body(
+            {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+        ),
+        responses=errors(*WRITE_ERRORS, e400="Not JSON, no `name`, a name a URI cannot hold, or taken."),
+    )
+    async def create_dataset(request: Request) -> JSONResponse:
+        """Create a dataset by name (a sidecar line naming it does the same); answers it with its id."""
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "bad_request", f"not JSON: {exc}")
+        name = body.get("name") if isinstance(body, dict) else None
+        try:
+            row_id, created = await run_in_threadpool(writes.create_dataset, engine, name)
+        except BadURI as exc:
+            return _error(400, "bad_request", f"name: {exc}")
+        with Session(engine) as session:
+            shown = queries.datasets_json(session, [queries.get_dataset(session, row_id)])[0]
+        if not created:
+            body = {"error": "exists", "detail": f"a dataset named {name!r} exists", "id": shown["id"]}
+            return JSONResponse(body, status_code=400)
+        return JSONResponse(shown, status_code=201)
 
     @app.get("/api/v0/datasets/{dataset_id}/", response_model=Dataset, responses=errors(*API_ERRORS, 404))
     @app.get("/api/v0/datasets/{dataset_id}", include_in_schema=False)

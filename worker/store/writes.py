@@ -8,14 +8,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from ..errors import BadURI
 from ..records import Entry, Source, user_write
 from ..staging import Staging
-from ..uris import Target
+from ..uris import Target, dataset_target
 from .apply import Applier, apply_target, lock_watermark, version_completed
 from .db import writer
+from .models import Dataset
 from .queries import Ref, get_dataset, get_version
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,21 @@ def write_properties(
     except Exception:
         _withdraw(staging, entry, stream_id)
         raise
+
+
+def create_dataset(engine: Engine, name: Any) -> tuple[int, bool]:
+    """Create the dataset `name` (as a line naming it would): (its id, whether it is new).
+    BadURI if the name cannot be a dataset name."""
+    if not isinstance(name, str):
+        raise BadURI(repr(name)[:100], "name: expected a string")
+    dataset_target(f"dataset://{name}")  # the same rule as every dataset URI
+    with Session(engine) as session:
+        existing = session.scalar(select(Dataset.id).where(Dataset.name == name))
+    if existing is not None:
+        return existing, False
+    with writer(engine).begin() as conn:
+        row_id = Applier(conn, datetime.now(UTC)).dataset(name).id
+    return row_id, True
 
 
 def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
