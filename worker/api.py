@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from . import metrics
+from . import __version__, metrics
 from .api_models import (
     MAX_LIMIT,
     MAX_OFFSET,
@@ -81,7 +81,7 @@ def create_app(
     allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine."""
-    app = FastAPI(title="Dataset properties sidecar", version="0.1.0")
+    app = FastAPI(title="Dataset properties sidecar", version=__version__)
     _error_handlers(app)
     _health_routes(app, engine, staging, watcher_max_age)
 
