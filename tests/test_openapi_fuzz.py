@@ -32,7 +32,7 @@ from tests.helpers import outcome
 from tests.test_query import keys, nodes
 from worker.api import create_app
 from worker.keys import Keys
-from worker.query import Exists, render
+from worker.query import Exists, key_text, render
 from worker.staging import Staging
 from worker.store.apply import apply_target
 from worker.store.db import make_engine
@@ -131,6 +131,10 @@ schemathesis.openapi.format(
     st.tuples(st.sampled_from(["", "-"]), keys)
     .map(lambda p: p[0] + render(Exists(p[1]))[len("exists ") :])
     .filter(_encodable),
+)
+schemathesis.openapi.format(
+    "sidecar-keys",
+    st.lists(keys.map(key_text), min_size=1, max_size=5).map(", ".join).filter(_encodable),
 )
 
 # Per operation and mode: ~30 s for both configurations on 2 shared cores; more for a long run.

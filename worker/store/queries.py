@@ -42,6 +42,14 @@ def list_datasets(session: Session, ask: ListQuery) -> tuple[int, list[Dataset]]
 
 def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVersion]]:
     """Versions matching `ask`; FilterError if its filter or ordering does not parse."""
+    where = version_names(ask)
+    query = select(DatasetVersion).join(Dataset).where(*where).options(joinedload(DatasetVersion.dataset))
+    ids = select(DatasetVersion.id).join(Dataset).where(*where) if where else None
+    fields = _fields(DatasetVersion, DatasetVersion.name)
+    return _run(session, query, ids, ask, "version", DatasetVersion.id, fields)
+
+
+def version_names(ask: ListQuery) -> list[Any]:
     where = []
     if ask.dataset is not None:
         # The platform's clients pass the dataset's id; ours pass its name. Both work.
@@ -51,10 +59,7 @@ def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVe
         where.append(or_(*named))
     if ask.name is not None:
         where.append(DatasetVersion.name == ask.name)
-    query = select(DatasetVersion).join(Dataset).where(*where).options(joinedload(DatasetVersion.dataset))
-    ids = select(DatasetVersion.id).join(Dataset).where(*where) if where else None
-    fields = _fields(DatasetVersion, DatasetVersion.name)
-    return _run(session, query, ids, ask, "version", DatasetVersion.id, fields)
+    return where
 
 
 def _fields(model: Any, name: Any) -> dict[str, Any]:
@@ -100,22 +105,10 @@ def _run(
     when there are at most `CAP`, else from a selective part of the filter. Only when neither
     exists does the database evaluate the whole filter (`Compiler.condition`)."""
     dialect = session.get_bind().dialect.name
-    node = parse(ask.filter) if ask.filter else None
     ordering = _ordering(ask.ordering, fields) if ask.ordering else None
-    if node is not None:
-        compiler = Compiler(kind, owner_id, dialect)
-        cap = search.CAP
-        candidates = None
-        if ids is not None:
-            listed = session.scalars(ids.limit(cap + 1)).all()
-            candidates = set(listed) if len(listed) <= cap else None
-        matching = OwnerSets(session, compiler, cap).matching(node, candidates)
-        if matching is None:
-            query = query.where(compiler.condition(node))
-        elif not matching:
-            return 0, []
-        else:
-            query = query.where(ids_in(owner_id, matching, dialect))
+    query = narrow(session, query, ids, ask.filter, kind, owner_id)
+    if query is None:
+        return 0, []
     count = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
     if ordering is not None and isinstance(ordering[0], Key):
         key, descending = ordering
@@ -127,6 +120,46 @@ def _run(
         query = query.order_by(owner_id)
     rows = session.scalars(query.limit(ask.limit).offset(ask.offset)).unique().all()
     return count, list(rows)
+
+
+def narrow(session: Session, query: Any, ids: Any, text: str | None, kind: OwnerKind, owner_id: Any) -> Any:
+    """`query` (the listed rows; `ids`, their ids, when names narrow them) under the filter
+    `text`, or None when nothing can match. FilterError if the filter does not parse.
+
+    The filter is first evaluated as a set of ids (`OwnerSets`): from the rows the names leave,
+    when there are at most `CAP`, else from a selective part of the filter. Only when neither
+    exists does the database evaluate the whole filter (`Compiler.condition`)."""
+    if not text:
+        return query
+    node = parse(text)
+    dialect = session.get_bind().dialect.name
+    compiler = Compiler(kind, owner_id, dialect)
+    cap = search.CAP
+    candidates = None
+    if ids is not None:
+        listed = session.scalars(ids.limit(cap + 1)).all()
+        candidates = set(listed) if len(listed) <= cap else None
+    matching = OwnerSets(session, compiler, cap).matching(node, candidates)
+    if matching is None:
+        return query.where(compiler.condition(node))
+    if not matching:
+        return None
+    return query.where(ids_in(owner_id, matching, dialect))
+
+
+def version_ids(session: Session, ask: ListQuery) -> Any:
+    """The ids of the versions `ask` lists (its names and filter), as a query; None if none."""
+    query = select(DatasetVersion.id).join(Dataset).where(*version_names(ask))
+    return narrow(
+        session, query, query if ask.dataset or ask.name else None, ask.filter, "version", DatasetVersion.id
+    )
+
+
+def dataset_ids(session: Session, ask: ListQuery) -> Any:
+    """The ids of the datasets `ask` lists, as a query; None if none."""
+    where = [] if ask.name is None else [Dataset.name == ask.name]
+    query = select(Dataset.id).where(*where)
+    return narrow(session, query, query if where else None, ask.filter, "dataset", Dataset.id)
 
 
 R = TypeVar("R", Dataset, DatasetVersion, Datum)
