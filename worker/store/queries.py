@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, joinedload
 from ..errors import NotFound
 from ..query import parse
 from ..uris import parse_uri
-from . import search
+from . import aliases, search
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile
 from .search import Compiler, OwnerKind, OwnerSets, ids_in, order_by, ordering_key
 
@@ -177,21 +177,15 @@ def history(
 
 
 def find_by_uri(session: Session, uri: str) -> tuple[str, int]:
-    """(`dataset` or `version`, id) of `dataset://<name>` or `dataset://<name>/<version>`."""
+    """(`dataset` or `version`, id) of `dataset://<name>` or `dataset://<name>/<version>`, where
+    the version part may also be `latest` (the newest completed) or an alias (`aliases.resolve`)."""
     name, version = parse_uri(uri, allow_latest=True)
     dataset = session.scalar(select(Dataset).where(Dataset.name == name))
     if dataset is None:
         raise NotFound(f"dataset://{name}")
     if version is None:
         return "dataset", dataset.id
-    query = select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id)
-    if version == "latest":
-        query = query.where(DatasetVersion.status == "completed").order_by(
-            DatasetVersion.completed_at.desc(), DatasetVersion.id.desc()
-        )
-    else:
-        query = query.where(DatasetVersion.name == version)
-    row = session.scalars(query.limit(1)).first()
+    row = aliases.resolve(session, name, version)
     if row is None:
         raise NotFound(uri)
     return "version", row.id
