@@ -1,0 +1,372 @@
+"""Version membership (`from`, `exclude`, `start_fresh`) and version aliases, applied on both databases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from worker.ingest import Ingestor
+from worker.records import Source, parse_line
+from worker.staging import LineOutcome, Staging, line_digest
+from worker.store import aliases
+from worker.store.apply import apply_target
+from worker.store.models import AliasChange, DatasetVersion, Datum, VersionAlias, VersionFile
+from worker.store.queries import find_by_uri
+from worker.uris import Target
+
+pytestmark = pytest.mark.redis
+
+
+def datum(path: str, *items: Any, **props: Any) -> bytes:
+    return orjson.dumps({"file": path, "metadata": {**props, "valohai.dataset-versions": list(items)}})
+
+
+def stage(staging: Staging, execution: str, *lines: bytes) -> None:
+    """Stage an execution's lines, as the watcher does (a line may carry entries and a reject)."""
+    outcomes = []
+    for number, raw in enumerate(lines, 1):
+        out = LineOutcome(number, line_digest(raw))
+        problems: list[str] = []
+        source = Source("sidecar", execution, f"{execution}/valohai.metadata.jsonl", number, 0)
+        out.entries = parse_line(raw, source, problems)
+        assert not problems, problems
+        outcomes.append(out)
+    staging.stage_lines(f"{execution}/valohai.metadata.jsonl", execution, outcomes, f"s{len(lines)}")
+
+
+def complete(engine: Engine, staging: Staging, *executions: str) -> None:
+    """`execution_completed` for each execution, then every due version applied."""
+    for execution in executions:
+        staging.complete_execution(execution)
+    apply_due(engine, staging)
+
+
+def apply_due(engine: Engine, staging: Staging) -> None:
+    for key in staging.due_targets(older_than=-1):
+        target = Target.parse(key)
+        if target.kind == "version":
+            apply_target(engine, staging, target)
+
+
+def files(engine: Engine, uri: str) -> dict[str, str]:
+    """File name -> the execution that wrote it, for a version's files."""
+    with Session(engine) as session:
+        _, version_id = find_by_uri(session, uri)
+        rows = session.execute(
+            select(Datum.path, Datum.execution)
+            .join(VersionFile, VersionFile.datum_id == Datum.id)
+            .where(VersionFile.version_id == version_id)
+        ).all()
+    names = [path for path, _ in rows]
+    assert len(names) == len(set(names)), f"two files of one name in {uri}: {sorted(names)}"
+    return dict(rows)
+
+
+def version(engine: Engine, uri: str) -> DatasetVersion:
+    with Session(engine) as session:
+        _, version_id = find_by_uri(session, uri)
+        row = session.get(DatasetVersion, version_id)
+        assert row is not None
+        session.expunge(row)
+        return row
+
+
+def reasons(staging: Staging) -> list[str]:
+    return [r.reason for r in staging.rejects()]
+
+
+def build_v1(engine: Engine, staging: Staging) -> None:
+    """dataset://ds/v1 = a.csv, b.csv, c.csv from exec-1."""
+    stage(staging, "exec-1", *(datum(f"{n}.csv", "dataset://ds/v1") for n in "abc"))
+    complete(engine, staging, "exec-1")
+
+
+def test_first_version_holds_the_files_that_name_it(engine: Engine, staging: Staging) -> None:
+    stage(
+        staging,
+        "exec-1",
+        datum("a.csv", {"uri": "dataset://ds/v1", "from": None}),
+        datum("sub/b.csv", "dataset://ds/v1"),
+        datum("other.csv", "dataset://other/v1"),
+        datum("a.csv", "dataset://ds/v1", rows=3),  # the same file again: still one file
+    )
+    complete(engine, staging, "exec-1")
+    assert files(engine, "dataset://ds/v1") == {"a.csv": "exec-1", "sub/b.csv": "exec-1"}
+    row = version(engine, "dataset://ds/v1")
+    assert row.status == "completed" and row.previous_version_id is None and row.spec_problem is None
+    assert row.spec["builders"] == ["exec-1"] and row.spec["from"] is None
+    assert staging.rejects() == []
+
+
+def test_incremental_version_carries_over_and_excludes(engine: Engine, staging: Staging) -> None:
+    build_v1(engine, staging)
+    item = {"uri": "dataset://ds/v2", "from": "dataset://ds/v1", "exclude": ["b.csv", "never-there.csv"]}
+    stage(staging, "exec-2", datum("d.csv", item), datum("a.csv", item))  # a.csv replaced, b.csv dropped
+    complete(engine, staging, "exec-2")
+    assert files(engine, "dataset://ds/v2") == {"a.csv": "exec-2", "c.csv": "exec-1", "d.csv": "exec-2"}
+    v1, v2 = version(engine, "dataset://ds/v1"), version(engine, "dataset://ds/v2")
+    assert v2.previous_version_id == v1.id and v2.spec_problem is None
+    assert (
+        v2.spec["exclude"] == ["b.csv", "never-there.csv"] and v2.spec["resolved_from"] == "dataset://ds/v1"
+    )
+    # The base is immutable: v1 still holds its own three files.
+    assert files(engine, "dataset://ds/v1") == {"a.csv": "exec-1", "b.csv": "exec-1", "c.csv": "exec-1"}
+
+
+def test_start_fresh_takes_no_base_file(engine: Engine, staging: Staging) -> None:
+    build_v1(engine, staging)
+    item = {"uri": "dataset://ds/v2", "from": "dataset://ds/v1", "start_fresh": True}
+    stage(staging, "exec-2", datum("z.csv", item))
+    complete(engine, staging, "exec-2")
+    assert files(engine, "dataset://ds/v2") == {"z.csv": "exec-2"}
+
+
+def test_a_run_that_only_uploads_a_marker_is_base_plus_marker(engine: Engine, staging: Staging) -> None:
+    build_v1(engine, staging)
+    item = {"uri": "dataset://ds/v2", "from": "dataset://ds/latest", "exclude": []}
+    stage(staging, "exec-2", datum("_marker", item))
+    complete(engine, staging, "exec-2")
+    assert files(engine, "dataset://ds/v2") == {
+        "a.csv": "exec-1",
+        "b.csv": "exec-1",
+        "c.csv": "exec-1",
+        "_marker": "exec-2",
+    }
+    # `latest` resolved when v2 completed: v1, the newest completed then (not v2 itself).
+    assert version(engine, "dataset://ds/v2").previous_version_id == version(engine, "dataset://ds/v1").id
+    assert version(engine, "dataset://ds/latest").name == "v2"
+
+
+def test_from_naming_nothing_completes_with_own_files_and_says_why(engine: Engine, staging: Staging) -> None:
+    build_v1(engine, staging)
+    stage(
+        staging,
+        "exec-2",
+        datum("x.csv", {"uri": "dataset://ds/v2", "from": "dataset://ds/v0"}),
+        datum("y.csv", {"uri": "dataset://ds/v3", "from": "dataset://nope/latest"}),
+    )
+    complete(engine, staging, "exec-2")
+    assert files(engine, "dataset://ds/v2") == {"x.csv": "exec-2"}
+    assert files(engine, "dataset://ds/v3") == {"y.csv": "exec-2"}
+    v2 = version(engine, "dataset://ds/v2")
+    assert v2.status == "completed" and v2.previous_version_id is None
+    assert v2.spec_problem and "'dataset://ds/v0' names no version that exists" in v2.spec_problem
+    rejects = {r.line: r for r in staging.rejects()}
+    assert rejects[1].file == "exec-2/valohai.metadata.jsonl" and rejects[1].execution == "exec-2"
+    assert "dataset://ds/v0" in rejects[1].reason and "dataset://nope/latest" in rejects[2].reason
+
+
+def test_from_naming_a_version_still_building_is_a_problem(engine: Engine, staging: Staging) -> None:
+    stage(staging, "exec-1", datum("a.csv", "dataset://ds/v1"))
+    apply_target(engine, staging, Target("version", "ds", "v1"))  # registered, building
+    stage(staging, "exec-2", datum("b.csv", {"uri": "dataset://ds/v2", "from": "dataset://ds/v1"}))
+    complete(engine, staging, "exec-2")
+    v2 = version(engine, "dataset://ds/v2")
+    assert files(engine, "dataset://ds/v2") == {"b.csv": "exec-2"}
+    assert v2.spec_problem and "not completed" in v2.spec_problem
+
+
+def test_two_executions_name_one_new_version(engine: Engine, staging: Staging) -> None:
+    build_v1(engine, staging)
+    stage(staging, "exec-2", datum("x.csv", {"uri": "dataset://ds/v2", "from": "dataset://ds/v1"}))
+    stage(
+        staging,
+        "exec-3",
+        datum("y.csv", {"uri": "dataset://ds/v2", "from": "dataset://ds/v1", "exclude": ["a.csv"]}),
+        datum("x.csv", {"uri": "dataset://ds/v2", "from": "dataset://other/v9"}),  # conflicting from
+    )
+    complete(engine, staging, "exec-2", "exec-3")
+    # First `from` wins; exclusions of the agreeing items add up; of two own x.csv the later wins.
+    assert files(engine, "dataset://ds/v2") == {
+        "b.csv": "exec-1",
+        "c.csv": "exec-1",
+        "x.csv": "exec-3",
+        "y.csv": "exec-3",
+    }
+    (reject,) = staging.rejects()
+    assert (
+        reject.line == 2
+        and reject.execution == "exec-3"
+        and "conflicts with 'dataset://ds/v1'" in reject.reason
+    )
+    assert version(engine, "dataset://ds/v2").spec["builders"] == ["exec-2", "exec-3"]
+
+
+def test_a_late_member_from_a_builder_joins_and_from_anyone_else_is_refused(
+    engine: Engine, staging: Staging
+) -> None:
+    build_v1(engine, staging)
+    item = {"uri": "dataset://ds/v2", "from": "dataset://ds/v1"}
+    stage(staging, "exec-2", datum("x.csv", item))
+    staging.complete_version(Target("version", "ds", "v2"))
+    apply_due(engine, staging)
+    before = files(engine, "dataset://ds/v2")
+    # exec-3 had no file in v2 when it completed: refused, nothing changes.
+    stage(staging, "exec-3", datum("late.csv", item), datum("a.csv", item))
+    apply_due(engine, staging)
+    assert files(engine, "dataset://ds/v2") == before
+    refused = staging.rejects()
+    assert len(refused) == 2 and all("is completed and its files cannot change" in r.reason for r in refused)
+    assert {r.execution for r in refused} == {"exec-3"}
+    # exec-2 (a builder) is still being read: its late files join, replacing a base file by name.
+    staging.redis.delete(staging.keys.lines("exec-2/valohai.metadata.jsonl"))
+    stage(staging, "exec-2", datum("x.csv", item), datum("y.csv", item), datum("a.csv", item))
+    apply_due(engine, staging)
+    assert files(engine, "dataset://ds/v2") == {**before, "y.csv": "exec-2", "a.csv": "exec-2"}
+    assert len(staging.rejects()) == 2
+
+
+def test_a_late_line_after_execution_completed_completes_with_it(engine: Engine, staging: Staging) -> None:
+    """The watcher lags: execution_completed arrives before the line naming the version."""
+    build_v1(engine, staging)
+    stage(staging, "exec-2", datum("x.csv", {"uri": "dataset://ds/v2", "from": "dataset://ds/v1"}))
+    staging.complete_execution("exec-2")  # v2 completes with x.csv (exec-2 becomes a builder)
+    stage(
+        staging,
+        "exec-3",
+        b'{"file": "first.csv", "metadata": {}}',
+    )
+    staging.complete_execution("exec-3")
+    # exec-3's line naming v3 arrives after its completion: the staging script completes v3 with it.
+    staging.redis.delete(staging.keys.lines("exec-3/valohai.metadata.jsonl"))
+    stage(
+        staging,
+        "exec-3",
+        b'{"file": "first.csv", "metadata": {}}',
+        datum("late.csv", {"uri": "dataset://ds/v3", "from": "dataset://ds/v2"}),
+    )
+    apply_due(engine, staging)
+    assert files(engine, "dataset://ds/v3") == {
+        "a.csv": "exec-1",
+        "b.csv": "exec-1",
+        "c.csv": "exec-1",
+        "x.csv": "exec-2",
+        "late.csv": "exec-3",
+    }
+    assert staging.rejects() == []
+
+
+def test_files_written_as_real_scripts_write_them(engine: Engine, staging: Staging, tmp_path: Any) -> None:
+    """Per-output `<file>.metadata.json` next to each output, rewritten whole as the run goes."""
+    root = tmp_path / "root"
+    build_v1(engine, staging)
+    out = root / "exec-2"
+    (out / "imgs").mkdir(parents=True)
+    item = {"uri": "dataset://ds/v2", "from": "dataset://ds/v1", "exclude": ["a.csv"]}
+    ingestor = Ingestor(root, staging, line_limit=1 << 20)
+    for name in ("imgs/1.png", "imgs/2.png"):
+        sidecar = out / f"{name}.metadata.json"
+        sidecar.write_bytes(orjson.dumps({"label": "draft", "valohai.dataset-versions": [item]}))
+        ingestor.ingest(sidecar)
+        sidecar.write_bytes(
+            orjson.dumps({"label": "cat", "valohai.dataset-versions": [item]}, option=orjson.OPT_INDENT_2)
+        )
+        ingestor.ingest(sidecar)
+    complete(engine, staging, "exec-2")
+    assert files(engine, "dataset://ds/v2") == {
+        "b.csv": "exec-1",
+        "c.csv": "exec-1",
+        "imgs/1.png": "exec-2",
+        "imgs/2.png": "exec-2",
+    }
+    assert staging.rejects() == []
+
+
+def test_a_bad_item_is_rejected_and_the_rest_of_the_line_applies(
+    engine: Engine, staging: Staging, tmp_path: Any
+) -> None:
+    root = tmp_path / "root"
+    (root / "exec-1").mkdir(parents=True)
+    items = ["dataset://ds/v1", {"uri": "dataset://ds/v2", "exclude": "a.csv"}, {"uri": 3}, 7]
+    lines = [
+        orjson.dumps({"file": "a.csv", "metadata": {"k": 1, "valohai.dataset-versions": items}}),
+        orjson.dumps({"file": "b.csv", "metadata": {"valohai.dataset-versions": "dataset://ds/v1"}}),
+        orjson.dumps(
+            {
+                "file": "c.csv",
+                "metadata": {
+                    "valohai.dataset-versions": [
+                        {"uri": "dataset://ds/v1", "targeting_aliases": ["no way"]},
+                        "dataset://ds/v1",
+                    ]
+                },
+            }
+        ),
+    ]
+    (root / "exec-1" / "valohai.metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    Ingestor(root, staging, line_limit=1 << 20).ingest(root / "exec-1" / "valohai.metadata.jsonl")
+    complete(engine, staging, "exec-1")
+    apply_target(engine, staging, Target.for_execution("exec-1"))
+    # c.csv's bad item is dropped; its plain item naming v1 still counts.
+    assert files(engine, "dataset://ds/v1") == {"a.csv": "exec-1", "c.csv": "exec-1"}
+    with Session(engine) as session:
+        props = {d.path: d.properties for d in session.scalars(select(Datum))}
+    assert props["a.csv"]["k"] == 1 and set(props) == {"a.csv", "b.csv", "c.csv"}
+    rejects = sorted(staging.rejects(), key=lambda r: r.line)
+    assert [r.line for r in rejects] == [1, 2, 3]
+    assert (
+        "[1].exclude" in rejects[0].reason and "[2].uri" in rejects[0].reason and "[3]" in rejects[0].reason
+    )
+    assert "expected a list" in rejects[1].reason
+    assert "[0].targeting_aliases: alias 'no way'" in rejects[2].reason
+
+
+# -- aliases ---------------------------------------------------------------------------------------
+
+
+def test_targeting_aliases_move_on_completion_with_history(engine: Engine, staging: Staging) -> None:
+    stage(staging, "exec-1", datum("a.csv", {"uri": "dataset://ds/v1", "targeting_aliases": ["production"]}))
+    complete(engine, staging, "exec-1")
+    v1 = version(engine, "dataset://ds/v1")
+    assert version(engine, "dataset://ds/production").id == v1.id
+    item = {
+        "uri": "dataset://ds/v2",
+        "from": "dataset://ds/production",
+        "targeting_aliases": ["production", "x"],
+    }
+    stage(staging, "exec-2", datum("b.csv", item))
+    complete(engine, staging, "exec-2")
+    v2 = version(engine, "dataset://ds/v2")
+    assert files(engine, "dataset://ds/v2") == {"a.csv": "exec-1", "b.csv": "exec-2"}
+    assert v2.previous_version_id == v1.id
+    assert version(engine, "dataset://ds/production").id == v2.id
+    with Session(engine) as session:
+        assert aliases.version_aliases(session, [v1.id, v2.id, 999]) == {v2.id: ["production", "x"]}
+        alias = session.scalar(select(VersionAlias).where(VersionAlias.name == "production"))
+        assert alias is not None
+        history = session.scalars(
+            select(AliasChange).where(AliasChange.alias_id == alias.id).order_by(AliasChange.id)
+        ).all()
+    assert [(h.alias_kind, h.old_id, h.new_id) for h in history] == [
+        ("version", None, v1.id),
+        ("version", v1.id, v2.id),
+    ]
+    assert history[1].source == {
+        "origin": "sidecar",
+        "execution": "exec-2",
+        "file": "exec-2/valohai.metadata.jsonl",
+        "line": 1,
+        "offset": 0,
+    }
+
+
+def test_an_alias_may_not_take_a_version_name_and_a_version_name_wins(
+    engine: Engine, staging: Staging
+) -> None:
+    build_v1(engine, staging)
+    stage(
+        staging, "exec-2", datum("b.csv", {"uri": "dataset://ds/v2", "targeting_aliases": ["v1", "v2", "ok"]})
+    )
+    complete(engine, staging, "exec-2")
+    got = reasons(staging)
+    assert len(got) == 2 and all("is the name of a version" in r for r in got)
+    with Session(engine) as session:
+        assert [a.name for a in session.scalars(select(VersionAlias))] == ["ok"]
+    # A version created later under an alias's name wins when the URI is resolved.
+    stage(staging, "exec-3", datum("c.csv", "dataset://ds/ok"))
+    complete(engine, staging, "exec-3")
+    assert version(engine, "dataset://ds/ok").name == "ok"
