@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from worker.api import create_app
+from worker.cli import main
 from worker.ingest import Ingestor
 from worker.records import Source, parse_line
+from worker.settings import Settings
 from worker.staging import LineOutcome, Staging, line_digest
+from worker.status import _print, collect
 from worker.store import aliases
 from worker.store.apply import apply_target
 from worker.store.models import AliasChange, DatasetVersion, Datum, VersionAlias, VersionFile
@@ -141,7 +147,9 @@ def test_a_run_that_only_uploads_a_marker_is_base_plus_marker(engine: Engine, st
     assert version(engine, "dataset://ds/latest").name == "v2"
 
 
-def test_from_naming_nothing_completes_with_own_files_and_says_why(engine: Engine, staging: Staging) -> None:
+def test_from_naming_nothing_completes_with_own_files_and_says_why(
+    engine: Engine, staging: Staging, capsys: Any
+) -> None:
     build_v1(engine, staging)
     stage(
         staging,
@@ -158,6 +166,13 @@ def test_from_naming_nothing_completes_with_own_files_and_says_why(engine: Engin
     rejects = {r.line: r for r in staging.rejects()}
     assert rejects[1].file == "exec-2/valohai.metadata.jsonl" and rejects[1].execution == "exec-2"
     assert "dataset://ds/v0" in rejects[1].reason and "dataset://nope/latest" in rejects[2].reason
+    # `sidecar status` shows the versions, and the rejects as any others.
+    report = collect(staging, stuck_after=300, engine=engine)
+    assert [v["uri"] for v in report["version_problems"]] == ["dataset://ds/v3", "dataset://ds/v2"]
+    assert report["rejects_last_hour"] == 2
+    _print(report)
+    out = capsys.readouterr().out
+    assert "dataset://ds/v2" in out and "names no version that exists" in out
 
 
 def test_from_naming_a_version_still_building_is_a_problem(engine: Engine, staging: Staging) -> None:
@@ -370,3 +385,30 @@ def test_an_alias_may_not_take_a_version_name_and_a_version_name_wins(
     stage(staging, "exec-3", datum("c.csv", "dataset://ds/ok"))
     complete(engine, staging, "exec-3")
     assert version(engine, "dataset://ds/ok").name == "ok"
+
+
+def test_an_alias_uri_works_wherever_a_version_uri_does(
+    engine: Engine, staging: Staging, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """`/resolve/`, inputs named in events (`valohai.last-used`), `sidecar props get|set`, `from`."""
+    item = {"uri": "dataset://ds/v1", "targeting_aliases": ["production"]}
+    stage(staging, "exec-1", datum("a.csv", item))
+    complete(engine, staging, "exec-1")
+    with TestClient(create_app(engine, staging, lambda key: None)) as client:
+        answer = client.get("/api/v0/dataset-versions/resolve/", params={"uri": "dataset://ds/production"})
+        assert answer.status_code == 200 and answer.json()["name"] == "v1"
+        assert "valohai.last-used" in answer.json()["properties"]
+        missing = client.get("/api/v0/dataset-versions/resolve/", params={"uri": "dataset://ds/staging"})
+        assert missing.status_code == 404
+        stage(staging, "exec-2", datum("b.csv", {"uri": "dataset://ds/v2", "targeting_aliases": ["staging"]}))
+        complete(engine, staging, "exec-2")
+        event = {"type": "execution_started", "data": {"inputs": {"train": ["dataset://ds/staging"]}}}
+        assert client.post("/webhooks/events", json=event).status_code == 202
+    assert "valohai.last-used" in version(engine, "dataset://ds/v2").properties
+    monkeypatch.setenv("SIDECAR_REDIS_PREFIX", settings.redis_prefix)
+    flags = ["--database-url", settings.effective_database_url, "--redis-url", settings.effective_redis_url()]
+    assert main(["props", "set", *flags, "dataset://ds/production", "checked=true"]) == 0
+    capsys.readouterr()
+    assert version(engine, "dataset://ds/v1").properties["checked"] is True
+    assert main(["props", "get", *flags, "dataset://ds/production"]) == 0
+    assert json.loads(capsys.readouterr().out)["checked"] is True
