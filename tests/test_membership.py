@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import orjson
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from tests.oracle import assert_files_match_db, expected_files
 from worker.api import create_app
 from worker.cli import main
 from worker.ingest import Ingestor
@@ -412,3 +414,58 @@ def test_an_alias_uri_works_wherever_a_version_uri_does(
     assert version(engine, "dataset://ds/v1").properties["checked"] is True
     assert main(["props", "get", *flags, "dataset://ds/production"]) == 0
     assert json.loads(capsys.readouterr().out)["checked"] is True
+
+
+# -- the oracle ------------------------------------------------------------------------------------
+
+NAMES = ["a.csv", "b.csv", "c.csv", "sub/d.csv", "e.csv"]
+
+
+def random_item(rng: random.Random, dataset: str, i: int) -> Any:
+    """A `valohai.dataset-versions` item for version v<i>, sometimes a bad one."""
+    uri = f"dataset://{dataset}/v{i}"
+    if rng.random() < 0.15:
+        return uri
+    if rng.random() < 0.05:
+        return rng.choice([7, {"uri": uri, "exclude": "a.csv"}, {"uri": uri, "targeting_aliases": ["a b"]}])
+    item: dict[str, Any] = {"uri": uri}
+    item["from"] = rng.choice(
+        [None, f"dataset://{dataset}/latest", f"dataset://{dataset}/prod", f"dataset://{dataset}/v99"]
+        + [f"dataset://{dataset}/v{j}" for j in range(i)]
+    )
+    if rng.random() < 0.6:
+        item["exclude"] = rng.sample(NAMES, rng.randint(0, 2))
+    if rng.random() < 0.1:
+        item["start_fresh"] = True
+    if rng.random() < 0.4:
+        item["targeting_aliases"] = ["prod"]
+    return item
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_version_files_equal_the_oracle(engine: Engine, staging: Staging, tmp_path: Any, seed: int) -> None:
+    rng = random.Random(seed)
+    root = tmp_path / "root"
+    ingestor = Ingestor(root, staging, line_limit=1 << 20)
+    paths, order = [], []
+    for i in range(8):
+        uri = f"dataset://r/v{i}"
+        builders = [f"exec-{i}-{k}" for k in range(rng.choice([1, 1, 2]))]
+        for execution in builders:
+            path = root / execution / "valohai.metadata.jsonl"
+            path.parent.mkdir(parents=True)
+            lines = []
+            for name in rng.sample(NAMES, rng.randint(1, 3)):
+                items = [random_item(rng, "r", i)]
+                if rng.random() < 0.3:
+                    items.append(f"dataset://other/v{i}")
+                lines.append(
+                    orjson.dumps({"file": name, "metadata": {"n": i, "valohai.dataset-versions": items}})
+                )
+            path.write_bytes(b"\n".join(lines) + b"\n")
+            ingestor.ingest(path)
+            paths.append(path)
+        complete(engine, staging, *builders)
+        order += [uri, f"dataset://other/v{i}"]
+    expected = expected_files(paths, root=root, order=order)
+    assert_files_match_db(engine, {k: v for k, v in expected.items() if v})
