@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from typing import Any
 
 import orjson
@@ -469,3 +470,40 @@ def test_version_files_equal_the_oracle(engine: Engine, staging: Staging, tmp_pa
         order += [uri, f"dataset://other/v{i}"]
     expected = expected_files(paths, root=root, order=order)
     assert_files_match_db(engine, {k: v for k, v in expected.items() if v})
+
+
+def test_completions_racing_for_the_same_aliases(engine: Engine, staging: Staging) -> None:
+    """Versions completing at once, each moving the same aliases (named in different orders): no
+    deadlock, no lost history; each alias ends at one of them, and its history chains."""
+    names = [["prod", "x", "y"], ["y", "x", "prod"], ["x", "prod", "y"], ["prod", "y", "x"]]
+    for i, aliases_named in enumerate(names):
+        stage(
+            staging,
+            f"exec-{i}",
+            datum("a.csv", {"uri": f"dataset://ds/v{i}", "targeting_aliases": aliases_named}),
+        )
+        staging.complete_version(Target("version", "ds", f"v{i}"))
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(names))
+
+    def complete_one(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            apply_target(engine, staging, Target("version", "ds", f"v{i}"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=complete_one, args=(i,)) for i in range(len(names))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    with Session(engine) as session:
+        for alias in session.scalars(select(VersionAlias)):
+            history = session.scalars(
+                select(AliasChange).where(AliasChange.alias_id == alias.id).order_by(AliasChange.id)
+            ).all()
+            assert len(history) == len(names) and history[0].old_id is None
+            assert all(h.old_id == prev.new_id for prev, h in zip(history, history[1:], strict=False))
+            assert history[-1].new_id == alias.version_id

@@ -79,7 +79,8 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
     # After the commit: a rolled-back apply runs again and finds the same problems.
     for reject in applier.rejects:
         log.warning("rejected %s:%d (offset %d): %s", reject.file, reject.line, reject.offset, reject.reason)
-        staging.record_reject(reject)
+    if applier.rejects:
+        staging.record_rejects(applier.rejects)
     # A version's flag may have been lost by Redis (AOF everysec); the database knows better, and
     # `finish` puts it back so that late lines for this version keep being applied by themselves.
     completed_at = applier.now.isoformat() if target.kind == "version" else None
@@ -272,7 +273,8 @@ class Applier:
             spec=spec.to_json(builders, resolved), previous_version_id=previous, spec_problem=problem
         )
         dataset_id = self.dataset(target.dataset).id
-        for name, entry in spec.aliases.items():
+        # In name order: two completions moving the same aliases lock their rows in one order.
+        for name, entry in sorted(spec.aliases.items()):
             if aliases.version_name_taken(self.conn, dataset_id, name):
                 self.reject(entry, f"alias {name!r} of dataset://{target.dataset} is the name of a version")
                 continue
