@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import random
 import threading
@@ -10,13 +12,18 @@ from typing import Any
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from tests.oracle import assert_files_match_db, expected_files
+from tests.oracle import assert_files_match_db, db_files, expected_files
 from worker.api import create_app
 from worker.cli import main
+from worker.errors import InvalidEntry
 from worker.ingest import Ingestor
+from worker.keys import Keys
 from worker.records import Source, parse_line
 from worker.settings import Settings
 from worker.staging import LineOutcome, Staging, line_digest
@@ -507,3 +514,58 @@ def test_completions_racing_for_the_same_aliases(engine: Engine, staging: Stagin
             assert len(history) == len(names) and history[0].old_id is None
             assert all(h.old_id == prev.new_id for prev, h in zip(history, history[1:], strict=False))
             assert history[-1].new_id == alias.version_id
+
+
+_uris = st.sampled_from(
+    ["dataset://f/v1", "dataset://f/v2", "dataset://f/latest", "dataset://f/p", "dataset://g/v1"]
+)
+_anything = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=6),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+_items = st.one_of(
+    _uris,
+    _anything,
+    st.fixed_dictionaries(
+        {"uri": _uris | _anything},
+        optional={
+            "from": _uris | _anything,
+            "exclude": st.lists(st.sampled_from(["a", "b", "c"]) | _anything, max_size=3) | _anything,
+            "start_fresh": st.booleans() | _anything,
+            "targeting_aliases": st.lists(st.sampled_from(["p", "v1", "x y", "latest", "q"]), max_size=3)
+            | _anything,
+            "packaging": _anything,
+        },
+    ),
+)
+_fuzz_round = itertools.count()
+
+
+@hsettings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(lines=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.lists(_items, max_size=3)), max_size=6))
+def test_any_version_items_never_fail_an_apply(
+    engine: Engine, redis_client: Any, prefix: str, lines: list[tuple[str, list[Any]]]
+) -> None:
+    """Whatever the items hold, staging and applying them raises nothing, on both databases, and no
+    version ends with two files of one name."""
+    staging = Staging(redis_client, Keys(f"{prefix}-{next(_fuzz_round)}"))
+    execution = f"exec-fuzz-{next(_fuzz_round)}"
+    outcomes = []
+    for number, (path, items) in enumerate(lines, 1):
+        raw = orjson.dumps({"file": path, "metadata": {"valohai.dataset-versions": items}})
+        out = LineOutcome(number, line_digest(raw))
+        with contextlib.suppress(InvalidEntry):  # refused whole (a NUL): nothing of it is staged
+            out.entries = parse_line(raw, Source("sidecar", execution, f"{execution}/f", number, 0), [])
+        outcomes.append(out)
+    staging.stage_lines(f"{execution}/f", execution, outcomes, "s")
+    staging.complete_execution(execution)
+    apply_due(engine, staging)
+    apply_due(engine, staging)  # a second round changes nothing and raises nothing
+    db_files(engine)  # asserts one file per name in every version
