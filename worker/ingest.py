@@ -346,10 +346,15 @@ class Ingestor:
             reason = f"line longer than the limit of {self.line_limit} bytes; skipped"
             outcome.reject = self._reject(source, reason, log_reject)
             return outcome
+        problems: list[str] = []
         try:
-            outcome.entries = parse_line(line.data, source)
+            outcome.entries = parse_line(line.data, source, problems)
         except InvalidEntry as exc:
             outcome.reject = self._reject(source, str(exc), log_reject)
+            return outcome
+        if problems:
+            # The line is staged without its bad version items, and rejected for them.
+            outcome.reject = self._reject(source, "; ".join(problems), log_reject)
         return outcome
 
     def _reject(self, source: Source, reason: str, log_it: bool = True) -> Reject:
@@ -378,13 +383,16 @@ class Ingestor:
         if len(data) > self.line_limit:
             outcome.reject = self._reject(source, f"file larger than the limit of {self.line_limit} bytes")
         else:
+            problems: list[str] = []
             try:
-                outcome.entries = parse_datum_object(data, output, source)
+                outcome.entries = parse_datum_object(data, output, source, problems)
             except InvalidEntry as exc:
                 # The writer may still be writing it: judge it when the execution has completed.
                 if not self._completed(execution, record):
                     return
                 outcome.reject = self._reject(source, str(exc))
+            if problems:
+                outcome.reject = self._reject(source, "; ".join(problems))
         if record is not None:
             self._restore(record)
         expect = None if force else (current or "")

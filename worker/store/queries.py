@@ -15,8 +15,8 @@ from ..ids import looks_like_id
 from ..limits import ID_MAX as MAX_ID
 from ..query import FilterError, Key, parse
 from ..uris import parse_uri
-from . import search
-from .models import Dataset, DatasetVersion, Datum, DatumAlias, PropertyChange, VersionAlias, VersionFile
+from . import aliases, search
+from .models import Dataset, DatasetVersion, Datum, DatumAlias, PropertyChange, VersionFile
 from .search import Compiler, OwnerKind, OwnerSets, ids_in, order_by, ordering_key
 
 
@@ -284,7 +284,7 @@ def versions_json(
     ids = [r.id for r in rows]
     files = _files_of(session, ids, files_limit, files_offset)
     counts = _file_counts(session, ids)
-    aliases = _aliases_of(session, ids)
+    names = aliases.version_aliases(session, ids)
     previous_ids = {r.previous_version_id for r in rows if r.previous_version_id is not None}
     previous = (
         {v.id: v for v in session.scalars(select(DatasetVersion).where(DatasetVersion.id.in_(previous_ids)))}
@@ -303,7 +303,7 @@ def versions_json(
                 "status": row.status,
                 "properties": row.properties or {},
                 "tags": list(row.tags or []),
-                "aliases": aliases.get(row.id, []),
+                "aliases": names.get(row.id, []),
                 "previous_version": None if base is None else base.uid,
                 "files": files.get(row.id, []),
                 "files_count": counts.get(row.id, 0),
@@ -365,20 +365,6 @@ def _file_counts(session: Session, version_ids: Sequence[int]) -> dict[int, int]
     return {v: n for v, n in session.execute(query).all()}
 
 
-def _aliases_of(session: Session, version_ids: Sequence[int]) -> dict[int, list[str]]:
-    if not version_ids:
-        return {}
-    query = (
-        select(VersionAlias.version_id, VersionAlias.name)
-        .where(VersionAlias.version_id.in_(version_ids))
-        .order_by(VersionAlias.name)
-    )
-    out: dict[int, list[str]] = {}
-    for version_id, name in session.execute(query).all():
-        out.setdefault(version_id, []).append(name)
-    return out
-
-
 def datum_aliases_of(session: Session, datum_ids: Sequence[int]) -> dict[int, str]:
     """The alias pointing at each datum that has one (an alias points at one datum at a time)."""
     if not datum_ids:
@@ -436,21 +422,15 @@ def history(
 
 
 def find_by_uri(session: Session, uri: str) -> tuple[str, int]:
-    """(`dataset` or `version`, id) of `dataset://<name>` or `dataset://<name>/<version>`."""
+    """(`dataset` or `version`, id) of `dataset://<name>` or `dataset://<name>/<version>`, where
+    the version part may also be `latest` (the newest completed) or an alias (`aliases.resolve`)."""
     name, version = parse_uri(uri, allow_latest=True)
     dataset = session.scalar(select(Dataset).where(Dataset.name == name))
     if dataset is None:
         raise NotFound(f"dataset://{name}")
     if version is None:
         return "dataset", dataset.id
-    query = select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id)
-    if version == "latest":
-        query = query.where(DatasetVersion.status == "completed").order_by(
-            DatasetVersion.completed_at.desc(), DatasetVersion.id.desc()
-        )
-    else:
-        query = query.where(DatasetVersion.name == version)
-    row = session.scalars(query.limit(1)).first()
+    row = aliases.resolve(session, name, version)
     if row is None:
         raise NotFound(uri)
     return "version", row.id
