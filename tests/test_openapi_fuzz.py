@@ -31,6 +31,7 @@ from schemathesis.schemas import APIOperation
 from tests.helpers import outcome
 from tests.test_query import keys, nodes
 from worker.api import create_app
+from worker.edge import MAX_REQUEST_HEAD
 from worker.keys import Keys
 from worker.query import Exists, key_text, render
 from worker.staging import Staging
@@ -102,7 +103,15 @@ def server(
         webhook_secret=SECRET if locked else None,
     )
     port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD,  # as `sidecar serve` runs it
+    )
+    uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

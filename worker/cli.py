@@ -20,7 +20,7 @@ import redis
 import sqlalchemy.exc
 
 from . import __version__, connections
-from .edge import exposure_warning
+from .edge import MAX_REQUEST_HEAD, exposure_warning
 from .errors import ConfigError, SidecarError
 from .props_cli import add_commands
 from .settings import Settings
@@ -157,7 +157,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
     _freeze_startup_objects()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+    )
     return 0
 
 
