@@ -15,10 +15,12 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from .api_models import errors
+from .api_models import OwnerId, errors
 from .api_params import Filter
+from .edge import error_response
+from .errors import BadURI
 from .query import FilterError, Key
-from .store import export, facets, queries
+from .store import diff, export, facets, queries
 from .store.search import ordering_key
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,9 @@ Keys = Annotated[
         json_schema_extra={"format": "sidecar-keys"},
         description=f"Comma-separated keys in the filter language's syntax (at most {MAX_FACET_KEYS}).",
     ),
+]
+Against = Annotated[
+    str | None, Query(max_length=600, description="A version id, or dataset://<name>/<version|alias|latest>")
 ]
 Prefix = Annotated[str, Query(max_length=1000, description="Keys that start with this, written with dots")]
 Columns = Annotated[
@@ -71,6 +76,21 @@ def parse_keys(text: str) -> list[Key]:
 def explore_routes(app: FastAPI, engine: Engine) -> None:
     _routes(app, engine, "dataset", "datasets")
     _routes(app, engine, "version", "dataset-versions")
+
+    @app.get(
+        "/api/v0/dataset-versions/{version_id}/diff/",
+        response_model=dict[str, Any],
+        responses=errors(*API_ERRORS, 400, 404),
+    )
+    def get_diff(version_id: OwnerId, against: Against = None) -> Any:
+        """Properties added, removed and changed (old → new), and files added, removed and
+        changed (by checksum), from `against` (an id or a version URI; default: the version its
+        `from` named, else the dataset's version before it) to this version."""
+        with Session(engine) as session:
+            try:
+                return diff.diff(session, version_id, against)
+            except BadURI as exc:
+                return error_response(400, "bad_request", f"against: {exc}")
 
 
 def _routes(app: FastAPI, engine: Engine, kind: Literal["dataset", "version"], base: str) -> None:

@@ -116,14 +116,29 @@ def _record(kind: str, row: Any) -> dict[str, Any]:
 
 def stream(engine: Engine, job: Export) -> Iterator[bytes]:
     """The export's bytes, batch by batch."""
+    for chunk, _ in stream_counted(engine, job):
+        yield chunk
+
+
+def stream_counted(engine: Engine, job: Export) -> Iterator[tuple[bytes, int]]:
+    """The export's bytes, batch by batch, each with the number of rows sent so far."""
     columns = columns_of(engine, job) if job.format != "jsonl" else job.columns
-    batches = records(engine, job)
+    sent = [0]
+
+    def counted() -> Iterator[list[dict[str, Any]]]:
+        for batch in records(engine, job):
+            yield batch
+            sent[0] += len(batch)
+
+    batches = counted()
     if job.format == "jsonl":
-        yield from _jsonl(batches, columns)
+        chunks = _jsonl(batches, columns)
     elif job.format == "csv":
-        yield from _csv(batches, fields(job.kind), columns)
+        chunks = _csv(batches, fields(job.kind), columns)
     else:
-        yield from _parquet(engine, job, batches, columns)
+        chunks = _parquet(engine, job, batches, columns)
+    for chunk in chunks:
+        yield chunk, sent[0]
 
 
 def _jsonl(batches: Iterator[list[dict[str, Any]]], columns: Sequence[str]) -> Iterator[bytes]:
