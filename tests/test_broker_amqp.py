@@ -7,11 +7,14 @@
 * RabbitMQ restarted: a worker reconnects; a task sent before the restart is delivered after it;
   while RabbitMQ is down, lines are still staged and completions accepted (Redis holds them), and
   the sweep sends the applies once it is back.
+* An apply held past RabbitMQ's `consumer_timeout`: the task goes back to the queue, the worker
+  exits after its apply, another worker gets the task, and the apply counts once.
 
 The first two use the machine's RabbitMQ (`SIDECAR_TEST_AMQP_URL`, default
-amqp://guest:guest@127.0.0.1:5672//), each test on its own queue. The restart test starts a
-private RabbitMQ node on free loopback ports under the test's folder (its own epmd, node name,
-database and logs) and restarts that one: the machine's shared node is never stopped. Locally a
+amqp://guest:guest@127.0.0.1:5672//), each test on its own queue. The last two start a private
+RabbitMQ node on free loopback ports under the test's folder (its own epmd, node name, database,
+logs and configuration) and restart or configure that one: the machine's shared node is never
+stopped or changed. Locally a
 missing RabbitMQ skips with the reason shown; with CI=true it fails.
 """
 
@@ -222,8 +225,9 @@ class RabbitNode:
     `rabbitmq-env.conf` (which names the shared node) is not read.
     """
 
-    def __init__(self, binary: Path, folder: Path) -> None:
+    def __init__(self, binary: Path, folder: Path, conf: str = "", advanced: str = "[].\n") -> None:
         self.binary = binary
+        self.conf, self.advanced = conf, advanced
         self.folder = folder
         self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
@@ -233,7 +237,8 @@ class RabbitNode:
 
     def _env(self) -> dict[str, str]:
         f = self.folder
-        (f / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
+        (f / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n{self.conf}")
+        (f / "advanced.config").write_text(self.advanced)
         (f / "enabled_plugins").write_text("[].\n")
         (f / "rabbitmq-env.conf").write_text("")
         return {
@@ -312,12 +317,19 @@ def _rabbitmq_server() -> Path | None:
 
 
 @pytest.fixture
-def rabbit_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+def rabbit_node(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RabbitNode]:
+    """A started private node; `@pytest.mark.rabbitmq_conf(conf, advanced)` adds configuration
+    (rabbitmq.conf lines, and an advanced.config for what rabbitmq.conf cannot set)."""
     binary = _rabbitmq_server()
     if binary is None:
         _unavailable("no rabbitmq-server on PATH to start a private node")
         raise AssertionError("unreachable")
-    node = RabbitNode(binary, tmp_path_factory.mktemp(f"rmq{uuid.uuid4().hex[:6]}"))
+    marker = request.node.get_closest_marker("rabbitmq_conf")
+    node = RabbitNode(
+        binary, tmp_path_factory.mktemp(f"rmq{uuid.uuid4().hex[:6]}"), *(marker.args if marker else ())
+    )
     try:
         node.start()
         yield node
@@ -411,3 +423,61 @@ def test_rabbitmq_restarted_loses_no_apply(
         what=f"the queued task after the restart (log:\n{second.log()[-3000:]})",
     )
     assert RECEIVED.search(second.log())  # delivered by the broker, not applied by anyone else
+
+
+# -- an apply held past RabbitMQ's consumer_timeout ---------------------------------------------
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.rabbitmq_conf("consumer_timeout = 2000\n", "[{rabbit, [{channel_tick_interval, 500}]}].\n")
+def test_an_apply_held_past_the_consumer_timeout_is_applied_once(
+    settings: Settings,
+    rabbit_node: RabbitNode,
+    staging: Staging,
+    engine: Engine,
+    workers: list[Worker],  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """RabbitMQ closes the channel of a delivery unacknowledged for longer than `consumer_timeout`
+    (30 min by default; checked every channel tick, 60 s by default, 0.5 s here) and puts the task
+    back in the queue. Celery takes the closed channel as unrecoverable: the worker finishes its
+    running apply, cannot acknowledge it, and exits. Another worker gets the task meanwhile; the
+    watermark makes the two applies one."""
+    settings = settings.with_(broker_url=rabbit_node.url)
+    target = Target("version", "slow", "v1")
+    root = settings.require_root()
+    path = root / "exec-slow" / "valohai.metadata.jsonl"
+    metas: list[dict[str, object]] = [{"a": 1}, {"b": 2}, {"a": None}]
+    write_lines(path, metas, target.key)
+    Ingestor(root, staging, line_limit=settings.line_limit).ingest(path)
+    staging.complete_version(target)
+    enqueue = Enqueuer(make_app(settings))
+    first = start_worker(settings, workers, tmp_path)
+    first.wait_ready()
+    with _applies_held(str(settings.database_url)):
+        enqueue(target.key)
+        task_id = wait_until(
+            lambda: RECEIVED.search(first.log()), timeout=DEADLINE, interval=0.05, what="task received"
+        ).group(1)
+        wait_until(
+            lambda: "Unrecoverable error: PreconditionFailed" in first.log(),
+            timeout=DEADLINE,
+            interval=0.2,
+            what=f"the channel closed by the consumer timeout (log:\n{first.log()[-3000:]})",
+        )
+        second = start_worker(settings, workers, tmp_path)
+        second.wait_ready()
+        wait_until(
+            lambda: task_id in RECEIVED.findall(second.log()), timeout=DEADLINE, what="the task redelivered"
+        )
+        assert first.proc.poll() is None  # still inside its apply: Celery waits for running tasks
+    wait_until(lambda: first.proc.poll() is not None, timeout=DEADLINE, what="the first worker to exit")
+    staging.sweep(enqueue, older_than=-1)  # the dataset target, which nothing else sent
+    wait_until(
+        lambda: _applied(engine, staging, [path]),
+        timeout=DEADLINE,
+        interval=0.5,
+        what=f"applied (second worker log:\n{second.log()[-3000:]})",
+    )
+    assert version_history(engine, target) == expected_history(metas)  # once, not twice
+    print(f"first worker exited with {first.proc.returncode}")
