@@ -39,6 +39,8 @@ from sqlalchemy import Engine
 from tests.conftest import IN_CI
 from tests.e2e_helpers import free_port, wait_until
 from tests.oracle import assert_matches_db, db_state, expected_state
+from tests.test_e2e_up import Up
+from tests.test_metrics import samples
 from tests.test_quarantine import _cure, _poison
 from tests.test_worker_process import (  # noqa: F401 - `workers` is a fixture
     Worker,
@@ -107,6 +109,40 @@ def on_rabbitmq(settings: Settings, amqp_url: str) -> Iterator[Settings]:
     """The test's settings with the machine's RabbitMQ as the broker; the queue goes afterwards."""
     yield settings.with_(broker_url=amqp_url)
     _delete_queue(amqp_url, Keys(settings.redis_prefix).queue)
+
+
+# -- `sidecar up` with RabbitMQ as the broker -----------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_sidecar_up_with_rabbitmq_as_the_broker(amqp_url: str, tmp_path: Path) -> None:
+    """`up` hands SIDECAR_BROKER_URL to its children: applies go through RabbitMQ, and the
+    private Redis holds staging only (no Celery queue in it)."""
+    prefix = f"test-up-{uuid.uuid4().hex[:8]}"
+    up = Up(tmp_path, {"SIDECAR_BROKER_URL": amqp_url, "SIDECAR_REDIS_PREFIX": prefix})
+    try:
+        up.wait_ready()
+        path = up.execution("exec-up")
+        metas = [{"a": 1}, {"b": "two"}, {"a": None}]
+        write_lines(path, metas, "dataset://rmq-up/v1")
+        wait_until(
+            lambda: samples(up.http.get("/metrics").text, "sidecar_lines_ingested_total") == {"": 3},
+            timeout=DEADLINE,
+            what=f"lines staged (log:\n{up.log()[-3000:]})",
+        )
+        assert up.version_created("rmq-up", "v1").status_code == 202
+        wait_until(
+            lambda: (up.version("rmq-up", "v1") or {}).get("properties") == {"b": "two"},
+            timeout=DEADLINE,
+            what=f"the version applied through RabbitMQ (log:\n{up.log()[-3000:]})",
+        )
+        assert "Connected to amqp://" in up.log()
+        # kombu's Redis transport would have declared its bindings (`_kombu.binding.*`) here.
+        assert not list(up.staging.redis.scan_iter(match="_kombu*")), "Celery used the staging Redis"
+        assert up.stop() == 0
+    finally:
+        up.stop()
+        _delete_queue(amqp_url, Keys(prefix).queue)
 
 
 # -- a worker SIGKILLed mid-apply ----------------------------------------------------------------
