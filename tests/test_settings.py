@@ -40,16 +40,6 @@ def test_round_trip_through_the_environment(tmp_path: Path) -> None:
     assert Settings.load({}, env=s.as_env()) == s
 
 
-def test_allowed_origins() -> None:
-    env = {"SIDECAR_ALLOWED_ORIGINS": "https://ops.example, http://Localhost:3000/,"}
-    s = Settings.load({}, env=env)
-    assert s.allowed_origins == ("https://ops.example", "http://localhost:3000")
-    assert Settings.load({}, env=s.as_env()).allowed_origins == s.allowed_origins
-    assert Settings.load({}, env={}).allowed_origins == ()
-    with pytest.raises(ConfigError, match="SIDECAR_ALLOWED_ORIGINS"):
-        Settings.load({}, env={"SIDECAR_ALLOWED_ORIGINS": "ops.example/path"})
-
-
 def test_broker_url() -> None:
     s = Settings.load({}, env={"SIDECAR_REDIS_URL": "redis://r/0"})
     assert s.effective_broker_url() == "redis://r/0" and s.broker_is_redis
@@ -60,3 +50,13 @@ def test_broker_url() -> None:
     with pytest.raises(ConfigError, match="SIDECAR_BROKER_URL") as err:
         Settings.load({}, env={"SIDECAR_BROKER_URL": "sqs://key:secret@queue"})
     assert "secret" not in str(err.value)  # the URL may hold a password: only its scheme is named
+
+
+def test_allowed_origins() -> None:
+    env = {"SIDECAR_ALLOWED_ORIGINS": "https://ops.example, http://Localhost:3000/,"}
+    s = Settings.load({}, env=env)
+    assert s.allowed_origins == ("https://ops.example", "http://localhost:3000")
+    assert Settings.load({}, env=s.as_env()).allowed_origins == s.allowed_origins
+    assert Settings.load({}, env={}).allowed_origins == ()
+    with pytest.raises(ConfigError, match="SIDECAR_ALLOWED_ORIGINS"):
+        Settings.load({}, env={"SIDECAR_ALLOWED_ORIGINS": "ops.example/path"})
