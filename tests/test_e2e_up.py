@@ -46,15 +46,21 @@ DEADLINE = 30.0
 class Up:
     """A running `sidecar up` and ways to talk to it."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
         self.root = base / "root"
         self.data_dir = base / "data"
         self.root.mkdir()
         self.port = free_port()
         self.log_path = base / "up.log"
         self.env = clean_env(
-            {"SIDECAR_WEBHOOK_SECRET": SECRET, "SIDECAR_RESCAN_INTERVAL": "1", "SIDECAR_SWEEP_AFTER": "1"}
+            {
+                "SIDECAR_WEBHOOK_SECRET": SECRET,
+                "SIDECAR_RESCAN_INTERVAL": "1",
+                "SIDECAR_SWEEP_AFTER": "1",
+                **(env or {}),
+            }
         )
+        self.prefix = self.env.get("SIDECAR_REDIS_PREFIX", "sidecar")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
@@ -90,7 +96,7 @@ class Up:
 
         wait_until(healthy, timeout=STARTUP_TIMEOUT, interval=0.2, what="GET /healthz")
         self.redis_url = (self.data_dir / "redis.url").read_text().strip()
-        self.staging = Staging(redis.Redis.from_url(self.redis_url), Keys("sidecar"))
+        self.staging = Staging(redis.Redis.from_url(self.redis_url), Keys(self.prefix))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]

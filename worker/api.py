@@ -139,6 +139,7 @@ def _validation_answer(exc: RequestValidationError) -> JSONResponse:
 
 def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_age: float) -> None:
     metrics.register_backlog(staging)
+    registry = metrics.scrape_registry()
 
     @app.get("/healthz", response_model=Health, responses=errors(413))
     def healthz() -> dict[str, str]:
@@ -174,7 +175,7 @@ def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_a
     )
     def metrics_endpoint() -> Response:
         """Prometheus text format."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _quarantined(staging: Staging) -> dict[str, Any]:

@@ -265,6 +265,7 @@ _SETTING_FLAGS = {
     "data_dir",
     "database_url",
     "redis_url",
+    "broker_url",
     "host",
     "port",
     "polling",
@@ -282,6 +283,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--database-url", help="SQLAlchemy URL [SIDECAR_DATABASE_URL, SQLite in the data dir]"
     )
     parser.add_argument("--redis-url", help="Redis URL [SIDECAR_REDIS_URL, the private one of `sidecar up`]")
+    parser.add_argument(
+        "--broker-url", help="Celery broker: redis:// or amqp:// [SIDECAR_BROKER_URL, the staging Redis]"
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING [SIDECAR_LOG_LEVEL, INFO]")
     parser.add_argument("--log-format", choices=["text", "json"], help="[SIDECAR_LOG_FORMAT, text]")
 
