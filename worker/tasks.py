@@ -85,7 +85,7 @@ def make_app(settings: Settings) -> Celery:
     )
     resources = _Resources(settings)
 
-    @app.task(  # type: ignore[untyped-decorator]
+    @app.task(
         name=APPLY_TASK,
         bind=True,
         acks_late=True,
