@@ -189,7 +189,7 @@ def _quarantined(staging: Staging) -> dict[str, Any]:
 
 def _check_redis(staging: Staging) -> str:
     try:
-        staging.redis.ping()
+        staging.ping()
         return "ok"
     except Exception as exc:  # any failure is "not ready"
         return _failing("redis", exc)

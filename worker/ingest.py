@@ -21,8 +21,8 @@ import orjson
 
 from . import metrics
 from .errors import InvalidEntry
-from .records import Source, parse_datum_object, parse_line
-from .staging import LineOutcome, Reject, Sent, Staging, line_digest, now_iso
+from .records import LineOutcome, Reject, Source, line_digest, parse_datum_object, parse_line
+from .staging import Sent, Staging, now_iso
 from .store.finished import FinishedRecord
 from .tail import FileState, Line, read_new
 from .uris import Target

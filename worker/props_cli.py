@@ -83,7 +83,7 @@ def _props(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
     try:
         result = write_properties(engine, staging, kind, owner_id, changes)
     finally:
-        staging.redis.close()
+        staging.close()
     _print_json(result.properties)
     if result.staged:
         print("(the version is still building: the change is staged and applied at completion)")

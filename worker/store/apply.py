@@ -22,8 +22,8 @@ except ImportError:  # pragma: no cover - not on POSIX
 
 from ..membership import Spec, file_list, fold_spec
 from ..merge import merge_into
-from ..records import Entry, Source
-from ..staging import Reject, Staging
+from ..records import Entry, Reject, Source
+from ..staging import Staging
 from ..uris import Target, parse_uri
 from . import aliases
 from .db import writer
