@@ -121,3 +121,53 @@ def errors(
         code: {"model": Error, "description": text.get(f"e{code}", ERROR_TEXT[code])} for code in codes
     }
     return {**(also or {}), **found}
+
+
+# -- datums (one file of one execution) ---------------------------------------------------------
+
+
+class ExecutionRef(BaseModel):
+    id: str
+
+
+class Datum(BaseModel):
+    """A file, as the platform shows one (`store/queries.py datum_json`)."""
+
+    id: str = Field(description="public id (UUID form, time-ordered)")
+    name: str = Field(description="its path in the execution's outputs folder")
+    size: int | None = Field(description="bytes, read when its execution completed (null: not yet, or gone)")
+    md5: str | None
+    sha1: str | None
+    sha256: str | None
+    ctime: str | None
+    mtime: str | None
+    uri: None = Field(description="always null: the sidecar stores no file contents")
+    purged: bool
+    output_execution: ExecutionRef | None
+    tags: list[str]
+    alias: str | None = Field(description="the datum alias pointing at it, if any")
+    properties: dict[str, Any]
+
+
+class DatumAlias(BaseModel):
+    id: str
+    name: str
+    ctime: str | None
+    mtime: str | None
+    datum: Datum
+
+
+class ResolvedDatum(BaseModel):
+    datum: Datum
+
+
+class Download(BaseModel):
+    url: None = Field(description="always null: the sidecar has no copy of the file to hand out")
+    detail: str
+
+
+class DatumWrite(BaseModel):
+    """A bulk write's answer: each datum's full set after it, and which were only staged."""
+
+    datum_metadata: dict[str, dict[str, Any]]
+    staged: list[str] = Field(description="datums of executions still running: applied at completion")

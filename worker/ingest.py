@@ -20,6 +20,7 @@ from pathlib import Path
 import orjson
 
 from . import metrics
+from .datum_keys import drop_bad_aliases
 from .errors import InvalidEntry
 from .records import Source, parse_datum_object, parse_line
 from .staging import LineOutcome, Reject, Sent, Staging, line_digest, now_iso
@@ -350,6 +351,11 @@ class Ingestor:
             outcome.entries = parse_line(line.data, source)
         except InvalidEntry as exc:
             outcome.reject = self._reject(source, str(exc), log_reject)
+            return outcome
+        # A malformed alias is a reject naming the field, and the rest of the line applies.
+        problem = drop_bad_aliases(outcome.entries)
+        if problem:
+            outcome.reject = self._reject(source, problem, log_reject)
         return outcome
 
     def _reject(self, source: Source, reason: str, log_it: bool = True) -> Reject:
@@ -380,6 +386,9 @@ class Ingestor:
         else:
             try:
                 outcome.entries = parse_datum_object(data, output, source)
+                problem = drop_bad_aliases(outcome.entries)
+                if problem:
+                    outcome.reject = self._reject(source, problem)
             except InvalidEntry as exc:
                 # The writer may still be writing it: judge it when the execution has completed.
                 if not self._completed(execution, record):

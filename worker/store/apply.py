@@ -19,10 +19,12 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
-from ..merge import merge_into
+from ..datum_keys import ALIAS_KEY
+from ..merge import Change, merge_into
 from ..records import Entry, Source
 from ..staging import Staging
 from ..uris import Target
+from .datum_aliases import point_aliases
 from .db import writer
 from .index import bulk_insert, reindex
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile, Watermark
@@ -163,6 +165,8 @@ class Applier:
     working: dict[tuple[str, int], _Working] = field(default_factory=dict)
     changes: list[dict[str, Any]] = field(default_factory=list)  # history rows, inserted by `flush`
     members: dict[tuple[int, int], None] = field(default_factory=dict)  # version files, likewise
+    # Datum aliases claimed by `valohai.alias` (name -> datum id, source; the last claim wins).
+    aliases: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
 
     def apply(self, entry: Entry) -> None:
         target = entry.target
@@ -189,6 +193,8 @@ class Applier:
         if work is None:
             work = self.working[key] = _Working(owner, dict(owner.properties), was_empty=not owner.properties)
         changes = merge_into(work.properties, entry.metadata)
+        if owner.kind == "datum" and ALIAS_KEY in entry.metadata:
+            self._claim_alias(owner, entry, changes)
         if not changes:
             return
         owner.updates["updated_at"] = self.now
@@ -207,6 +213,16 @@ class Applier:
                 }
             )
 
+    def _claim_alias(self, owner: Owner, entry: Entry, changes: list[Change]) -> None:
+        """`valohai.alias` set on a datum points the alias at it (moved at `flush`). A line read
+        again that sets the alias the datum already had moves nothing (the alias may have moved
+        on to another datum since); an API write points it whatever the datum held."""
+        name = entry.metadata[ALIAS_KEY]
+        if not isinstance(name, str):
+            return  # null: the key is removed; the alias stays where it points
+        if entry.source.origin == "api" or any(c.key == ALIAS_KEY for c in changes):
+            self.aliases[name] = (owner.id, _source_json(entry.source))
+
     def flush(self) -> None:
         """Write the folded property sets and changed columns back, refresh the search index of
         the keys that changed (once per owner), and insert the history rows and version files."""
@@ -215,9 +231,8 @@ class Applier:
                 continue  # every entry was a no-op: the stored set and its index are current
             owner = work.owner
             owner.properties = owner.updates["properties"] = work.properties
-            if owner.kind != "datum":
-                keys, had_rows = work.changed.keys(), not work.was_empty
-                reindex(self.conn, owner.kind, owner.id, work.properties, keys, had_rows=had_rows)
+            keys, had_rows = work.changed.keys(), not work.was_empty
+            reindex(self.conn, owner.kind, owner.id, work.properties, keys, had_rows=had_rows)
         self.working.clear()
         for owner in self.owners.values():
             if owner.updates:
@@ -230,6 +245,9 @@ class Applier:
         if self.changes:
             bulk_insert(self.conn, _CHANGES, self.changes)
             self.changes = []
+        if self.aliases:
+            point_aliases(self.conn, self.aliases, self.now)
+            self.aliases = {}
 
     def dataset(self, name: str) -> Owner:
         key = ("dataset", name)

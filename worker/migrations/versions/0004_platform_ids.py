@@ -41,7 +41,8 @@ def _fill_uids(table: str, created: str) -> None:
     rows = conn.execute(sa.text(f"SELECT id, {created} FROM {table} ORDER BY id")).all()
     updates = [{"id": row[0], "uid": new_id(_ms(row[1]))} for row in rows]
     for start in range(0, len(updates), 10_000):
-        conn.execute(sa.text(f"UPDATE {table} SET uid = :uid WHERE id = :id"), updates[start : start + 10_000])
+        statement = sa.text(f"UPDATE {table} SET uid = :uid WHERE id = :id")
+        conn.execute(statement, updates[start : start + 10_000])
 
 
 def _ms(moment: datetime | str | None) -> int | None:
