@@ -666,15 +666,15 @@ def _get_datum(engine: Engine) -> Callable[[str], Any]:
 
 
 def _write_many(engine: Engine, staging: Staging, sets: dict[str, Any]) -> dict[str, Any]:
-    """The bulk write: every set checked and every id found first, then one write per datum."""
+    """The bulk write: every id found and every set checked first, then one write per datum."""
+    with Session(engine) as session:
+        for ident in sets:
+            datums.get_datum(session, ident)  # NotFound (404) before anything is written
     for ident, metadata in sets.items():
         try:
             datums.check_datum_write(metadata)
         except InvalidEntry as exc:
             raise InvalidEntry(f"datum {ident[:100]!r}: {exc}", exc.key) from None
-    with Session(engine) as session:
-        for ident in sets:
-            datums.get_datum(session, ident)  # NotFound (404) before anything is written
     answer: dict[str, Any] = {"datum_metadata": {}, "staged": []}
     for ident, metadata in sets.items():
         result = datums.write_datum_properties(engine, staging, ident, metadata)

@@ -255,12 +255,12 @@ def write_datum_properties(engine: Engine, staging: Staging, ident: str | int, m
     to keep order with: the write is applied directly, in one transaction under the target's
     watermark lock, and Redis is not touched.
     """
-    check_datum_write(metadata)
     with Session(engine) as session:
-        datum = get_datum(session, ident)
+        datum = get_datum(session, ident)  # an unknown id is a 404 whatever the body
         datum_id, execution, path = datum.id, datum.execution, datum.path
         target = Target.for_execution(execution)
         applied_once = session.get(Watermark, target.key) is not None
+    check_datum_write(metadata)
     entry = Entry(target, "set", Source("api"), metadata, path)
     if applied_once and not staging.is_done(target):
         _write_directly(engine, entry)
