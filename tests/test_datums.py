@@ -187,3 +187,12 @@ def test_bad_alias_is_a_reject_and_the_rest_applies(engine: Engine, staging: Sta
     with Session(engine) as session:
         got = {r[0]: r[1] for r in session.execute(select(Datum.path, Datum.properties))}
     assert got == {"a.txt": {"k": 1}, "b.txt": {"k": 2}}
+
+
+def test_datum_page(client: TestClient, engine: Engine, staging: Staging) -> None:
+    run(engine, staging, "exec-1", {"m.bin": {"epoch": 1}})
+    (datum,) = client.get("/api/v0/data/").json()["results"]
+    page = client.get(f"/data/{datum['id']}/")
+    assert page.status_code == 200 and f'data-id="{datum["id"]}"' in page.text
+    assert 'data-page="datum"' in page.text
+    assert client.get("/data/nope/").status_code == 404
