@@ -196,3 +196,34 @@ def test_datum_page(client: TestClient, engine: Engine, staging: Staging) -> Non
     assert page.status_code == 200 and f'data-id="{datum["id"]}"' in page.text
     assert 'data-page="datum"' in page.text
     assert client.get("/data/nope/").status_code == 404
+
+
+def test_write_after_retention_is_applied_directly(
+    client: TestClient, engine: Engine, staging: Staging
+) -> None:
+    run(engine, staging, "exec-1", {"m.bin": {"epoch": 1}})
+    (datum,) = client.get("/api/v0/data/").json()["results"]
+    # Retention forgot the execution: its flag and stream left Redis; its watermark row stays.
+    target = Target.for_execution("exec-1")
+    staging.redis.delete(staging.keys.done(target), staging.keys.stream(target))
+    answer = client.post(f"/api/v0/data/{datum['id']}/metadata/", json={"epoch": 2})
+    assert answer.status_code == 200 and answer.json() == {"epoch": 2}
+    assert not staging.redis.exists(staging.keys.stream(target))  # Redis was not written
+    history = client.get(f"/api/v0/data/{datum['id']}/history/").json()["results"]
+    assert [(h["old"], h["new"], h["source"]["origin"]) for h in history] == [
+        (None, 1, "sidecar"),
+        (1, 2, "api"),
+    ]
+    assert client.get("/api/v0/data/?filter=epoch = 2").json()["count"] == 1  # index updated too
+
+
+def test_checksum_task_without_a_root_skips(caplog: pytest.LogCaptureFixture) -> None:
+    from worker.settings import Settings
+    from worker.tasks import run_checksums
+
+    def no_engine() -> Engine:
+        raise AssertionError("a worker without a root must not read the database")
+
+    assert run_checksums(Settings(), no_engine, "exec-1") == {"skipped": "no root"}
+    assert run_checksums(Settings(), no_engine, "exec-2") == {"skipped": "no root"}
+    assert sum("no SIDECAR_ROOT" in r.getMessage() for r in caplog.records) <= 1

@@ -123,19 +123,23 @@ def make_app(settings: Settings) -> Celery:
     )
     def checksums(self: Task[Any, Any], execution: str) -> dict[str, Any]:
         """Size and checksums of the execution's datums not read yet, from the files on disk."""
-        if settings.root is None:
-            _no_root_once()
-            return {"skipped": "no root"}
-        engine, _ = resources.get()
         try:
-            stats = check_execution(engine, settings.root, execution)
+            return run_checksums(settings, lambda: resources.get()[0], execution)
         except TRANSIENT as exc:
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
-        if stats.checked:
-            log.info("checksums of %s: %d files (%d missing)", execution, stats.checked, stats.missing)
-        return {"checked": stats.checked, "missing": stats.missing}
 
     return app
+
+
+def run_checksums(settings: Settings, engine: Callable[[], Engine], execution: str) -> dict[str, Any]:
+    """The checksums task's work: skipped (and said once) on a worker that has no root."""
+    if settings.root is None:
+        _no_root_once()
+        return {"skipped": "no root"}
+    stats = check_execution(engine(), settings.root, execution)
+    if stats.checked:
+        log.info("checksums of %s: %d files (%d missing)", execution, stats.checked, stats.missing)
+    return {"checked": stats.checked, "missing": stats.missing}
 
 
 _warned_no_root: list[bool] = []
