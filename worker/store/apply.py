@@ -26,8 +26,8 @@ from ..staging import Staging
 from ..uris import Target
 from .datum_aliases import point_aliases
 from .db import writer
-from .index import bulk_insert, reindex
-from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile, Watermark
+from .index import bulk_insert, index_rows, reindex
+from .models import Dataset, DatasetVersion, Datum, PropertyChange, PropertyIndex, VersionFile, Watermark
 
 
 @dataclass
@@ -226,13 +226,19 @@ class Applier:
     def flush(self) -> None:
         """Write the folded property sets and changed columns back, refresh the search index of
         the keys that changed (once per owner), and insert the history rows and version files."""
+        fresh: list[dict[str, Any]] = []  # index rows of owners that had none yet
         for work in self.working.values():
             if not work.changed:
                 continue  # every entry was a no-op: the stored set and its index are current
             owner = work.owner
             owner.properties = owner.updates["properties"] = work.properties
-            keys, had_rows = work.changed.keys(), not work.was_empty
-            reindex(self.conn, owner.kind, owner.id, work.properties, keys, had_rows=had_rows)
+            if work.was_empty:
+                # Nothing to delete: gathered, and inserted in one go below (an execution's
+                # completion creates thousands of datums; one COPY each cost a third of its apply).
+                fresh += index_rows(owner.kind, owner.id, work.properties)
+            else:
+                reindex(self.conn, owner.kind, owner.id, work.properties, work.changed.keys())
+        bulk_insert(self.conn, _INDEX, fresh)
         self.working.clear()
         for owner in self.owners.values():
             if owner.updates:
@@ -322,6 +328,7 @@ _DATUMS = cast(Table, Datum.__table__)
 _FILES = cast(Table, VersionFile.__table__)
 _MARKS = cast(Table, Watermark.__table__)
 _CHANGES = cast(Table, PropertyChange.__table__)
+_INDEX = cast(Table, PropertyIndex.__table__)
 
 _SELECT_MARK = select(_MARKS.c.stream_id).where(_MARKS.c.target == bindparam("target"))
 _LOCK_MARK = _SELECT_MARK.with_for_update()
