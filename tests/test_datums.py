@@ -227,3 +227,35 @@ def test_checksum_task_without_a_root_skips(caplog: pytest.LogCaptureFixture) ->
     assert run_checksums(Settings(), no_engine, "exec-1") == {"skipped": "no root"}
     assert run_checksums(Settings(), no_engine, "exec-2") == {"skipped": "no root"}
     assert sum("no SIDECAR_ROOT" in r.getMessage() for r in caplog.records) <= 1
+
+
+def test_two_executions_moving_one_alias_at_once(engine: Engine, staging: Staging) -> None:
+    import threading
+
+    executions = [f"exec-{i}" for i in range(4)]
+    for execution in executions:
+        stage(staging, execution, [datum_line("model.pt", {"valohai.alias": "shared"})])
+        staging.complete_execution(execution)
+    errors: list[BaseException] = []
+
+    def apply(execution: str) -> None:
+        try:
+            apply_target(engine, staging, Target.for_execution(execution))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=apply, args=(e,)) for e in executions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with Session(engine) as session:
+        moves = session.scalars(select(AliasChange).order_by(AliasChange.id)).all()
+        from worker.store.datums import resolve_alias
+
+        final = resolve_alias(session, "shared").id
+    # One chain: created once, then each move starts where the one before it ended.
+    assert moves[0].old_id is None and all(m.old_id is not None for m in moves[1:])
+    assert all(a.new_id == b.old_id for a, b in zip(moves, moves[1:], strict=False))
+    assert moves[-1].new_id == final and len(moves) == len(executions)
