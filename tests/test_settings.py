@@ -48,3 +48,19 @@ def test_allowed_origins() -> None:
     assert Settings.load({}, env={}).allowed_origins == ()
     with pytest.raises(ConfigError, match="SIDECAR_ALLOWED_ORIGINS"):
         Settings.load({}, env={"SIDECAR_ALLOWED_ORIGINS": "ops.example/path"})
+
+
+def test_one_version_string_from_the_package_metadata() -> None:
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    import worker
+
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "version"
+    ]
+    assert worker.__version__ == declared
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "--version"], capture_output=True, text=True)
+    assert out.stdout.strip() == f"sidecar {declared}"

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from . import metrics
+from . import __version__, metrics
 from .api_models import (
     MAX_LIMIT,
     MAX_OFFSET,
@@ -46,8 +46,10 @@ from .errors import BadURI, InvalidEntry, NotFound
 from .query import MAX_LENGTH as MAX_FILTER
 from .query import FilterError
 from .staging import Staging
-from .store import datums, queries
-from .store.writes import current_properties, target_of, touch_last_used, write_properties
+from .store import datums, queries, writes
+from .store.platform import record_platform_ids
+from .store.queries import FILES_PAGE
+from .store.writes import current_properties, touch_last_used, write_properties
 from .uris import Target
 from .web import mount_web
 from .webhooks import Action, parse_event, signature_problem
@@ -75,6 +77,7 @@ DatumOrdering = Annotated[
 ]
 VersionURI = Annotated[str, Query(pattern=r"^dataset://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+FilesLimit = Annotated[int, Query(ge=0, le=FILES_PAGE)]
 # Every /api/ route may answer these: no token, a body over the cap, Redis or the database down.
 API_ERRORS = (401, 413, 503)
 WRITE_ERRORS = (*API_ERRORS, 400, 403, 404, 415)
@@ -91,7 +94,7 @@ def create_app(
     allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine."""
-    app = FastAPI(title="Dataset properties sidecar", version="0.1.0")
+    app = FastAPI(title="Dataset properties sidecar", version=__version__)
     _error_handlers(app)
     _health_routes(app, engine, staging, watcher_max_age)
 
@@ -329,8 +332,12 @@ def _metadata_routes(app: FastAPI, engine: Engine, staging: Staging, kind: str, 
         request: Request, owner_id: OwnerId, limit: Limit = 100, offset: Offset = 0
     ) -> dict[str, Any]:
         with Session(engine) as session:
-            target_of(session, kind, owner_id)  # 404 for an unknown id
-            count, rows = queries.history(session, kind, owner_id, limit=limit, offset=offset)
+            owner = (
+                queries.get_dataset(session, owner_id)
+                if kind == "dataset"
+                else queries.get_version(session, owner_id)
+            )
+            count, rows = queries.history(session, kind, owner.id, limit=limit, offset=offset)
         return _page(request, count, limit, offset, rows)
 
 
@@ -411,6 +418,7 @@ def _webhook_routes(
         # The completion goes first: if it fails the answer is a 503 and nothing was written.
         due = await run_in_threadpool(_complete, staging, enqueue, action)
         await run_in_threadpool(_mark_used_or_log, engine, action.inputs)
+        await run_in_threadpool(_record_platform_ids_or_log, engine, action)
         return JSONResponse({"status": "accepted", "type": action.event_type, "due": due}, status_code=202)
 
 
@@ -430,6 +438,17 @@ def _mark_used_or_log(engine: Engine, uris: tuple[str, ...]) -> None:
         _mark_used(engine, uris)
     except sqlalchemy.exc.SQLAlchemyError as exc:
         log.warning("could not mark %d input versions used: %s", len(uris), exc)
+
+
+def _record_platform_ids_or_log(engine: Engine, action: Action) -> None:
+    """The platform's ids and tags of an announced version; like last-used, an extra that must
+    not turn an accepted completion into an error."""
+    if action.target is None or action.platform is None:
+        return
+    try:
+        record_platform_ids(engine, action.target, action.platform)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        log.warning("could not keep the platform ids of %s: %s", action.target.key, exc)
 
 
 def _complete(staging: Staging, enqueue: Enqueue, action: Action) -> list[str]:
@@ -457,16 +476,46 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
         limit: Limit = 100,
         offset: Offset = 0,
     ) -> Any:
-        """Datasets; `filter` takes the filter language, `ordering` a key (`-key` descending)."""
+        """Datasets; `filter` takes the filter language, `ordering` a field (`id`, `name`, `ctime`,
+        `mtime`) or a property (`properties.<key>`), `-` first for descending."""
         ask = queries.ListQuery(name=name, filter=filter, ordering=ordering, limit=limit, offset=offset)
         with Session(engine) as session:
             count, rows = queries.list_datasets(session, ask)
-            return _page(request, count, limit, offset, [queries.dataset_json(r) for r in rows])
+            return _page(request, count, limit, offset, queries.datasets_json(session, rows))
+
+    @app.post(
+        "/api/v0/datasets/",
+        status_code=201,
+        response_model=Dataset,
+        openapi_extra=_json_body(
+            {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+        ),
+        responses=errors(*WRITE_ERRORS, e400="Not JSON, no `name`, a name a URI cannot hold, or taken."),
+    )
+    async def create_dataset(request: Request) -> JSONResponse:
+        """Create a dataset by name (a sidecar line naming it does the same); answers it with its id."""
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "bad_request", f"not JSON: {exc}")
+        name = body.get("name") if isinstance(body, dict) else None
+        try:
+            row_id, created = await run_in_threadpool(writes.create_dataset, engine, name)
+        except BadURI as exc:
+            return _error(400, "bad_request", f"name: {exc}")
+        with Session(engine) as session:
+            shown = queries.datasets_json(session, [queries.get_dataset(session, row_id)])[0]
+        if not created:
+            body = {"error": "exists", "detail": f"a dataset named {name!r} exists", "id": shown["id"]}
+            return JSONResponse(body, status_code=400)
+        return JSONResponse(shown, status_code=201)
 
     @app.get("/api/v0/datasets/{dataset_id}/", response_model=Dataset, responses=errors(*API_ERRORS, 404))
+    @app.get("/api/v0/datasets/{dataset_id}", include_in_schema=False)
     def get_dataset(dataset_id: OwnerId) -> Any:
+        """One dataset, by its id, the platform's id for it, or an old integer id."""
         with Session(engine) as session:
-            return queries.dataset_json(queries.get_dataset(session, dataset_id))
+            return queries.datasets_json(session, [queries.get_dataset(session, dataset_id)])[0]
 
     @app.get("/api/v0/dataset-versions/", response_model=Page[Version], responses=errors(*API_ERRORS, 400))
     def list_versions(
@@ -478,23 +527,29 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
         limit: Limit = 100,
         offset: Offset = 0,
     ) -> Any:
-        """Versions; `filter` takes the filter language, `ordering` a key (`-key` descending)."""
+        """Versions (`dataset`: a dataset's id or name); `filter` and `ordering` as for datasets.
+        Each carries its first 100 files and `files_count`; the detail carries them all."""
         ask = queries.ListQuery(
             name=name, dataset=dataset, filter=filter, ordering=ordering, limit=limit, offset=offset
         )
         with Session(engine) as session:
             count, rows = queries.list_versions(session, ask)
-            results = [queries.version_json(session, r) for r in rows]
-            return _page(request, count, limit, offset, results)
+            return _page(request, count, limit, offset, queries.versions_json(session, rows))
 
     @app.get(
         "/api/v0/dataset-versions/{version_id}/",
         response_model=Version,
-        responses=errors(*API_ERRORS, 404),
+        responses=errors(*API_ERRORS, 400, 404),
     )
-    def get_version(version_id: OwnerId) -> Any:
+    @app.get("/api/v0/dataset-versions/{version_id}", include_in_schema=False)
+    def get_version(
+        version_id: OwnerId, files_limit: FilesLimit = FILES_PAGE, files_offset: Offset = 0
+    ) -> Any:
+        """One version with its files (`files_limit` at a time from `files_offset`, `files_count`
+        in all)."""
         with Session(engine) as session:
-            return queries.version_json(session, queries.get_version(session, version_id))
+            row = queries.get_version(session, version_id)
+            return queries.version_json(session, row, files_limit=files_limit, files_offset=files_offset)
 
 
 # A datum's id in a path: its public id (or an old integer id); any other text names nothing (404).

@@ -10,15 +10,17 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
+from .limits import ID_MAX
+
 T = TypeVar("T")
 
-# Ids are 64-bit integers in both databases: anything larger names nothing (404), never a 500.
-MAX_ID = 2**63 - 1
-MAX_LIMIT = 1000
+MAX_ID = ID_MAX
+MAX_LIMIT = 10_000  # real clients ask for pages of 5,000 and 10,000
 # offset + limit stays a 64-bit integer, which both databases take in LIMIT/OFFSET.
 MAX_OFFSET = MAX_ID - MAX_LIMIT
-# A path id, range-checked by FastAPI; out of range it names nothing (the API answers 404).
-OwnerId = Annotated[int, Path(ge=1, le=MAX_ID)]
+# A path id: our public id (UUID form), the platform's id for the object, or an old integer
+# key. Anything else names nothing: the API answers 404 (never 422).
+OwnerId = Annotated[str, Path(min_length=1, max_length=200)]
 
 
 class Error(BaseModel):
@@ -29,33 +31,79 @@ class Error(BaseModel):
     detail: str
 
 
+Id = Annotated[str, Field(description="Public id: UUID form, time-ordered (the first 48 bits are ms)")]
+
+
 class DatasetRef(BaseModel):
-    id: int
+    id: Id
     name: str
+
+
+class VersionRef(BaseModel):
+    id: Id
+    name: str
+    uri: str
 
 
 class Dataset(BaseModel):
-    id: int
+    id: Id
     name: str
     uri: str
     properties: dict[str, Any]
+    tags: list[str]
+    latest_version: VersionRef | None = Field(description="The newest completed version, or null")
+    platform_id: str | None = Field(description="The platform's id for it, when an event carried one")
+    ctime: str | None
+    mtime: str | None
     created_at: str | None
+
+
+class Execution(BaseModel):
+    id: str
+
+
+class Datum(BaseModel):
+    """One file of one execution, as the platform shows one."""
+
+    id: Id
+    name: str = Field(description="Its path in the execution's outputs folder")
+    size: int | None = Field(description="Bytes, read when its execution completed (null: not read, or gone)")
+    md5: str | None
+    sha1: str | None
+    sha256: str | None
+    ctime: str | None
+    mtime: str | None
+    uri: str | None
+    purged: bool
+    output_execution: Execution | None
+    tags: list[str]
+    alias: str | None
+    properties: dict[str, Any]
 
 
 class File(BaseModel):
     execution: str
     path: str
     properties: dict[str, Any]
+    datum: Datum
 
 
 class Version(BaseModel):
-    id: int
+    id: Id
     name: str
     dataset: DatasetRef
     uri: str
     status: Literal["building", "completed"]
     properties: dict[str, Any]
-    files: list[File]
+    tags: list[str]
+    aliases: list[str]
+    previous_version: str | None = Field(description="The id of the version its `from` named, or null")
+    files: list[File] = Field(description="A list carries the first 100; the detail a page of `files_limit`")
+    files_count: int
+    files_offset: int
+    platform_id: str | None
+    ctime: str | None
+    mtime: str | None
     completed_at: str | None
 
 
@@ -124,29 +172,6 @@ def errors(
 
 
 # -- datums (one file of one execution) ---------------------------------------------------------
-
-
-class ExecutionRef(BaseModel):
-    id: str
-
-
-class Datum(BaseModel):
-    """A file, as the platform shows one (`store/queries.py datum_json`)."""
-
-    id: str = Field(description="public id (UUID form, time-ordered)")
-    name: str = Field(description="its path in the execution's outputs folder")
-    size: int | None = Field(description="bytes, read when its execution completed (null: not yet, or gone)")
-    md5: str | None
-    sha1: str | None
-    sha256: str | None
-    ctime: str | None
-    mtime: str | None
-    uri: None = Field(description="always null: the sidecar stores no file contents")
-    purged: bool
-    output_execution: ExecutionRef | None
-    tags: list[str]
-    alias: str | None = Field(description="the datum alias pointing at it, if any")
-    properties: dict[str, Any]
 
 
 class DatumAlias(BaseModel):

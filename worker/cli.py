@@ -19,7 +19,7 @@ from typing import Any
 import redis
 import sqlalchemy.exc
 
-from . import connections
+from . import __version__, connections
 from .edge import exposure_warning
 from .errors import ConfigError, SidecarError
 from .props_cli import add_commands
@@ -282,6 +282,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(title="commands")
 
     def command(

@@ -22,6 +22,8 @@ import orjson
 
 # `datasets.name`, `dataset_versions.name` and `datums.execution` are VARCHAR(255).
 NAME_MAX = 255
+# Integer keys are 64-bit in both databases: a larger number names nothing (404), never a 500.
+ID_MAX = 2**63 - 1
 # `property_changes.key` is VARCHAR(256): every top-level key ends up there.
 KEY_MAX = 256
 # A btree entry holds at most 2,704 bytes on PostgreSQL. The datum index is (execution, path):

@@ -106,17 +106,19 @@ def mount_web(app: FastAPI, engine: Engine, staging: Staging) -> None:
     @app.get("/datasets/{dataset_id}/", response_class=HTMLResponse, include_in_schema=False)
     def dataset_page(request: Request, dataset_id: str) -> HTMLResponse:
         """One dataset: its properties (editable), versions and history."""
-        if not _exists(engine, "dataset", dataset_id):
-            return not_found(request, f"dataset {dataset_id}")
-        context = {"title": "Dataset", "kind": "datasets", "owner_id": int(dataset_id)}
+        uid = _public_id(engine, "dataset", dataset_id)
+        if uid is None:
+            return not_found(request, f"dataset {dataset_id[:100]}")
+        context = {"title": "Dataset", "kind": "datasets", "owner_id": uid}
         return page(request, "detail.html", context)
 
     @app.get("/dataset-versions/{version_id}/", response_class=HTMLResponse, include_in_schema=False)
     def version_page(request: Request, version_id: str) -> HTMLResponse:
         """One version: status, staged entries, properties (editable), files and history."""
-        if not _exists(engine, "version", version_id):
-            return not_found(request, f"dataset version {version_id}")
-        context = {"title": "Dataset version", "kind": "dataset-versions", "owner_id": int(version_id)}
+        uid = _public_id(engine, "version", version_id)
+        if uid is None:
+            return not_found(request, f"dataset version {version_id[:100]}")
+        context = {"title": "Dataset version", "kind": "dataset-versions", "owner_id": uid}
         return page(request, "detail.html", context)
 
     @app.get("/data/{datum_id}/", response_class=HTMLResponse, include_in_schema=False)
@@ -149,23 +151,23 @@ def _staged_route(app: FastAPI, engine: Engine, staging: Staging, kind: str, bas
         return JSONResponse({**found.to_json(), "quarantined": held})
 
 
-def _target(session: Session, kind: str, owner_id: int) -> Target:
+def _target(session: Session, kind: str, owner_id: queries.Ref) -> Target:
     if kind == "dataset":
         return Target("dataset", queries.get_dataset(session, owner_id).name)
     row = queries.get_version(session, owner_id)
     return Target("version", row.dataset.name, row.name)
 
 
-def _exists(engine: Engine, kind: str, raw_id: str) -> bool:
-    """Whether the dataset or version exists (a non-numeric id does not)."""
-    if not raw_id.isdigit() or len(raw_id) > 18:
-        return False
+def _public_id(engine: Engine, kind: str, ref: str) -> str | None:
+    """The public id of the dataset or version `ref` names (any id form), or None."""
     with Session(engine) as session:
         try:
-            _target(session, kind, int(raw_id))
+            row = (
+                queries.get_dataset(session, ref) if kind == "dataset" else queries.get_version(session, ref)
+            )
         except NotFound:
-            return False
-    return True
+            return None
+        return row.uid
 
 
 def _static_urls() -> dict[str, str]:

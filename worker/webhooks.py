@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadURI, InvalidEntry
+from .limits import NAME_MAX
 from .uris import Target, version_target
 
 MAX_SKEW_SECONDS = 300
+PLATFORM_ID_MAX = 64  # `platform_id` columns; the platform's ids are 36 characters
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -46,6 +48,18 @@ class Action:
     execution: str = ""
     event_type: str = ""
     inputs: tuple[str, ...] = ()  # dataset version URIs the event names as inputs
+    platform: PlatformIds | None = None  # a version event's own ids and tags for the objects
+
+
+@dataclass(frozen=True)
+class PlatformIds:
+    """What the platform calls a dataset and a version it announced: its ids and tags, kept so
+    that a user can paste an id from the platform (`{id}` paths find an object by either)."""
+
+    dataset_id: str | None = None
+    version_id: str | None = None
+    dataset_tags: tuple[str, ...] = ()
+    version_tags: tuple[str, ...] = ()
 
 
 def input_uris(data: Any) -> tuple[str, ...]:
@@ -80,7 +94,8 @@ def parse_event(payload: Any) -> Action:
     if event_type == "dataset_version_created":
         if data is None:
             raise InvalidEntry("data: expected an object")
-        return Action("version", target=_version_of(data), event_type=event_type, inputs=inputs)
+        target = _version_of(data)
+        return Action("version", target, event_type=event_type, inputs=inputs, platform=_platform_ids(data))
     if event_type == "execution_completed":
         execution = data.get("valohai.execution-id") if isinstance(data, dict) else None
         if not isinstance(execution, str) or not execution or "/" in execution or execution in (".", ".."):
@@ -101,6 +116,28 @@ def _version_of(data: dict[str, Any]) -> Target:
         return version_target(uri)
     except BadURI as exc:
         raise InvalidEntry(f"data.version.uri: {exc}") from None
+
+
+def _platform_ids(data: dict[str, Any]) -> PlatformIds:
+    """The ids and tags of a `dataset_version_created` event; a malformed one is left out (they
+    are extras: the completion stands without them)."""
+    dataset, version = _object(data.get("dataset")), _object(data.get("version"))
+    return PlatformIds(_id(dataset.get("id")), _id(version.get("id")), _tags(dataset), _tags(version))
+
+
+def _id(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        value = str(value)
+    if isinstance(value, str) and 0 < len(value) <= PLATFORM_ID_MAX and value.isprintable():
+        return value
+    return None
+
+
+def _tags(owner: dict[str, Any]) -> tuple[str, ...]:
+    tags = owner.get("tags")
+    if not isinstance(tags, list):
+        return ()
+    return tuple(t for t in tags if isinstance(t, str) and 0 < len(t) <= NAME_MAX and "\x00" not in t)
 
 
 def _object(value: Any) -> dict[str, Any]:

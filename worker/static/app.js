@@ -31,6 +31,18 @@
   const isReserved = (key) => key.startsWith(RESERVED);
   const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 
+  /** A byte count for people: 1 KiB = 1024 bytes. */
+  function bytes(n) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let value = n;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return unit ? `${value.toFixed(1)} ${units[unit]}` : `${n} B`;
+  }
+
   function typeOf(value) {
     if (Array.isArray(value)) return "array";
     if (value === null) return "null";
@@ -406,31 +418,75 @@
       $("title").textContent = record.name;
       document.title = `${versions ? `${record.dataset.name}/${record.name}` : record.name} · Dataset properties`;
       $("uri").textContent = record.uri;
+      $("tags").replaceChildren(tagChips(record.tags));
       renderProps(record.properties);
       $("edit-button").disabled = false;
       if (versions) {
         $("crumb-dataset").replaceChildren(h("a", { href: `${ROOT}/datasets/${record.dataset.id}/`, text: record.dataset.name }));
         $("status").replaceChildren(badge(record.status));
         $("completed").replaceChildren(when(record.completed_at));
-        renderFiles(record.files);
+        renderPrevious(record.previous_version);
+        $("aliases").replaceChildren(
+          (record.aliases || []).length
+            ? h("span", { class: "chips" }, record.aliases.map((a) => h("code", { class: "chip", text: `dataset://${record.dataset.name}/${a}` })))
+            : h("span", { class: "muted", text: "—" }),
+        );
+        renderFiles(record.files, record.files_count);
         editor.setBuilding(record.status !== "completed");
       } else {
         $("crumb-dataset").textContent = record.name;
         $("created").replaceChildren(when(record.created_at));
+        const latest = record.latest_version;
+        $("latest").replaceChildren(latest ? h("a", { href: `${ROOT}/dataset-versions/${latest.id}/`, text: latest.name }) : h("span", { class: "muted", text: "none completed yet" }));
         loadVersions(record.name);
       }
       loadStaged();
     }
 
-    function renderFiles(files) {
+    function renderFiles(files, total) {
       const MAX = 500;
-      const rows = files.slice(0, MAX).map((f) =>
-        h("tr", {}, h("td", {}, h("code", { text: f.execution })), h("td", {}, h("code", { text: f.path })), h("td", {}, chips(f.properties, 6))),
-      );
-      if (files.length > MAX) rows.push(h("tr", {}, h("td", { colspan: 3, class: "muted", text: `… and ${files.length - MAX} more` })));
+      const rows = files.slice(0, MAX).map((f) => {
+        const d = f.datum || {};
+        const sums = [["md5", d.md5], ["sha1", d.sha1], ["sha256", d.sha256]].filter(([, v]) => v);
+        return h(
+          "tr",
+          {},
+          h("td", {}, d.id ? h("a", { href: `${ROOT}/data/${d.id}/` }, h("code", { text: f.path })) : h("code", { text: f.path })),
+          h("td", { class: "num", text: d.size === null || d.size === undefined ? "—" : bytes(d.size) }),
+          h("td", {}, sums.length ? sums.map(([name, v]) => h("span", { class: "chip mono", title: `${name} ${v}` }, h("b", { text: name }), ` ${v.slice(0, 12)}…`)) : h("span", { class: "muted", text: "—" })),
+          h("td", {}, (d.tags || []).length ? d.tags.map((t) => h("span", { class: "chip", text: t })) : h("span", { class: "muted", text: "—" })),
+          h("td", {}, d.alias ? h("code", { text: `datum://${d.alias}` }) : h("span", { class: "muted", text: "—" })),
+          h("td", {}, h("code", { text: f.execution })),
+          h("td", {}, chips(d.properties || f.properties, 6)),
+        );
+      });
+      const count = total === undefined ? files.length : total;
+      if (count > rows.length) rows.push(h("tr", {}, h("td", { colspan: 7, class: "muted", text: `… and ${count - rows.length} more` })));
       $("files-table").tBodies[0].replaceChildren(...rows);
       $("files-table").hidden = !files.length;
       $("files-empty").hidden = Boolean(files.length);
+      $("files-count").textContent = plural(count, "file", "files");
+    }
+
+    function tagChips(tags) {
+      return (tags || []).length ? h("span", { class: "chips" }, tags.map((t) => h("span", { class: "chip", text: t }))) : h("span", { class: "muted", text: "—" });
+    }
+
+    async function renderPrevious(id) {
+      const out = $("previous");
+      if (!id) {
+        out.replaceChildren(h("span", { class: "muted", text: "— (first version)" }));
+        return;
+      }
+      const link = h("a", { href: `${ROOT}/dataset-versions/${id}/`, text: id });
+      out.replaceChildren(link);
+      try {
+        const base = (await api(`/api/v0/dataset-versions/${id}/?files_limit=0`)).data;
+        link.textContent = base.name;
+        link.title = base.uri;
+      } catch (error) {
+        /* the id stays as the link's text */
+      }
     }
 
     const VERSIONS_SHOWN = 20;

@@ -9,7 +9,6 @@ applied at once, through that target's stream and apply, once it has completed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,24 +21,18 @@ from sqlalchemy.orm import Session
 from .. import limits
 from ..datum_keys import ALIAS_KEY, TAGS_KEY, alias_problem
 from ..errors import InvalidEntry, NotFound, ReservedKey
-from ..ids import looks_like_id
-from ..query import parse
 from ..records import RESERVED_PREFIX, Entry, Source, check_properties
 from ..staging import Staging
 from ..uris import Target
-from . import search
+from . import queries
 from .apply import Applier, apply_target, lock_watermark
 from .db import writer
 from .models import AliasChange, Datum, DatumAlias, Watermark
 from .queries import datum_json, iso
-from .search import Compiler, OwnerSets, ids_in, order_by, ordering_key
 from .writes import WriteResult
 
 log = logging.getLogger(__name__)
 
-MAX_INT_ID = 2**63 - 1
-# `ordering=` names that are datum fields; any other key is a property (`properties.<key>` too).
-FIELDS = {"id": Datum.id, "name": Datum.path, "ctime": Datum.created_at, "mtime": Datum.updated_at}
 DATUM_KEYS = (TAGS_KEY, ALIAS_KEY)  # the `valohai.` keys a user may write on a datum
 _OWNER_ID: Any = Datum.id  # the column the search compiles against
 
@@ -58,20 +51,13 @@ class DatumQuery:
 
 
 def get_datum(session: Session, ident: str | int) -> Datum:
-    """A datum by its public id (uid) or its integer id; NotFound for anything else."""
-    row: Datum | None = None
-    text_id = str(ident)
-    if looks_like_id(text_id):
-        row = session.scalar(select(Datum).where(Datum.uid == text_id.lower()))
-    elif text_id.isascii() and text_id.isdigit() and 0 < int(text_id) <= MAX_INT_ID:
-        row = session.get(Datum, int(text_id))
-    if row is None:
-        raise NotFound(f"datum {text_id[:100]!r}")
-    return row
+    """A datum by its public id (or its integer id); NotFound for anything else."""
+    return queries.get_datum(session, ident)
 
 
 def list_datums(session: Session, ask: DatumQuery) -> tuple[int, list[Datum]]:
-    """Datums matching `ask`; FilterError if its filter or ordering does not parse."""
+    """Datums matching `ask`; FilterError if its filter or ordering does not parse. Ordered by
+    `id` (creation), `name` (path), `ctime`, `mtime`, or a property, as datasets and versions."""
     dialect = session.get_bind().dialect.name
     where: list[Any] = []
     if ask.execution is not None:
@@ -80,46 +66,13 @@ def list_datums(session: Session, ask: DatumQuery) -> tuple[int, list[Datum]]:
         where.append(Datum.path == ask.name)
     if ask.tag is not None:
         where.append(_has_tag(ask.tag, dialect))
-    query: Any = select(Datum).where(*where)
-    node = parse(ask.filter) if ask.filter else None
-    ordering = _ordering(ask.ordering)
-    if node is not None:
-        compiler = Compiler("datum", _OWNER_ID, dialect)
-        candidates = None
-        if where:
-            listed = session.scalars(select(Datum.id).where(*where).limit(search.CAP + 1)).all()
-            candidates = set(listed) if len(listed) <= search.CAP else None
-        matching = OwnerSets(session, compiler).matching(node, candidates)
-        if matching is None:
-            query = query.where(compiler.condition(node))
-        elif not matching:
-            return 0, []
-        else:
-            query = query.where(ids_in(Datum.id, matching, dialect))
-    count = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
-    if isinstance(ordering, tuple):
-        key, descending = ordering
-        query = order_by(query, "datum", _OWNER_ID, key, descending, dialect)
-    elif ordering is not None:
-        query = query.order_by(ordering, Datum.id)
-    else:
-        query = query.order_by(Datum.id)
-    rows = session.scalars(query.limit(ask.limit).offset(ask.offset)).unique().all()
-    return count, list(rows)
-
-
-def _ordering(text_: str | None) -> Any:
-    """A column (a field name, `-` for descending), a (property key, descending) pair, or None."""
-    if not text_:
-        return None
-    descending = text_.startswith("-")
-    body = text_[1:] if descending else text_
-    if body in FIELDS:
-        column = FIELDS[body]
-        return column.desc() if descending else column.asc()
-    if body.startswith("properties.") and len(body) > len("properties."):
-        body = body[len("properties.") :]
-    return ordering_key(f"-{body}" if descending else body)
+    query = select(Datum).where(*where)
+    ids = select(Datum.id).where(*where) if where else None
+    page = queries.ListQuery(filter=ask.filter, ordering=ask.ordering, limit=ask.limit, offset=ask.offset)
+    # The list machinery of datasets and versions (filter as id sets, field or property ordering).
+    fields = queries._fields(Datum, Datum.path)
+    count, rows = queries._run(session, query, ids, page, "datum", _OWNER_ID, fields)
+    return count, rows
 
 
 def _has_tag(tag: str, dialect: str) -> Any:
@@ -134,23 +87,9 @@ def _has_tag(tag: str, dialect: str) -> Any:
     return clause.bindparams(bindparam("tag", tag))
 
 
-def aliases_of(session: Session, datum_ids: Iterable[int]) -> dict[int, str]:
-    """The alias pointing at each datum (the most recently pointed one when several do)."""
-    ids = sorted(set(datum_ids))
-    if not ids:
-        return {}
-    dialect = session.get_bind().dialect.name
-    rows = session.execute(
-        select(DatumAlias.datum_id, DatumAlias.name)
-        .where(ids_in(DatumAlias.datum_id, ids, dialect))
-        .order_by(DatumAlias.updated_at, DatumAlias.id)
-    ).all()
-    return {datum_id: name for datum_id, name in rows}
-
-
 def datums_json(session: Session, rows: list[Datum]) -> list[dict[str, Any]]:
     """`datum_json` of each row, with its alias."""
-    aliases = aliases_of(session, (r.id for r in rows))
+    aliases = queries.datum_aliases_of(session, [r.id for r in rows])
     return [datum_json(r, aliases.get(r.id)) for r in rows]
 
 

@@ -74,7 +74,11 @@ class Dataset(Base):
 
 class DatasetVersion(Base):
     __tablename__ = "dataset_versions"
-    __table_args__ = (UniqueConstraint("dataset_id", "name"),)
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "name"),
+        # A dataset's latest version: its newest completed one.
+        Index("ix_dataset_versions_latest", "dataset_id", "status", "completed_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     uid: Mapped[str] = _uid()

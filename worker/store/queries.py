@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, joinedload
 
 from ..errors import NotFound
-from ..query import parse
+from ..ids import looks_like_id
+from ..limits import ID_MAX as MAX_ID
+from ..query import FilterError, Key, parse
 from ..uris import parse_uri
 from . import search
-from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile
+from .models import Dataset, DatasetVersion, Datum, DatumAlias, PropertyChange, VersionAlias, VersionFile
 from .search import Compiler, OwnerKind, OwnerSets, ids_in, order_by, ordering_key
 
 
@@ -34,23 +37,61 @@ def list_datasets(session: Session, ask: ListQuery) -> tuple[int, list[Dataset]]
     where = [] if ask.name is None else [Dataset.name == ask.name]
     query = select(Dataset).where(*where)
     ids = select(Dataset.id).where(*where) if where else None
-    return _run(session, query, ids, ask, "dataset", Dataset.id)
+    return _run(session, query, ids, ask, "dataset", Dataset.id, _fields(Dataset, Dataset.name))
 
 
 def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVersion]]:
     """Versions matching `ask`; FilterError if its filter or ordering does not parse."""
     where = []
     if ask.dataset is not None:
-        where.append(Dataset.name == ask.dataset)
+        # The platform's clients pass the dataset's id; ours pass its name. Both work.
+        named = [Dataset.name == ask.dataset, Dataset.platform_id == ask.dataset]
+        if looks_like_id(ask.dataset):
+            named.append(Dataset.uid == ask.dataset.lower())
+        where.append(or_(*named))
     if ask.name is not None:
         where.append(DatasetVersion.name == ask.name)
     query = select(DatasetVersion).join(Dataset).where(*where).options(joinedload(DatasetVersion.dataset))
     ids = select(DatasetVersion.id).join(Dataset).where(*where) if where else None
-    return _run(session, query, ids, ask, "version", DatasetVersion.id)
+    fields = _fields(DatasetVersion, DatasetVersion.name)
+    return _run(session, query, ids, ask, "version", DatasetVersion.id, fields)
+
+
+def _fields(model: Any, name: Any) -> dict[str, Any]:
+    """The field names `ordering` takes besides properties: `id` sorts by creation, as the ids do."""
+    return {"id": model.uid, "name": name, "ctime": model.created_at, "mtime": model.updated_at}
+
+
+PROPERTY_PREFIX = "properties."
+
+
+def _ordering(text: str, fields: dict[str, Any]) -> tuple[Any, bool]:
+    """(a field's column or a property Key, descending) for `ordering=`.
+
+    A field name (`name`, `-ctime`) sorts by that field; `properties.<key>` by a property; a
+    bare key that is not a field name means a property too (as before fields existed)."""
+    descending = text.startswith("-")
+    body = text[1:] if descending else text
+    if body in fields:
+        return fields[body], descending
+    if body.startswith(PROPERTY_PREFIX):
+        try:
+            key, _ = ordering_key(body[len(PROPERTY_PREFIX) :])
+        except FilterError as exc:
+            shift = len(PROPERTY_PREFIX) + int(descending)
+            raise FilterError(exc.position + shift, exc.expected, exc.problem) from None
+        return key, descending
+    return ordering_key(text)
 
 
 def _run(
-    session: Session, query: Any, ids: Any, ask: ListQuery, kind: OwnerKind, owner_id: Any
+    session: Session,
+    query: Any,
+    ids: Any,
+    ask: ListQuery,
+    kind: OwnerKind,
+    owner_id: Any,
+    fields: dict[str, Any],
 ) -> tuple[int, list[Any]]:
     """Count and page `query` (the listed rows; `ids`, their ids, when names narrow them) under
     the filter and ordering of `ask`.
@@ -60,7 +101,7 @@ def _run(
     exists does the database evaluate the whole filter (`Compiler.condition`)."""
     dialect = session.get_bind().dialect.name
     node = parse(ask.filter) if ask.filter else None
-    ordering = ordering_key(ask.ordering) if ask.ordering else None
+    ordering = _ordering(ask.ordering, fields) if ask.ordering else None
     if node is not None:
         compiler = Compiler(kind, owner_id, dialect)
         cap = search.CAP
@@ -76,56 +117,241 @@ def _run(
         else:
             query = query.where(ids_in(owner_id, matching, dialect))
     count = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
-    if ordering is not None:
+    if ordering is not None and isinstance(ordering[0], Key):
         key, descending = ordering
         query = order_by(query, kind, owner_id, key, descending, dialect)
+    elif ordering is not None:
+        column, descending = ordering
+        query = query.order_by(column.desc() if descending else column.asc(), owner_id)
     else:
         query = query.order_by(owner_id)
     rows = session.scalars(query.limit(ask.limit).offset(ask.offset)).unique().all()
     return count, list(rows)
 
 
-def get_dataset(session: Session, dataset_id: int) -> Dataset:
-    row = session.get(Dataset, dataset_id)
+R = TypeVar("R", Dataset, DatasetVersion, Datum)
+Ref = int | str  # an integer key, or a public id / platform id as a path gives it
+
+
+def get_dataset(session: Session, ref: Ref) -> Dataset:
+    row = _find(session, Dataset, ref)
     if row is None:
-        raise NotFound(f"dataset {dataset_id}")
+        raise NotFound(f"dataset {str(ref)[:100]}")
     return row
 
 
-def get_version(session: Session, version_id: int) -> DatasetVersion:
-    row = session.get(DatasetVersion, version_id)
+def get_version(session: Session, ref: Ref) -> DatasetVersion:
+    row = _find(session, DatasetVersion, ref)
     if row is None:
-        raise NotFound(f"dataset version {version_id}")
+        raise NotFound(f"dataset version {str(ref)[:100]}")
     return row
 
 
-def dataset_json(row: Dataset) -> dict[str, Any]:
+def get_datum(session: Session, ref: Ref) -> Datum:
+    row = _find(session, Datum, ref)
+    if row is None:
+        raise NotFound(f"datum {str(ref)[:100]}")
+    return row
+
+
+def _find(session: Session, model: type[R], ref: Ref) -> R | None:
+    """The row `ref` names: its public id, its platform id, or (old links) its integer key.
+
+    Any other string names nothing. The public id is tried first: it is ours and unique, and a
+    platform id that happens to look like one of ours cannot shadow it."""
+    if isinstance(ref, int):
+        return session.get(model, ref) if 0 < ref <= MAX_ID else None
+    text = ref.strip()
+    if not text.isprintable():  # NUL and friends: no id holds them, and PostgreSQL refuses NUL
+        return None
+    if looks_like_id(text):
+        row = session.scalars(select(model).where(model.uid == text.lower())).first()
+        if row is not None:
+            return row
+    platform_id = getattr(model, "platform_id", None)  # datasets and versions have one
+    if platform_id is not None and 0 < len(text) <= 64:
+        row = session.scalars(select(model).where(platform_id == text)).first()
+        if row is not None:
+            return row
+    if text.isascii() and text.isdigit() and len(text) <= 19 and 0 < int(text) <= MAX_ID:
+        return session.get(model, int(text))
+    return None
+
+
+def dataset_json(row: Dataset, latest: DatasetVersion | None = None) -> dict[str, Any]:
+    """A dataset as the platform shows one (`latest_version`: its newest completed version)."""
     return {
-        "id": row.id,
+        "id": row.uid,
         "name": row.name,
         "uri": f"dataset://{row.name}",
         "properties": row.properties or {},
+        "tags": list(row.tags or []),
+        "latest_version": None if latest is None else _version_ref(latest, row.name),
+        "platform_id": row.platform_id,
+        "ctime": iso(row.created_at),
+        "mtime": iso(row.updated_at),
         "created_at": iso(row.created_at),
     }
 
 
-def version_json(session: Session, row: DatasetVersion) -> dict[str, Any]:
-    files = session.execute(
-        select(Datum.execution, Datum.path, Datum.properties)
-        .join(VersionFile, VersionFile.datum_id == Datum.id)
-        .where(VersionFile.version_id == row.id)
-        .order_by(Datum.execution, Datum.path)
-    ).all()
-    return {
-        "id": row.id,
-        "name": row.name,
-        "dataset": {"id": row.dataset.id, "name": row.dataset.name},
-        "uri": row.uri,
-        "status": row.status,
-        "properties": row.properties or {},
-        "files": [{"execution": e, "path": p, "properties": props or {}} for e, p, props in files],
-        "completed_at": iso(row.completed_at),
-    }
+def datasets_json(session: Session, rows: Sequence[Dataset]) -> list[dict[str, Any]]:
+    """Datasets with their latest versions, read in one query for the whole page."""
+    latest = latest_versions(session, [r.id for r in rows])
+    return [dataset_json(r, latest.get(r.id)) for r in rows]
+
+
+def latest_versions(session: Session, dataset_ids: Sequence[int]) -> dict[int, DatasetVersion]:
+    """Each dataset's newest completed version (by completion time, then id), one query."""
+    if not dataset_ids:
+        return {}
+    newest = (
+        select(DatasetVersion.id)
+        .where(
+            DatasetVersion.dataset_id == Dataset.id,
+            DatasetVersion.status == "completed",
+        )
+        .order_by(DatasetVersion.completed_at.desc(), DatasetVersion.id.desc())
+        .limit(1)
+        .correlate(Dataset)
+        .scalar_subquery()
+    )
+    pairs = session.execute(select(Dataset.id, newest).where(Dataset.id.in_(dataset_ids))).all()
+    wanted = {v: d for d, v in pairs if v is not None}
+    if not wanted:
+        return {}
+    versions = session.scalars(select(DatasetVersion).where(DatasetVersion.id.in_(wanted))).all()
+    return {wanted[v.id]: v for v in versions}
+
+
+def _version_ref(row: DatasetVersion, dataset: str) -> dict[str, Any]:
+    return {"id": row.uid, "name": row.name, "uri": f"dataset://{dataset}/{row.name}"}
+
+
+# A list of versions carries at most this many files per version (and `files_count`); the
+# detail carries them all, FILES_PAGE at a time.
+LIST_FILES = 100
+FILES_PAGE = 10_000
+
+
+def version_json(
+    session: Session, row: DatasetVersion, *, files_limit: int = FILES_PAGE, files_offset: int = 0
+) -> dict[str, Any]:
+    """One version, with its files from `files_offset` on (at most `files_limit`)."""
+    return versions_json(session, [row], files_limit=files_limit, files_offset=files_offset)[0]
+
+
+def versions_json(
+    session: Session, rows: Sequence[DatasetVersion], *, files_limit: int = LIST_FILES, files_offset: int = 0
+) -> list[dict[str, Any]]:
+    """Versions as the platform shows them, each with the first `files_limit` of its files.
+
+    A fixed number of queries for the whole page, whatever its length: the files (ranked per
+    version in SQL, so a version of a million files sends only its first page), their counts,
+    aliases, datum aliases and the `from` versions."""
+    ids = [r.id for r in rows]
+    files = _files_of(session, ids, files_limit, files_offset)
+    counts = _file_counts(session, ids)
+    aliases = _aliases_of(session, ids)
+    previous_ids = {r.previous_version_id for r in rows if r.previous_version_id is not None}
+    previous = (
+        {v.id: v for v in session.scalars(select(DatasetVersion).where(DatasetVersion.id.in_(previous_ids)))}
+        if previous_ids
+        else {}
+    )
+    out = []
+    for row in rows:
+        base = previous.get(row.previous_version_id) if row.previous_version_id is not None else None
+        out.append(
+            {
+                "id": row.uid,
+                "name": row.name,
+                "dataset": {"id": row.dataset.uid, "name": row.dataset.name},
+                "uri": row.uri,
+                "status": row.status,
+                "properties": row.properties or {},
+                "tags": list(row.tags or []),
+                "aliases": aliases.get(row.id, []),
+                "previous_version": None if base is None else base.uid,
+                "files": files.get(row.id, []),
+                "files_count": counts.get(row.id, 0),
+                "files_offset": files_offset,
+                "platform_id": row.platform_id,
+                "ctime": iso(row.created_at),
+                "mtime": iso(row.updated_at),
+                "completed_at": iso(row.completed_at),
+            }
+        )
+    return out
+
+
+def _files_of(
+    session: Session, version_ids: Sequence[int], limit: int, offset: int
+) -> dict[int, list[dict[str, Any]]]:
+    if not version_ids or limit <= 0:
+        return {}
+    rank = (
+        func.row_number()
+        .over(partition_by=VersionFile.version_id, order_by=(Datum.path, Datum.execution))
+        .label("rank")
+    )
+    ranked = (
+        select(VersionFile.version_id, Datum.id.label("datum_id"), rank)
+        .join(Datum, Datum.id == VersionFile.datum_id)
+        .where(VersionFile.version_id.in_(version_ids))
+        .subquery()
+    )
+    page = (
+        select(ranked.c.version_id, Datum)
+        .join(Datum, Datum.id == ranked.c.datum_id)
+        .where(ranked.c.rank > offset, ranked.c.rank <= offset + limit)
+        .order_by(ranked.c.version_id, ranked.c.rank)
+    )
+    pairs = session.execute(page).all()
+    alias = datum_aliases_of(session, [d.id for _, d in pairs])
+    out: dict[int, list[dict[str, Any]]] = {}
+    for version_id, datum in pairs:
+        out.setdefault(version_id, []).append(
+            {
+                "execution": datum.execution,
+                "path": datum.path,
+                "properties": datum.properties or {},
+                "datum": datum_json(datum, alias.get(datum.id)),
+            }
+        )
+    return out
+
+
+def _file_counts(session: Session, version_ids: Sequence[int]) -> dict[int, int]:
+    if not version_ids:
+        return {}
+    query = (
+        select(VersionFile.version_id, func.count())
+        .where(VersionFile.version_id.in_(version_ids))
+        .group_by(VersionFile.version_id)
+    )
+    return {v: n for v, n in session.execute(query).all()}
+
+
+def _aliases_of(session: Session, version_ids: Sequence[int]) -> dict[int, list[str]]:
+    if not version_ids:
+        return {}
+    query = (
+        select(VersionAlias.version_id, VersionAlias.name)
+        .where(VersionAlias.version_id.in_(version_ids))
+        .order_by(VersionAlias.name)
+    )
+    out: dict[int, list[str]] = {}
+    for version_id, name in session.execute(query).all():
+        out.setdefault(version_id, []).append(name)
+    return out
+
+
+def datum_aliases_of(session: Session, datum_ids: Sequence[int]) -> dict[int, str]:
+    """The alias pointing at each datum that has one (an alias points at one datum at a time)."""
+    if not datum_ids:
+        return {}
+    query = select(DatumAlias.datum_id, DatumAlias.name).where(DatumAlias.datum_id.in_(datum_ids))
+    return {d: n for d, n in session.execute(query).all()}
 
 
 # Datum keys that the datum object shows as fields of their own, not among its properties.
@@ -208,7 +434,7 @@ def stale(session: Session, cutoff: datetime) -> list[dict[str, Any]]:
             reference = when or _aware(row.created_at)
             if reference < cutoff:
                 uri = f"dataset://{row.name}" if kind == "dataset" else row.uri
-                out.append({"kind": kind, "id": row.id, "uri": uri, "last_used": used})
+                out.append({"kind": kind, "id": row.uid, "uri": uri, "last_used": used})
     return out
 
 

@@ -8,15 +8,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from ..errors import BadURI
 from ..records import Entry, Source, user_write
 from ..staging import Staging
-from ..uris import Target
+from ..uris import Target, dataset_target
 from .apply import Applier, apply_target, lock_watermark, version_completed
 from .db import writer
-from .queries import get_dataset, get_version
+from .models import Dataset
+from .queries import Ref, get_dataset, get_version
 
 log = logging.getLogger(__name__)
 LAST_USED = "valohai.last-used"
@@ -30,7 +32,7 @@ class WriteResult:
     staged: bool
 
 
-def target_of(session: Session, kind: str, owner_id: int) -> Target:
+def target_of(session: Session, kind: str, owner_id: Ref) -> Target:
     """The staging target of a dataset or version id; NotFound if there is none."""
     if kind == "dataset":
         return Target("dataset", get_dataset(session, owner_id).name)
@@ -39,7 +41,7 @@ def target_of(session: Session, kind: str, owner_id: int) -> Target:
 
 
 def write_properties(
-    engine: Engine, staging: Staging, kind: str, owner_id: int, metadata: Any
+    engine: Engine, staging: Staging, kind: str, owner_id: Ref, metadata: Any
 ) -> WriteResult:
     """Apply a user's property write (null deletes) to a dataset or version.
 
@@ -63,6 +65,21 @@ def write_properties(
         raise
 
 
+def create_dataset(engine: Engine, name: Any) -> tuple[int, bool]:
+    """Create the dataset `name` (as a line naming it would): (its id, whether it is new).
+    BadURI if the name cannot be a dataset name."""
+    if not isinstance(name, str):
+        raise BadURI(repr(name)[:100], "name: expected a string")
+    dataset_target(f"dataset://{name}")  # the same rule as every dataset URI
+    with Session(engine) as session:
+        existing = session.scalar(select(Dataset.id).where(Dataset.name == name))
+    if existing is not None:
+        return existing, False
+    with writer(engine).begin() as conn:
+        row_id = Applier(conn, datetime.now(UTC)).dataset(name).id
+    return row_id, True
+
+
 def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
     """Take back a staged write whose request is answered with an error (the database failed).
 
@@ -77,7 +94,7 @@ def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
         log.warning("could not take back the failed write on %s: %s", entry.target.key, exc)
 
 
-def current_properties(engine: Engine, kind: str, owner_id: int) -> dict[str, Any]:
+def current_properties(engine: Engine, kind: str, owner_id: Ref) -> dict[str, Any]:
     with Session(engine) as session:
         owner = get_dataset(session, owner_id) if kind == "dataset" else get_version(session, owner_id)
         return dict(owner.properties or {})

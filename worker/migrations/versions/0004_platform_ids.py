@@ -41,8 +41,9 @@ def _fill_uids(table: str, created: str) -> None:
     rows = conn.execute(sa.text(f"SELECT id, {created} FROM {table} ORDER BY id")).all()
     updates = [{"id": row[0], "uid": new_id(_ms(row[1]))} for row in rows]
     for start in range(0, len(updates), 10_000):
-        statement = sa.text(f"UPDATE {table} SET uid = :uid WHERE id = :id")
-        conn.execute(statement, updates[start : start + 10_000])
+        conn.execute(
+            sa.text(f"UPDATE {table} SET uid = :uid WHERE id = :id"), updates[start : start + 10_000]
+        )
 
 
 def _ms(moment: datetime | str | None) -> int | None:
@@ -91,6 +92,9 @@ def upgrade() -> None:
         if table != "datums":
             op.create_index(f"ix_{table}_platform_id", table, ["platform_id"], unique=True)
 
+    op.create_index(
+        "ix_dataset_versions_latest", "dataset_versions", ["dataset_id", "status", "completed_at"]
+    )
     op.create_table(
         "version_aliases",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -133,6 +137,7 @@ def downgrade() -> None:
     op.drop_table("alias_changes")
     op.drop_table("datum_aliases")
     op.drop_table("version_aliases")
+    op.drop_index("ix_dataset_versions_latest", table_name="dataset_versions")
     for table in ("datasets", "dataset_versions", "datums"):
         op.drop_index(f"ix_{table}_uid", table_name=table)
         if table != "datums":
