@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, joinedload
 
-from worker.store.models import Dataset, DatasetVersion, Datum
+from worker.store.models import Dataset, DatasetVersion, Datum, VersionFile
 
 JSONL_NAMES = ("valohai.metadata.jsonl", "outputs.metadata.jsonl")
 _NAME = r"[A-Za-z0-9._-]{1,255}"
@@ -91,16 +91,45 @@ def _datum_reserved_ok(metadata: dict[str, Any]) -> bool:
         return False
     if not isinstance(alias, str) or not alias:
         return False
-    if not isinstance(metadata.get("valohai.model-versions", []), list):
-        return False
-    items = metadata.get("valohai.dataset-versions", [])
-    if not isinstance(items, list):
-        return False
-    for item in items:
-        uri = item.get("uri") if isinstance(item, dict) else item
-        if _version_uri(uri) is None:
-            return False
-    return True
+    # `valohai.dataset-versions` is judged item by item (`version_items`): a bad item costs only
+    # itself, never the datum's properties.
+    return isinstance(metadata.get("valohai.model-versions", []), list)
+
+
+_ALIAS = re.compile(_NAME)
+
+
+def _good_item(item: Any) -> tuple[str, dict[str, Any]] | None:
+    """(version URI, options) of one `valohai.dataset-versions` item, or None if it is refused."""
+    if isinstance(item, str):
+        return (item, {}) if _version_uri(item) else None
+    if not isinstance(item, dict) or _version_uri(item.get("uri")) is None:
+        return None
+    base = item.get("from")
+    if base is not None and not (isinstance(base, str) and _VERSION_URI.fullmatch(base)):
+        return None
+    exclude = item.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        return None
+    if not isinstance(item.get("start_fresh", False), bool):
+        return None
+    names = item.get("targeting_aliases", [])
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and _ALIAS.fullmatch(n) and n != "latest" for n in names
+    ):
+        return None
+    return item["uri"], item
+
+
+def version_items(metadata: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The good items of a datum's `valohai.dataset-versions`, the first per URI."""
+    items = metadata.get("valohai.dataset-versions")
+    out: dict[str, dict[str, Any]] = {}
+    for item in items if isinstance(items, list) else []:
+        good = _good_item(item)
+        if good is not None:
+            out.setdefault(good[0], good[1])
+    return list(out.items())
 
 
 def _good_datum_path(path: Any) -> bool:
@@ -211,6 +240,123 @@ def expected_state(
     for target, metadata in api_writes:
         fold_into(state.setdefault(target, {}), metadata)
     return state
+
+
+# -- membership ---------------------------------------------------------------------------------
+
+Members = dict[str, dict[str, str]]  # version URI -> {file name: the execution that wrote it}
+
+
+def expected_files(
+    files: Files, *, root: Path | None = None, final: bool = False, order: Sequence[str] | None = None
+) -> Members:
+    """Version URI -> its files once completed, for versions completed one after the other in
+    `order` (default: as first named), each after all the lines naming it were staged.
+
+    The README's rules, re-implemented: base = the files of `from` (a version completed before,
+    `latest` = the one completed last, or an alias) minus `exclude` (none with `start_fresh`);
+    the first `from` of a version wins (a conflicting item's options count for nothing, its file
+    still joins); own files in line order replace base files of their name; `targeting_aliases`
+    move to the version as it completes, unless a version has that name."""
+    if isinstance(files, Mapping):
+        named: list[tuple[str, Sequence[bytes]]] = [(str(k), v) for k, v in files.items()]
+    else:
+        named = [(str(p), read_lines(Path(p), final=final)) for p in files]
+    members: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+    for name, lines in named:
+        execution = _execution_of(name, root)
+        for raw in lines:
+            for target, metadata in classify(raw.rstrip(b"\n"), execution):
+                if target.startswith("datum:"):
+                    path = target[len(f"datum:{execution}/") :]
+                    for uri, options in version_items(metadata):
+                        members.setdefault(uri, []).append((execution, path, options))
+    done: Members = {}
+    aliases: dict[str, str] = {}
+    latest: dict[str, str] = {}
+    for uri in order if order is not None else list(members):
+        done[uri], agreeing = _complete(members.get(uri, []), done, aliases, latest, set(members))
+        dataset = uri[len("dataset://") :].split("/")[0]
+        for options in agreeing:
+            for alias in options.get("targeting_aliases", []):
+                if f"dataset://{dataset}/{alias}" not in members:
+                    aliases[f"dataset://{dataset}/{alias}"] = uri
+        latest[dataset] = uri
+    return done
+
+
+def _complete(
+    entries: list[tuple[str, str, dict[str, Any]]],
+    done: Members,
+    aliases: dict[str, str],
+    latest: dict[str, str],
+    names: set[str],
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(a version's files, the options of its items that agree with its first `from`)."""
+    base_uri, agreeing = _UNSET, []
+    for _, _, options in entries:
+        if "from" in options:
+            if base_uri is _UNSET:
+                base_uri = options["from"]
+            elif options["from"] != base_uri:
+                continue
+        agreeing.append(options)
+    files: dict[str, str] = {}
+    base = _base(base_uri, done, aliases, latest, names)
+    if base is not None and not any(o.get("start_fresh") for o in agreeing):
+        excluded = {x for o in agreeing for x in o.get("exclude", [])}
+        files = {n: e for n, e in base.items() if n not in excluded}
+    for execution, path, _ in entries:
+        files[path] = execution
+    return files, agreeing
+
+
+_UNSET: Any = object()
+
+
+def _base(
+    base_uri: Any, done: Members, aliases: dict[str, str], latest: dict[str, str], names: set[str]
+) -> dict[str, str] | None:
+    if not isinstance(base_uri, str):
+        return None
+    dataset, version = base_uri[len("dataset://") :].split("/")
+    if base_uri in names:  # a version of that name (completed, or not: then no base)
+        return done.get(base_uri)
+    if version == "latest":
+        return done.get(latest.get(dataset, ""))
+    return done.get(aliases.get(base_uri, ""))
+
+
+def db_files(engine: Engine) -> Members:
+    """Every version's files as the database holds them (a version without files is absent)."""
+    out: Members = {}
+    with Session(engine) as session:
+        rows = session.execute(
+            select(Dataset.name, DatasetVersion.name, Datum.path, Datum.execution)
+            .join(DatasetVersion, DatasetVersion.dataset_id == Dataset.id)
+            .join(VersionFile, VersionFile.version_id == DatasetVersion.id)
+            .join(Datum, Datum.id == VersionFile.datum_id)
+        ).all()
+    for dataset, version, path, execution in rows:
+        files = out.setdefault(f"dataset://{dataset}/{version}", {})
+        assert path not in files, f"dataset://{dataset}/{version} holds two files named {path!r}"
+        files[path] = execution
+    return out
+
+
+def assert_files_match_db(engine: Engine, expected: Members, *, only: Iterable[str] | None = None) -> None:
+    """Fail naming each version whose files differ from the oracle's, file by file."""
+    actual = db_files(engine)
+    keys = set(only) if only is not None else expected.keys() | actual.keys()
+    problems = []
+    for uri in sorted(keys):
+        want, have = expected.get(uri, {}), actual.get(uri, {})
+        if want != have:
+            missing = sorted(set(want.items()) - set(have.items()))
+            extra = sorted(set(have.items()) - set(want.items()))
+            problems.append(f"{uri}: missing {missing}, unexpected {extra}")
+    if problems:
+        raise AssertionError("the version files differ from the oracle:\n" + "\n".join(problems))
 
 
 # -- the database -------------------------------------------------------------------------------

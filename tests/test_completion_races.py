@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from tests.oracle import assert_matches_db, expected_state
+from tests.oracle import assert_files_match_db, assert_matches_db, expected_files, expected_state
 from tests.retention_check import assert_retention_keeps_the_oracle
 from worker.ingest import Ingestor
 from worker.records import Source, user_write
@@ -334,6 +334,7 @@ def test_both_completion_events_in_either_order(
     applier.settle()
     assert_matches_db(engine, expected_state([path]), completed=[v.key])
     assert members(engine, v) == 2
+    assert_files_match_db(engine, expected_files([path]), only=[v.key])
 
 
 def test_completion_before_any_line_was_written(root: Path, staging: Staging, engine: Engine) -> None:
@@ -359,6 +360,7 @@ def test_completion_before_any_line_was_written(root: Path, staging: Staging, en
     applier.settle()
     assert_matches_db(engine, expected_state([p1, p2]), completed=[v1.key, v2.key])
     assert members(engine, v2) == 1
+    assert_files_match_db(engine, expected_files([p1, p2]))
 
 
 def members(engine: Engine, version: Target) -> int:

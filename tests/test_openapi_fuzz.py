@@ -31,8 +31,9 @@ from schemathesis.schemas import APIOperation
 from tests.helpers import outcome
 from tests.test_query import keys, nodes
 from worker.api import create_app
+from worker.edge import MAX_REQUEST_HEAD
 from worker.keys import Keys
-from worker.query import Exists, render
+from worker.query import Exists, key_text, render
 from worker.staging import Staging
 from worker.store.apply import apply_target
 from worker.store.db import make_engine
@@ -103,7 +104,15 @@ def server(
         webhook_secret=SECRET if locked else None,
     )
     port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD,  # as `sidecar serve` runs it
+    )
+    uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -132,6 +141,10 @@ schemathesis.openapi.format(
     st.tuples(st.sampled_from(["", "-"]), keys)
     .map(lambda p: p[0] + render(Exists(p[1]))[len("exists ") :])
     .filter(_encodable),
+)
+schemathesis.openapi.format(
+    "sidecar-keys",
+    st.lists(keys.map(key_text), min_size=1, max_size=5).map(", ".join).filter(_encodable),
 )
 
 # Per operation and mode: ~30 s for both configurations on 2 shared cores; more for a long run.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from tests.helpers import src
@@ -147,3 +148,82 @@ def test_the_schema_checks_the_key_lengths_that_lines_skip_in_code() -> None:
             with pytest.raises(InvalidEntry):
                 parse_line(raw, src())
     parse_line(b'{"file": "f", "metadata": {"%s": 1}}' % (b"k" * MAX_KEY_LENGTH), src())
+
+
+def test_member_entries_carry_their_item_options() -> None:
+    item = {
+        "uri": "dataset://press/v3",
+        "from": "dataset://press/production",
+        "exclude": ["old.csv"],
+        "start_fresh": False,
+        "targeting_aliases": ["production", "best.v1"],
+        "packaging": True,
+        "unknown": 1,
+    }
+    raw = orjson.dumps(
+        {"file": "a.csv", "metadata": {"valohai.dataset-versions": ["dataset://press/v2", item]}}
+    )
+    _, plain, full = parse_line(raw, src())
+    assert plain.metadata == {}  # a plain URI keeps the staged entry small
+    assert b'"metadata":{}' in plain.to_json()
+    assert full.target == Target("version", "press", "v3")
+    assert full.metadata == {
+        "from": "dataset://press/production",
+        "exclude": ["old.csv"],
+        "start_fresh": False,
+        "targeting_aliases": ["production", "best.v1"],
+        "packaging": True,
+    }
+    (_, latest) = parse_line(
+        b'{"file": "a", "metadata": {"valohai.dataset-versions": [{"uri": "dataset://d/v", "from": null}]}}',
+        src(),
+    )
+    assert latest.metadata == {"from": None}
+
+
+BAD_ITEMS = [
+    (3, "valohai.dataset-versions[1]: expected a version URI or an object with 'uri', got a number"),
+    ("dataset://d", "valohai.dataset-versions[1]: bad dataset URI"),
+    ("dataset://d/latest", "cannot be written to"),
+    ({"from": "dataset://d/v1"}, "valohai.dataset-versions[1]: 'uri' is required"),
+    ({"uri": "dataset://d/v2", "from": "s3://x"}, "valohai.dataset-versions[1].from: bad dataset URI"),
+    ({"uri": "dataset://d/v2", "from": "dataset://d"}, "valohai.dataset-versions[1].from: expected"),
+    ({"uri": "dataset://d/v2", "exclude": "a.csv"}, "valohai.dataset-versions[1].exclude: expected a list"),
+    ({"uri": "dataset://d/v2", "exclude": [1]}, "valohai.dataset-versions[1].exclude: expected a list"),
+    ({"uri": "dataset://d/v2", "start_fresh": 1}, "valohai.dataset-versions[1].start_fresh"),
+    ({"uri": "dataset://d/v2", "targeting_aliases": "prod"}, "targeting_aliases: expected a list"),
+    ({"uri": "dataset://d/v2", "targeting_aliases": ["a b"]}, "targeting_aliases: alias 'a b' must be"),
+    ({"uri": "dataset://d/v2", "targeting_aliases": ["a/b"]}, "targeting_aliases: alias 'a/b' must be"),
+    ({"uri": "dataset://d/v2", "targeting_aliases": [""]}, "targeting_aliases: alias '' must be"),
+    ({"uri": "dataset://d/v2", "targeting_aliases": ["x" * 256]}, "must be 1..255"),
+    ({"uri": "dataset://d/v2", "targeting_aliases": ["latest"]}, "cannot be an alias"),
+]
+
+
+@pytest.mark.parametrize(("item", "reason"), BAD_ITEMS)
+def test_a_bad_version_item_costs_only_itself(item: object, reason: str) -> None:
+    metadata = {"label": "cat", "valohai.dataset-versions": ["dataset://d/v1", item, "dataset://d/v3"]}
+    raw = orjson.dumps({"file": "a.csv", "metadata": metadata})
+    problems: list[str] = []
+    entries = parse_line(raw, src(), problems)
+    assert [(e.target.key, e.op) for e in entries] == [
+        ("execution:exec-1", "set"),
+        ("dataset://d/v1", "member"),
+        ("dataset://d/v3", "member"),
+    ]
+    assert entries[0].metadata == metadata  # the datum's properties as written
+    assert len(problems) == 1 and reason in problems[0], problems
+    # Without a list to collect them, the item rejects the line (the API's and tests' strict form).
+    with pytest.raises(InvalidEntry, match="valohai.dataset-versions"):
+        parse_line(raw, src())
+    per_output: list[str] = []
+    assert len(parse_datum_object(orjson.dumps(metadata), "a.csv", src(), per_output)) == 3
+    assert per_output == problems
+
+
+def test_dataset_versions_that_is_not_a_list_keeps_the_datum() -> None:
+    problems: list[str] = []
+    raw = b'{"file": "a", "metadata": {"k": 1, "valohai.dataset-versions": "dataset://d/v1"}}'
+    (entry,) = parse_line(raw, src(), problems)
+    assert entry.op == "set" and entry.metadata["k"] == 1
+    assert problems == ["valohai.dataset-versions: expected a list, got a string"]

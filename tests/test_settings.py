@@ -40,6 +40,18 @@ def test_round_trip_through_the_environment(tmp_path: Path) -> None:
     assert Settings.load({}, env=s.as_env()) == s
 
 
+def test_broker_url() -> None:
+    s = Settings.load({}, env={"SIDECAR_REDIS_URL": "redis://r/0"})
+    assert s.effective_broker_url() == "redis://r/0" and s.broker_is_redis
+    amqp = "amqp://guest:secret@rabbit:5672//"
+    s = Settings.load({}, env={"SIDECAR_REDIS_URL": "redis://r/0", "SIDECAR_BROKER_URL": amqp})
+    assert s.effective_broker_url() == amqp and not s.broker_is_redis
+    assert Settings.load({}, env=s.as_env()).broker_url == amqp  # `sidecar up` hands it to its children
+    with pytest.raises(ConfigError, match="SIDECAR_BROKER_URL") as err:
+        Settings.load({}, env={"SIDECAR_BROKER_URL": "sqs://key:secret@queue"})
+    assert "secret" not in str(err.value)  # the URL may hold a password: only its scheme is named
+
+
 def test_allowed_origins() -> None:
     env = {"SIDECAR_ALLOWED_ORIGINS": "https://ops.example, http://Localhost:3000/,"}
     s = Settings.load({}, env=env)

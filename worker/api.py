@@ -23,9 +23,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from . import __version__, metrics
+from .api_explore import explore_routes
 from .api_models import (
-    MAX_LIMIT,
-    MAX_OFFSET,
     Change,
     Dataset,
     Datum,
@@ -41,9 +40,9 @@ from .api_models import (
     Version,
     errors,
 )
+from .api_params import Filter, Limit, Offset, Ordering, VersionURI
 from .edge import MAX_BODY, WriteGuard, error_response
 from .errors import BadURI, InvalidEntry, NotFound
-from .query import MAX_LENGTH as MAX_FILTER
 from .query import FilterError
 from .staging import Staging
 from .store import datums, queries, writes
@@ -57,17 +56,6 @@ from .webhooks import Action, parse_event, signature_problem
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
-FILTER_TEXT = "The filter language (see README, Search); a filter that does not parse answers 400."
-Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
-# The filter language and an ordering key are grammars no JSON Schema can hold: named formats.
-Filter = Annotated[
-    str | None,
-    Query(max_length=MAX_FILTER, json_schema_extra={"format": "sidecar-filter"}, description=FILTER_TEXT),
-]
-Ordering = Annotated[
-    str | None,
-    Query(json_schema_extra={"format": "sidecar-ordering"}, description="A key; `-key` sorts descending."),
-]
 DatumOrdering = Annotated[
     str | None,
     Query(
@@ -75,8 +63,6 @@ DatumOrdering = Annotated[
         description="`id`, `name`, `ctime`, `mtime`, or a property key (`properties.<key>`); `-` descends.",
     ),
 ]
-VersionURI = Annotated[str, Query(pattern=r"^dataset://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")]
-Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 FilesLimit = Annotated[int, Query(ge=0, le=FILES_PAGE)]
 # Every /api/ route may answer these: no token, a body over the cap, Redis or the database down.
 API_ERRORS = (401, 413, 503)
@@ -108,6 +94,7 @@ def create_app(
     app.add_middleware(WriteGuard, allowed_origins=allowed_origins, max_body=MAX_BODY)
     _webhook_routes(app, engine, staging, enqueue, webhook_secret)
     _resolve_route(app, engine)  # before /dataset-versions/{id}/, which would match "resolve"
+    explore_routes(app, engine)  # before /{id}/ routes too: "facets" is no id
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _metadata_routes(app, engine, staging, kind, base)
@@ -168,6 +155,7 @@ def _validation_answer(exc: RequestValidationError) -> JSONResponse:
 
 def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_age: float) -> None:
     metrics.register_backlog(staging)
+    registry = metrics.scrape_registry()
 
     @app.get("/healthz", response_model=Health, responses=errors(413))
     def healthz() -> dict[str, str]:
@@ -203,7 +191,7 @@ def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_a
     )
     def metrics_endpoint() -> Response:
         """Prometheus text format."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _quarantined(staging: Staging) -> dict[str, Any]:
@@ -488,9 +476,18 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
         status_code=201,
         response_model=Dataset,
         openapi_extra=_json_body(
-            {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,255}$"}},
+                "required": ["name"],
+            }
         ),
-        responses=errors(*WRITE_ERRORS, e400="Not JSON, no `name`, a name a URI cannot hold, or taken."),
+        responses=errors(
+            *WRITE_ERRORS,
+            409,
+            e400="Not JSON, no `name`, or a name a URI cannot hold.",
+            e409="The name is taken.",
+        ),
     )
     async def create_dataset(request: Request) -> JSONResponse:
         """Create a dataset by name (a sidecar line naming it does the same); answers it with its id."""
@@ -507,7 +504,7 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
             shown = queries.datasets_json(session, [queries.get_dataset(session, row_id)])[0]
         if not created:
             body = {"error": "exists", "detail": f"a dataset named {name!r} exists", "id": shown["id"]}
-            return JSONResponse(body, status_code=400)
+            return JSONResponse(body, status_code=409)
         return JSONResponse(shown, status_code=201)
 
     @app.get("/api/v0/datasets/{dataset_id}/", response_model=Dataset, responses=errors(*API_ERRORS, 404))

@@ -154,6 +154,7 @@ ERROR_TEXT = {
     401: "Missing or wrong credentials (API token, or webhook signature).",
     403: "A write from a foreign `Origin`.",
     404: "No such dataset, version or route.",
+    409: "It exists already (the answer carries its `id`).",
     413: "Body over 1 MiB.",
     415: "A write without `Content-Type: application/json`.",
     503: "Redis or the database does not answer.",

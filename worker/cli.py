@@ -19,8 +19,8 @@ from typing import Any
 import redis
 import sqlalchemy.exc
 
-from . import __version__, connections
-from .edge import exposure_warning
+from . import __version__, connections, explore_cli
+from .edge import MAX_REQUEST_HEAD, exposure_warning
 from .errors import ConfigError, SidecarError
 from .props_cli import add_commands
 from .settings import Settings
@@ -157,7 +157,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_cleanly)
     _freeze_startup_objects()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+    )
     return 0
 
 
@@ -259,6 +265,7 @@ _SETTING_FLAGS = {
     "data_dir",
     "database_url",
     "redis_url",
+    "broker_url",
     "host",
     "port",
     "polling",
@@ -276,6 +283,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--database-url", help="SQLAlchemy URL [SIDECAR_DATABASE_URL, SQLite in the data dir]"
     )
     parser.add_argument("--redis-url", help="Redis URL [SIDECAR_REDIS_URL, the private one of `sidecar up`]")
+    parser.add_argument(
+        "--broker-url", help="Celery broker: redis:// or amqp:// [SIDECAR_BROKER_URL, the staging Redis]"
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING [SIDECAR_LOG_LEVEL, INFO]")
     parser.add_argument("--log-format", choices=["text", "json"], help="[SIDECAR_LOG_FORMAT, text]")
 
@@ -349,6 +359,7 @@ def _parser() -> argparse.ArgumentParser:
     rejects.add_argument("--limit", type=int, default=100)
     rejects.add_argument("--json", action="store_true")
     add_commands(sub, _common)
+    explore_cli.add_commands(sub, _common)
     status = command("status", cmd_status, "backlog, watchers and workers; exit 1 when something is stuck")
     status.add_argument("--json", action="store_true")
     status.add_argument(

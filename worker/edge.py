@@ -19,6 +19,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 MAX_BODY = 1024 * 1024
+# The request line and headers together: a filter of 4,096 characters, each up to 4 bytes of UTF-8
+# and 3 characters per byte once percent-encoded, is 49 KB of query string. The HTTP server's own
+# parser refuses a larger head with a bare text/plain 400 before the app sees it (h11's default is
+# 16 KiB); raised so that every over-long parameter reaches the app and gets its JSON 400.
+MAX_REQUEST_HEAD = 256 * 1024
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 JSON_MEDIA_TYPE = "application/json"
 

@@ -347,15 +347,19 @@ class Ingestor:
             reason = f"line longer than the limit of {self.line_limit} bytes; skipped"
             outcome.reject = self._reject(source, reason, log_reject)
             return outcome
+        problems: list[str] = []
         try:
-            outcome.entries = parse_line(line.data, source)
+            outcome.entries = parse_line(line.data, source, problems)
         except InvalidEntry as exc:
             outcome.reject = self._reject(source, str(exc), log_reject)
             return outcome
-        # A malformed alias is a reject naming the field, and the rest of the line applies.
-        problem = drop_bad_aliases(outcome.entries)
-        if problem:
-            outcome.reject = self._reject(source, problem, log_reject)
+        # A malformed alias is dropped like a bad version item: the rest of the line applies.
+        alias_problem = drop_bad_aliases(outcome.entries)
+        if alias_problem:
+            problems.append(alias_problem)
+        if problems:
+            # The line is staged without its bad version items or alias, and rejected for them.
+            outcome.reject = self._reject(source, "; ".join(problems), log_reject)
         return outcome
 
     def _reject(self, source: Source, reason: str, log_it: bool = True) -> Reject:
@@ -384,16 +388,19 @@ class Ingestor:
         if len(data) > self.line_limit:
             outcome.reject = self._reject(source, f"file larger than the limit of {self.line_limit} bytes")
         else:
+            problems: list[str] = []
             try:
-                outcome.entries = parse_datum_object(data, output, source)
-                problem = drop_bad_aliases(outcome.entries)
-                if problem:
-                    outcome.reject = self._reject(source, problem)
+                outcome.entries = parse_datum_object(data, output, source, problems)
+                alias_problem = drop_bad_aliases(outcome.entries)
+                if alias_problem:
+                    problems.append(alias_problem)
             except InvalidEntry as exc:
                 # The writer may still be writing it: judge it when the execution has completed.
                 if not self._completed(execution, record):
                     return
                 outcome.reject = self._reject(source, str(exc))
+            if problems:
+                outcome.reject = self._reject(source, "; ".join(problems))
         if record is not None:
             self._restore(record)
         expect = None if force else (current or "")

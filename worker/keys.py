@@ -1,9 +1,16 @@
 """Every Redis key in one place.
 
-All keys of one deployment share the hash tag `{<prefix>}`, so every multi-key script and
-transaction touches a single slot and keeps working on Redis Cluster. The price is that one
-deployment's keys live on one shard; one Redis comfortably stages far more lines per second
-than runners write (see docs/benchmarks.md), so we keep atomicity over sharding.
+Staging runs on one Redis server (a primary; replicas and a failover in front of it are the
+operator's, behind one URL). Redis Cluster is not supported: the client is a plain `redis.Redis`
+(`connections.py`), and nothing was tested on a cluster.
+
+All keys of one deployment still share the hash tag `{<prefix>}`. On one server it costs nothing;
+it puts every multi-key script (each passes all its keys in KEYS) and transaction on one slot,
+which a cluster port would need first. Such a port would still have to bring a cluster client
+behind the `redis.Redis` the code is typed on, MULTI and SCAN across nodes, pub/sub and `INFO` per
+node, and a broker that is not that Redis (kombu's Redis transport does not speak Cluster). One
+Redis comfortably stages far more lines per second than runners write (see docs/benchmarks.md),
+so atomicity wins over sharding either way.
 """
 
 from __future__ import annotations

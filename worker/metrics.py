@@ -1,16 +1,25 @@
-"""Prometheus metrics, one registry per process; served at /metrics (API) or --metrics-port.
+"""Prometheus metrics; served at /metrics (API) or --metrics-port.
 
-Counters count what this process did. The backlog gauges are read from Redis at scrape time
-(a custom collector), so every process reports the same shared backlog.
+Standalone (`sidecar watch` / `worker` / `serve`), each process has its own registry and counts
+what it did. Under `sidecar up` the children share prometheus-client's multiprocess mode
+(`PROMETHEUS_MULTIPROC_DIR`, set by `up.py`): each process writes its counters and histograms to
+files there, and the API's /metrics sums them, so one port shows the watcher's and the worker's
+series too. The backlog gauges are read from Redis at scrape time (a custom collector, which
+multiprocess mode does not share): the scraped process reports them, once. There is no `Gauge`
+object: one added here needs a `multiprocess_mode`, and a `live*` mode needs `up` to call
+`mark_process_dead` for a child that exits; a dead process's counter files must stay (its counts
+happened). `up` empties the folder at each start.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import redis
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .staging import Staging
@@ -86,3 +95,18 @@ REGISTRY.register(_BACKLOG)
 def register_backlog(staging: Staging) -> None:
     """Report the backlog of this staging area (the last one set wins; one per process in use)."""
     _BACKLOG.staging = staging
+
+
+def scrape_registry() -> CollectorRegistry:
+    """What /metrics shows: every process's series under multiprocess mode, else this process's.
+
+    prometheus-client picks file-backed values at import when `PROMETHEUS_MULTIPROC_DIR` is set;
+    this follows the same variable (read when the app is built, not at import), so the two agree.
+    """
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    registry.register(_BACKLOG)
+    return registry

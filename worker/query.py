@@ -532,6 +532,11 @@ def _render_key(key: Key) -> str:
     return ".".join(_render_segment(s) for s in key.path)
 
 
+def key_text(key: Key) -> str:
+    """A key as the filter language writes it (backticks where a segment needs them)."""
+    return _render_key(key)
+
+
 def _render_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

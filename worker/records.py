@@ -14,7 +14,7 @@ import orjson
 
 from . import limits, schemas
 from .errors import BadURI, InvalidEntry, ReservedKey
-from .uris import Target, dataset_target, version_target
+from .uris import LATEST, PART, Target, dataset_target, parse_uri, version_target
 
 RESERVED_PREFIX = "valohai."
 MAX_KEY_LENGTH = limits.KEY_MAX
@@ -88,10 +88,13 @@ class Entry:
         )
 
 
-def parse_line(raw: bytes, source: Source) -> list[Entry]:
+def parse_line(raw: bytes, source: Source, problems: list[str] | None = None) -> list[Entry]:
     """Turn one line of `valohai.metadata.jsonl` into entries; raise InvalidEntry with the reason.
 
-    A datum line yields a `set` on its execution plus one `member` per version it names.
+    A datum line yields a `set` on its execution plus one `member` per version it names. A bad
+    `valohai.dataset-versions` item drops that item only: its reason goes to `problems` (the rest
+    of the line is staged, and the caller rejects the line with those reasons). Without
+    `problems`, such an item raises InvalidEntry like any other.
     """
     try:
         document = orjson.loads(raw)
@@ -109,12 +112,17 @@ def parse_line(raw: bytes, source: Source) -> list[Entry]:
         schema_error = schemas.first_error("datum-line", document)
         if schema_error:
             raise InvalidEntry(schema_error)
-        return datum_entries(document["file"], document["metadata"], source, shallow=shallow)
+        return datum_entries(
+            document["file"], document["metadata"], source, shallow=shallow, problems=problems
+        )
     raise InvalidEntry("line has none of the keys 'dataset', 'dataset-version' or 'file'")
 
 
-def parse_datum_object(raw: bytes, path: str, source: Source) -> list[Entry]:
-    """Entries from a per-output `<path>.metadata.json` file holding that output's metadata."""
+def parse_datum_object(
+    raw: bytes, path: str, source: Source, problems: list[str] | None = None
+) -> list[Entry]:
+    """Entries from a per-output `<path>.metadata.json` file holding that output's metadata
+    (`problems` as for `parse_line`)."""
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -124,26 +132,131 @@ def parse_datum_object(raw: bytes, path: str, source: Source) -> list[Entry]:
     schema_error = schemas.first_error("datum-line", wrapped)
     if schema_error:
         raise InvalidEntry(schema_error)
-    return datum_entries(path, document, source, shallow=_shallow(raw))
+    return datum_entries(path, document, source, shallow=_shallow(raw), problems=problems)
 
 
 def datum_entries(
-    path: str, metadata: dict[str, Any], source: Source, *, shallow: bool = False
+    path: str,
+    metadata: dict[str, Any],
+    source: Source,
+    *,
+    shallow: bool = False,
+    problems: list[str] | None = None,
 ) -> list[Entry]:
-    """A datum's `set` entry and one `member` entry per version in `valohai.dataset-versions`."""
+    """A datum's `set` entry and one `member` entry per version in `valohai.dataset-versions`.
+
+    A member entry carries its item's options (`from`, `exclude`, ...) as its metadata, `{}` for
+    a plain URI string. A bad item is left out, its reason appended to `problems` (raised as
+    InvalidEntry when `problems` is None); the datum's properties are kept as written.
+    """
     # The datum-line schema has already checked the key lengths (every caller validates first).
     problem = limits.datum_path_problem(path)
     if problem:
         raise InvalidEntry(problem)
     check_properties(metadata, allow_reserved=True, shallow=shallow, lengths_checked=True)
     entries = [Entry(Target.for_execution(source.execution), "set", source, metadata, path)]
-    seen: set[str] = set()
-    for item in metadata.get(DATASET_VERSIONS_KEY) or ():
-        uri = item if isinstance(item, str) else item["uri"]
-        if uri not in seen:
-            seen.add(uri)
-            entries.append(Entry(_version(uri), "member", source, {}, path))
+    items = metadata.get(DATASET_VERSIONS_KEY)
+    if items is None:
+        return entries
+    found: list[str] = []
+    members = version_items(items, found)
+    if found:
+        if problems is None:
+            raise InvalidEntry(found[0], DATASET_VERSIONS_KEY)
+        problems.extend(found)
+    entries.extend(Entry(target, "member", source, options, path) for target, options in members)
     return entries
+
+
+def version_items(items: Any, problems: list[str]) -> list[tuple[Target, dict[str, Any]]]:
+    """The versions a datum's `valohai.dataset-versions` names, each with its item's options.
+
+    Checked here rather than in the schema, so that a bad item (reason appended to `problems`)
+    costs only itself: the datum's other items and properties still go through. The first item
+    naming a URI counts; a later one naming it again is ignored.
+    """
+    if not isinstance(items, list):
+        problems.append(f"{DATASET_VERSIONS_KEY}: expected a list, got {_kind(items)}")
+        return []
+    out: dict[str, tuple[Target, dict[str, Any]]] = {}
+    for i, item in enumerate(items):
+        where = f"{DATASET_VERSIONS_KEY}[{i}]"
+        try:
+            target, options = _version_item(item, where)
+        except InvalidEntry as exc:
+            problems.append(str(exc))
+            continue
+        out.setdefault(target.key, (target, options))
+    return list(out.values())
+
+
+def _version_item(item: Any, where: str) -> tuple[Target, dict[str, Any]]:
+    if isinstance(item, str):
+        return _version(item, where), {}
+    if not isinstance(item, dict):
+        raise InvalidEntry(f"{where}: expected a version URI or an object with 'uri', got {_kind(item)}")
+    if "uri" not in item:
+        raise InvalidEntry(f"{where}: 'uri' is required")
+    target = _version(item["uri"], f"{where}.uri")
+    options: dict[str, Any] = {}
+    if "from" in item:
+        base = item["from"]
+        if base is not None:
+            _version_ref(base, f"{where}.from")
+        options["from"] = base
+    if "exclude" in item:
+        exclude = item["exclude"]
+        if not isinstance(exclude, list) or not all(isinstance(name, str) for name in exclude):
+            raise InvalidEntry(f"{where}.exclude: expected a list of file names")
+        options["exclude"] = exclude
+    if "start_fresh" in item:
+        if not isinstance(item["start_fresh"], bool):
+            raise InvalidEntry(f"{where}.start_fresh: expected true or false")
+        options["start_fresh"] = item["start_fresh"]
+    if "targeting_aliases" in item:
+        options["targeting_aliases"] = _alias_names(item["targeting_aliases"], f"{where}.targeting_aliases")
+    if "packaging" in item:
+        options["packaging"] = item["packaging"]  # kept, no effect
+    return target, options
+
+
+def _alias_names(names: Any, where: str) -> list[str]:
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise InvalidEntry(f"{where}: expected a list of alias names")
+    for name in names:
+        problem = alias_name_problem(name)
+        if problem:
+            raise InvalidEntry(f"{where}: {problem}")
+    return list(dict.fromkeys(names))
+
+
+def alias_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a version alias (it must fit in `dataset://<name>/<alias>`), or None."""
+    shown = name if len(name) <= 60 else name[:60] + "..."
+    if name == LATEST:
+        return "'latest' means the newest version and cannot be an alias"
+    if not name or len(name) > limits.NAME_MAX or not PART.fullmatch(name):
+        return (
+            f"alias {shown!r} must be 1..{limits.NAME_MAX} letters, digits, '-', '_' or '.'"
+            " (it is a part of a dataset:// URI)"
+        )
+    return None
+
+
+def _version_ref(uri: Any, where: str) -> None:
+    """`from`: a version, `latest` or an alias of a dataset (resolved when the version completes)."""
+    try:
+        _, version = parse_uri(uri, allow_latest=True)
+    except BadURI as exc:
+        raise InvalidEntry(f"{where}: {exc}") from None
+    if version is None:
+        raise InvalidEntry(f"{where}: expected dataset://<name>/<version>, 'latest' or an alias, or null")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "null" if value is None else "a number"
+    )
 
 
 def user_write(target: Target, metadata: Any, source: Source) -> Entry:
@@ -230,12 +343,12 @@ def _version_of(uri: str) -> Target:
     return version_target(uri)  # a BadURI is not cached: it raises through lru_cache
 
 
-def _version(uri: Any) -> Target:
+def _version(uri: Any, where: str = "") -> Target:
     try:
         # Datum lines name the same few versions over and over.
         return _version_of(uri) if isinstance(uri, str) else version_target(uri)
     except BadURI as exc:
-        raise InvalidEntry(str(exc)) from None
+        raise InvalidEntry(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def _dataset(uri: Any) -> Target:

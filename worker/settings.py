@@ -11,10 +11,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
 MiB = 1024 * 1024
+# Brokers the apply queue was tested on: Redis (kombu's redis transport) and RabbitMQ (py-amqp).
+REDIS_SCHEMES = frozenset({"redis", "rediss"})
+BROKER_SCHEMES = REDIS_SCHEMES | {"amqp", "amqps", "pyamqp"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class Settings:
     root: Path | None = None
     database_url: str | None = None
     redis_url: str | None = None
+    # The Celery broker: unset means the staging Redis (as before); amqp:// for RabbitMQ.
+    broker_url: str | None = None
     redis_prefix: str = "sidecar"
     webhook_secret: str | None = None
     api_token: str | None = None
@@ -81,6 +87,11 @@ class Settings:
             raise ConfigError("SIDECAR_LOG_FORMAT", "must be text or json")
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
             raise ConfigError("SIDECAR_REDIS_PREFIX", "must be non-empty without braces or spaces")
+        scheme = urlsplit(self.broker_url).scheme if self.broker_url is not None else "redis"
+        if scheme not in BROKER_SCHEMES:  # the URL itself is not shown: it may hold a password
+            raise ConfigError(
+                "SIDECAR_BROKER_URL", f"scheme {scheme!r} is not one of {', '.join(sorted(BROKER_SCHEMES))}"
+            )
         for origin in self.allowed_origins:
             if not _ORIGIN.fullmatch(origin):
                 raise ConfigError("SIDECAR_ALLOWED_ORIGINS", f"{origin!r} is not scheme://host[:port]")
@@ -108,6 +119,15 @@ class Settings:
                 "SIDECAR_REDIS_URL",
                 f"not set, and no running `sidecar up` announced one in {self.redis_url_file}",
             ) from None
+
+    def effective_broker_url(self) -> str:
+        """The Celery broker URL: the setting, else the staging Redis."""
+        return self.broker_url or self.effective_redis_url()
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Whether the broker is a Redis (its transport needs a visibility timeout; AMQP does not)."""
+        return self.broker_url is None or urlsplit(self.broker_url).scheme in REDIS_SCHEMES
 
     def require_root(self) -> Path:
         """The watched root, or a ConfigError when none was given."""

@@ -586,8 +586,15 @@ class Staging:
 
     def record_reject(self, reject: Reject) -> None:
         """Record a reject that belongs to no staged batch (e.g. an unreadable file)."""
+        self.record_rejects([reject])
+
+    def record_rejects(self, rejects: list[Reject]) -> None:
+        """Record rejects found after staging (an apply refusing a member entry), in one round trip."""
+        if not rejects:
+            return
         pipe = self.redis.pipeline(transaction=True)
-        pipe.lpush(self.keys.rejects, reject.to_json())
+        for start in range(0, len(rejects), 1000):
+            pipe.lpush(self.keys.rejects, *(r.to_json() for r in rejects[start : start + 1000]))
         pipe.ltrim(self.keys.rejects, 0, REJECTS_KEPT - 1)
         pipe.execute()
 

@@ -7,14 +7,25 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
 from . import connections
 from .settings import Settings
 from .staging import Staging
+from .store.models import Dataset, DatasetVersion
+from .store.queries import iso
 from .uris import Target
 
+VERSION_PROBLEMS_SHOWN = 20
 
-def collect(staging: Staging, *, stuck_after: float) -> dict[str, Any]:
-    """Everything `sidecar status` shows, as one JSON-able dict; `problems` lists what is stuck."""
+
+def collect(staging: Staging, *, stuck_after: float, engine: Engine | None = None) -> dict[str, Any]:
+    """Everything `sidecar status` shows, as one JSON-able dict; `problems` lists what is stuck.
+
+    With an `engine`, also the newest versions whose membership had a problem (`from` naming
+    nothing that exists): data to look at, like rejects, not something stuck."""
     due_count, oldest = staging.backlog()
     building, completed_unapplied = _versions(staging)
     beats = staging.heartbeats()
@@ -28,7 +39,7 @@ def collect(staging: Staging, *, stuck_after: float) -> dict[str, Any]:
     quarantined = staging.quarantined()
     if quarantined:
         problems.append(f"{len(quarantined)} target(s) quarantined after failed applies: `sidecar retry`")
-    return {
+    report: dict[str, Any] = {
         "building": building,
         "completed_unapplied": completed_unapplied,
         "due_targets": due_count,
@@ -40,6 +51,30 @@ def collect(staging: Staging, *, stuck_after: float) -> dict[str, Any]:
         "workers": [b for b in beats if b["role"] == "worker"],
         "problems": problems,
     }
+    if engine is not None:
+        try:
+            report["version_problems"] = version_problems(engine)
+        except SQLAlchemyError as exc:  # status must answer with the database away too
+            report["version_problems_error"] = type(exc).__name__
+    return report
+
+
+def version_problems(engine: Engine, limit: int = VERSION_PROBLEMS_SHOWN) -> list[dict[str, Any]]:
+    """The newest completed versions with a `spec_problem`, newest first."""
+    with Session(engine) as session:
+        rows = session.execute(
+            select(
+                Dataset.name, DatasetVersion.name, DatasetVersion.spec_problem, DatasetVersion.completed_at
+            )
+            .join(Dataset, Dataset.id == DatasetVersion.dataset_id)
+            .where(DatasetVersion.spec_problem.is_not(None))
+            .order_by(DatasetVersion.completed_at.desc(), DatasetVersion.id.desc())
+            .limit(limit)
+        ).all()
+    return [
+        {"uri": f"dataset://{d}/{v}", "problem": problem, "completed_at": iso(at)}
+        for d, v, problem, at in rows
+    ]
 
 
 def _versions(staging: Staging) -> tuple[list[dict[str, Any]], list[str]]:
@@ -62,12 +97,25 @@ def _versions(staging: Staging) -> tuple[list[dict[str, Any]], list[str]]:
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     staging = connections.staging(settings)
-    report = collect(staging, stuck_after=args.stuck_after)
+    engine = _engine(settings)
+    try:
+        report = collect(staging, stuck_after=args.stuck_after, engine=engine)
+    finally:
+        if engine is not None:
+            engine.dispose()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print(report)
     return 1 if report["problems"] else 0
+
+
+def _engine(settings: Settings) -> Engine | None:
+    """The database, unless it is the default SQLite file and that does not exist (a watcher-only
+    host): `status` must not create it."""
+    if not settings.database_url and not (settings.data_dir / "sidecar.db").exists():
+        return None
+    return connections.engine(settings)
 
 
 def _print(report: dict[str, Any]) -> None:
@@ -97,5 +145,14 @@ def _print(report: dict[str, Any]) -> None:
         print(f"worker {w['name']}: alive at {w['at']}")
     if not report["workers"]:
         print("no worker alive")
+    if "version_problems" in report:
+        shown = report["version_problems"]
+        print(f"versions completed with a membership problem (newest {VERSION_PROBLEMS_SHOWN}): {len(shown)}")
+        for v in shown:
+            print(f"  {v['uri']}  {v['completed_at']}: {v['problem']}")
+    elif "version_problems_error" in report:
+        print(
+            f"versions with a membership problem: database unavailable ({report['version_problems_error']})"
+        )
     for problem in report["problems"]:
         print(f"PROBLEM: {problem}")

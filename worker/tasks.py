@@ -65,15 +65,20 @@ class _Resources:
 
 
 def make_app(settings: Settings) -> Celery:
-    """The Celery app for these settings: broker = the deployment's Redis, one apply queue."""
+    """The Celery app for these settings: one apply queue per deployment (`Keys.queue`) on the
+    broker, `SIDECAR_BROKER_URL` or else the staging Redis."""
     keys = Keys(settings.redis_prefix)
-    app = Celery("sidecar", broker=settings.effective_redis_url(), set_as_current=False)
+    app = Celery("sidecar", broker=settings.effective_broker_url(), set_as_current=False)
     app.conf.update(
         task_default_queue=keys.queue,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Redis only: an unacked task comes back after this long. RabbitMQ gives an unacked
+        # message back when its consumer's channel closes (a killed worker), and has no such option.
+        broker_transport_options=(
+            {"visibility_timeout": settings.visibility_timeout} if settings.broker_is_redis else {}
+        ),
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         accept_content=["json"],

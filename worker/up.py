@@ -55,7 +55,7 @@ def run_up(settings: Settings, *, concurrency: int) -> int:
             settings = settings.with_(redis_url=url)
             settings.redis_url_file.write_text(url + "\n")
         upgrade(connections.engine(settings))
-        env = {**os.environ, **settings.as_env()}
+        env = {**os.environ, **settings.as_env(), "PROMETHEUS_MULTIPROC_DIR": str(_metrics_dir(settings))}
         # `up` only warns about an exposed server (above); its own `serve` must not refuse.
         serve = ["--insecure"] if problem else []
         parts = {"worker": ["--concurrency", str(concurrency)], "watch": [], "serve": serve}
@@ -76,6 +76,16 @@ def run_up(settings: Settings, *, concurrency: int) -> int:
             settings.redis_url_file.unlink(missing_ok=True)
             _stop([redis_proc])
         lock.close()
+
+
+def _metrics_dir(settings: Settings) -> Path:
+    """An empty folder for the children's metrics (prometheus-client's multiprocess mode), so the
+    API's /metrics shows every part's series. Emptied at each start: files of an earlier run would
+    add their counts to this one's (and pids are reused)."""
+    folder = (settings.data_dir / "metrics").resolve()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
 
 
 def _lock(data_dir: Path) -> IO[str]:

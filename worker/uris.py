@@ -12,7 +12,7 @@ from .limits import NAME_MAX
 
 SCHEME = "dataset://"
 LATEST = "latest"
-_PART = re.compile(r"[A-Za-z0-9._-]+")
+PART = re.compile(r"[A-Za-z0-9._-]+")  # one name in a URI (and a version alias)
 
 TargetKind = Literal["dataset", "version", "execution"]
 
@@ -69,7 +69,7 @@ def parse_uri(uri: str, *, allow_latest: bool = False) -> tuple[str, str | None]
             raise BadURI(uri, "empty name part")
         if len(part) > NAME_MAX:
             raise BadURI(uri, f"a name is {len(part)} characters long, over the limit of {NAME_MAX}")
-        if not _PART.fullmatch(part):
+        if not PART.fullmatch(part):
             raise BadURI(uri, f"{part!r} may only hold letters, digits, '-', '_' and '.'")
     if len(parts) == 1:
         return parts[0], None

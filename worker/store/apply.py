@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -20,14 +21,18 @@ except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
 from ..datum_keys import ALIAS_KEY
+from ..membership import Spec, file_list, fold_spec
 from ..merge import Change, merge_into
 from ..records import Entry, Source
-from ..staging import Staging
-from ..uris import Target
+from ..staging import Reject, Staging
+from ..uris import Target, parse_uri
+from . import aliases
 from .datum_aliases import point_aliases
 from .db import writer
 from .index import bulk_insert, index_rows, reindex
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, PropertyIndex, VersionFile, Watermark
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +78,11 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
         applier.flush()
         save_watermark(conn, target.key, mark, applier.now)
         result.watermark = mark
+    # After the commit: a rolled-back apply runs again and finds the same problems.
+    for reject in applier.rejects:
+        log.warning("rejected %s:%d (offset %d): %s", reject.file, reject.line, reject.offset, reject.reason)
+    if applier.rejects:
+        staging.record_rejects(applier.rejects)
     # A version's flag may have been lost by Redis (AOF everysec); the database knows better, and
     # `finish` puts it back so that late lines for this version keep being applied by themselves.
     completed_at = applier.now.isoformat() if target.kind == "version" else None
@@ -166,14 +176,17 @@ class Applier:
     changes: list[dict[str, Any]] = field(default_factory=list)  # history rows, inserted by `flush`
     members: dict[tuple[int, int], None] = field(default_factory=dict)  # version files, likewise
     # Datum aliases claimed by `valohai.alias` (name -> datum id, source; the last claim wins).
-    aliases: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    datum_aliases: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    # Member entries, settled by `flush`: the files of a version completing in this transaction,
+    # or late files of a completed one (see `_settle_members`).
+    joining: dict[Target, list[Entry]] = field(default_factory=dict)
+    completing: dict[Target, None] = field(default_factory=dict)
+    rejects: list[Reject] = field(default_factory=list)  # recorded by the caller after the commit
 
     def apply(self, entry: Entry) -> None:
         target = entry.target
         if entry.op == "member":
-            version = self.version(target)
-            datum = self.datum(entry.source.execution, entry.path)
-            self.members[(version.id, datum.id)] = None
+            self.joining.setdefault(target, []).append(entry)
         elif target.kind == "version":
             self.set(self.version(target), entry)
         elif target.kind == "dataset":
@@ -186,6 +199,7 @@ class Applier:
         if version.status != "completed":
             version.status = "completed"
             version.updates.update(status="completed", completed_at=self.now, updated_at=self.now)
+            self.completing[target] = None
 
     def set(self, owner: Owner, entry: Entry) -> None:
         key = (owner.kind, owner.id)
@@ -221,11 +235,12 @@ class Applier:
         if not isinstance(name, str):
             return  # null: the key is removed; the alias stays where it points
         if entry.source.origin == "api" or any(c.key == ALIAS_KEY for c in changes):
-            self.aliases[name] = (owner.id, _source_json(entry.source))
+            self.datum_aliases[name] = (owner.id, _source_json(entry.source))
 
     def flush(self) -> None:
         """Write the folded property sets and changed columns back, refresh the search index of
         the keys that changed (once per owner), and insert the history rows and version files."""
+        self._settle_members()
         fresh: list[dict[str, Any]] = []  # index rows of owners that had none yet
         for work in self.working.values():
             if not work.changed:
@@ -251,9 +266,105 @@ class Applier:
         if self.changes:
             bulk_insert(self.conn, _CHANGES, self.changes)
             self.changes = []
-        if self.aliases:
-            point_aliases(self.conn, self.aliases, self.now)
-            self.aliases = {}
+        if self.datum_aliases:
+            point_aliases(self.conn, self.datum_aliases, self.now)
+            self.datum_aliases = {}
+
+    def _settle_members(self) -> None:
+        for target in self.completing:
+            self._complete_members(target, self.joining.pop(target, []))
+        self.completing.clear()
+        for target, entries in self.joining.items():
+            self._late_members(target, entries)
+        self.joining.clear()
+
+    def _complete_members(self, target: Target, entries: list[Entry]) -> None:
+        """The version completes in this transaction: its files are the base's (`from`, resolved
+        now) minus `exclude`, plus its own; its aliases move to it."""
+        version = self.version(target)
+        spec, conflicts = fold_spec(entries)
+        for entry, reason in conflicts:
+            self.reject(entry, reason)
+        base, previous, problem = self._base(version, spec)
+        if problem and spec.base_entry is not None:
+            self.reject(spec.base_entry, problem)
+        own = [(e.path, self.datum(e.source.execution, e.path).id) for e in entries]
+        for datum_id in file_list(base, spec, own).values():
+            self.members[(version.id, datum_id)] = None
+        builders = (e.source.execution for e in entries)
+        resolved = spec.base if previous is not None else None
+        version.updates.update(
+            spec=spec.to_json(builders, resolved), previous_version_id=previous, spec_problem=problem
+        )
+        dataset_id = self.dataset(target.dataset).id
+        # In name order: two completions moving the same aliases lock their rows in one order.
+        for name, entry in sorted(spec.aliases.items()):
+            if aliases.version_name_taken(self.conn, dataset_id, name):
+                self.reject(entry, f"alias {name!r} of dataset://{target.dataset} is the name of a version")
+                continue
+            aliases.move(self.conn, dataset_id, name, version.id, _source_json(entry.source), self.now)
+
+    def _base(self, version: Owner, spec: Spec) -> tuple[dict[str, int] | None, int | None, str | None]:
+        """(the base's files by name, its id, why there is none) for `spec.base`, resolved now."""
+        if spec.base is None:
+            return None, None, None
+        dataset, name = parse_uri(spec.base, allow_latest=True)
+        row = aliases.resolve(self.conn, dataset, name or "")
+        if row is None:
+            return (
+                None,
+                None,
+                f"from {spec.base!r} names no version that exists; completed with its own files",
+            )
+        if row.id == version.id or row.status != "completed":
+            problem = (
+                f"from {spec.base!r} names a version that is not completed; completed with its own files"
+            )
+            return None, None, problem
+        files = self.conn.execute(_BASE_FILES, {"version": row.id}).all()
+        return {path: datum_id for datum_id, path in files}, row.id, None
+
+    def _late_members(self, target: Target, entries: list[Entry]) -> None:
+        """Member entries applied after the version completed. Its file list is fixed, except for
+        its builders (executions with a file in it at completion): a watcher may read the rest of
+        such an execution's lines after `execution_completed` completed the version."""
+        version = self.version(target)
+        row = self.conn.execute(_SELECT_SPEC, {"owner": version.id}).one()
+        spec = row.spec or {}
+        if "builders" in spec:
+            builders = set(spec["builders"])
+        else:  # completed before membership specs existed: its files were its own
+            builders = set(self.conn.scalars(_FILE_EXECUTIONS, {"version": version.id}))
+        for entry in entries:
+            execution = entry.source.execution
+            if execution not in builders:
+                self.reject(
+                    entry,
+                    f"{target.key} is completed and its files cannot change "
+                    f"(execution {execution} had no file in it when it completed)",
+                )
+                continue
+            if "from" in entry.metadata and entry.metadata["from"] != spec.get(
+                "from", entry.metadata["from"]
+            ):
+                self.reject(
+                    entry, f"{target.key} completed from {spec.get('from')!r}; this item's from is ignored"
+                )
+            datum = self.datum(execution, entry.path)
+            # A version never holds two files of one name: this one replaces the other.
+            names = {"version": version.id, "path": entry.path}
+            for other in self.conn.scalars(_FILES_NAMED, names):
+                if other != datum.id:
+                    self.conn.execute(_DELETE_FILE, {"version": version.id, "datum": other})
+            self.conn.execute(
+                _statements(self.conn).insert_member, {"version_id": version.id, "datum_id": datum.id}
+            )
+
+    def reject(self, entry: Entry, reason: str) -> None:
+        source = entry.source
+        self.rejects.append(
+            Reject(source.file, source.line, source.offset, reason, source.execution, self.now.isoformat())
+        )
 
     def dataset(self, name: str) -> Owner:
         key = ("dataset", name)
@@ -336,6 +447,26 @@ _SELECT_VERSION = (
     select(_VERSIONS.c.id, _VERSIONS.c.properties, _VERSIONS.c.status)
     .join(_DATASETS, _DATASETS.c.id == _VERSIONS.c.dataset_id)
     .where(_DATASETS.c.name == bindparam("dataset"), _VERSIONS.c.name == bindparam("name"))
+)
+_SELECT_SPEC = select(_VERSIONS.c.spec).where(_VERSIONS.c.id == bindparam("owner"))
+_BASE_FILES = (
+    select(_DATUMS.c.id, _DATUMS.c.path)
+    .join(_FILES, _FILES.c.datum_id == _DATUMS.c.id)
+    .where(_FILES.c.version_id == bindparam("version"))
+)
+_FILES_NAMED = (
+    select(_DATUMS.c.id)
+    .join(_FILES, _FILES.c.datum_id == _DATUMS.c.id)
+    .where(_FILES.c.version_id == bindparam("version"), _DATUMS.c.path == bindparam("path"))
+)
+_FILE_EXECUTIONS = (
+    select(_DATUMS.c.execution)
+    .distinct()
+    .join(_FILES, _FILES.c.datum_id == _DATUMS.c.id)
+    .where(_FILES.c.version_id == bindparam("version"))
+)
+_DELETE_FILE = delete(_FILES).where(
+    _FILES.c.version_id == bindparam("version"), _FILES.c.datum_id == bindparam("datum")
 )
 # No .values(): the SET clause is the columns given at execution.
 _UPDATE = {

@@ -15,8 +15,8 @@ from ..ids import looks_like_id
 from ..limits import ID_MAX as MAX_ID
 from ..query import FilterError, Key, parse
 from ..uris import parse_uri
-from . import search
-from .models import Dataset, DatasetVersion, Datum, DatumAlias, PropertyChange, VersionAlias, VersionFile
+from . import aliases, search
+from .models import Dataset, DatasetVersion, Datum, DatumAlias, PropertyChange, VersionFile
 from .search import Compiler, OwnerKind, OwnerSets, ids_in, order_by, ordering_key
 
 
@@ -42,6 +42,14 @@ def list_datasets(session: Session, ask: ListQuery) -> tuple[int, list[Dataset]]
 
 def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVersion]]:
     """Versions matching `ask`; FilterError if its filter or ordering does not parse."""
+    where = version_names(ask)
+    query = select(DatasetVersion).join(Dataset).where(*where).options(joinedload(DatasetVersion.dataset))
+    ids = select(DatasetVersion.id).join(Dataset).where(*where) if where else None
+    fields = _fields(DatasetVersion, DatasetVersion.name)
+    return _run(session, query, ids, ask, "version", DatasetVersion.id, fields)
+
+
+def version_names(ask: ListQuery) -> list[Any]:
     where = []
     if ask.dataset is not None:
         # The platform's clients pass the dataset's id; ours pass its name. Both work.
@@ -51,10 +59,7 @@ def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVe
         where.append(or_(*named))
     if ask.name is not None:
         where.append(DatasetVersion.name == ask.name)
-    query = select(DatasetVersion).join(Dataset).where(*where).options(joinedload(DatasetVersion.dataset))
-    ids = select(DatasetVersion.id).join(Dataset).where(*where) if where else None
-    fields = _fields(DatasetVersion, DatasetVersion.name)
-    return _run(session, query, ids, ask, "version", DatasetVersion.id, fields)
+    return where
 
 
 def _fields(model: Any, name: Any) -> dict[str, Any]:
@@ -100,22 +105,10 @@ def _run(
     when there are at most `CAP`, else from a selective part of the filter. Only when neither
     exists does the database evaluate the whole filter (`Compiler.condition`)."""
     dialect = session.get_bind().dialect.name
-    node = parse(ask.filter) if ask.filter else None
     ordering = _ordering(ask.ordering, fields) if ask.ordering else None
-    if node is not None:
-        compiler = Compiler(kind, owner_id, dialect)
-        cap = search.CAP
-        candidates = None
-        if ids is not None:
-            listed = session.scalars(ids.limit(cap + 1)).all()
-            candidates = set(listed) if len(listed) <= cap else None
-        matching = OwnerSets(session, compiler, cap).matching(node, candidates)
-        if matching is None:
-            query = query.where(compiler.condition(node))
-        elif not matching:
-            return 0, []
-        else:
-            query = query.where(ids_in(owner_id, matching, dialect))
+    query = narrow(session, query, ids, ask.filter, kind, owner_id)
+    if query is None:
+        return 0, []
     count = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
     if ordering is not None and isinstance(ordering[0], Key):
         key, descending = ordering
@@ -127,6 +120,46 @@ def _run(
         query = query.order_by(owner_id)
     rows = session.scalars(query.limit(ask.limit).offset(ask.offset)).unique().all()
     return count, list(rows)
+
+
+def narrow(session: Session, query: Any, ids: Any, text: str | None, kind: OwnerKind, owner_id: Any) -> Any:
+    """`query` (the listed rows; `ids`, their ids, when names narrow them) under the filter
+    `text`, or None when nothing can match. FilterError if the filter does not parse.
+
+    The filter is first evaluated as a set of ids (`OwnerSets`): from the rows the names leave,
+    when there are at most `CAP`, else from a selective part of the filter. Only when neither
+    exists does the database evaluate the whole filter (`Compiler.condition`)."""
+    if not text:
+        return query
+    node = parse(text)
+    dialect = session.get_bind().dialect.name
+    compiler = Compiler(kind, owner_id, dialect)
+    cap = search.CAP
+    candidates = None
+    if ids is not None:
+        listed = session.scalars(ids.limit(cap + 1)).all()
+        candidates = set(listed) if len(listed) <= cap else None
+    matching = OwnerSets(session, compiler, cap).matching(node, candidates)
+    if matching is None:
+        return query.where(compiler.condition(node))
+    if not matching:
+        return None
+    return query.where(ids_in(owner_id, matching, dialect))
+
+
+def version_ids(session: Session, ask: ListQuery) -> Any:
+    """The ids of the versions `ask` lists (its names and filter), as a query; None if none."""
+    query = select(DatasetVersion.id).join(Dataset).where(*version_names(ask))
+    return narrow(
+        session, query, query if ask.dataset or ask.name else None, ask.filter, "version", DatasetVersion.id
+    )
+
+
+def dataset_ids(session: Session, ask: ListQuery) -> Any:
+    """The ids of the datasets `ask` lists, as a query; None if none."""
+    where = [] if ask.name is None else [Dataset.name == ask.name]
+    query = select(Dataset.id).where(*where)
+    return narrow(session, query, query if where else None, ask.filter, "dataset", Dataset.id)
 
 
 R = TypeVar("R", Dataset, DatasetVersion, Datum)
@@ -251,7 +284,7 @@ def versions_json(
     ids = [r.id for r in rows]
     files = _files_of(session, ids, files_limit, files_offset)
     counts = _file_counts(session, ids)
-    aliases = _aliases_of(session, ids)
+    names = aliases.version_aliases(session, ids)
     previous_ids = {r.previous_version_id for r in rows if r.previous_version_id is not None}
     previous = (
         {v.id: v for v in session.scalars(select(DatasetVersion).where(DatasetVersion.id.in_(previous_ids)))}
@@ -270,7 +303,7 @@ def versions_json(
                 "status": row.status,
                 "properties": row.properties or {},
                 "tags": list(row.tags or []),
-                "aliases": aliases.get(row.id, []),
+                "aliases": names.get(row.id, []),
                 "previous_version": None if base is None else base.uid,
                 "files": files.get(row.id, []),
                 "files_count": counts.get(row.id, 0),
@@ -332,20 +365,6 @@ def _file_counts(session: Session, version_ids: Sequence[int]) -> dict[int, int]
     return {v: n for v, n in session.execute(query).all()}
 
 
-def _aliases_of(session: Session, version_ids: Sequence[int]) -> dict[int, list[str]]:
-    if not version_ids:
-        return {}
-    query = (
-        select(VersionAlias.version_id, VersionAlias.name)
-        .where(VersionAlias.version_id.in_(version_ids))
-        .order_by(VersionAlias.name)
-    )
-    out: dict[int, list[str]] = {}
-    for version_id, name in session.execute(query).all():
-        out.setdefault(version_id, []).append(name)
-    return out
-
-
 def datum_aliases_of(session: Session, datum_ids: Sequence[int]) -> dict[int, str]:
     """The alias pointing at each datum that has one (an alias points at one datum at a time)."""
     if not datum_ids:
@@ -403,21 +422,15 @@ def history(
 
 
 def find_by_uri(session: Session, uri: str) -> tuple[str, int]:
-    """(`dataset` or `version`, id) of `dataset://<name>` or `dataset://<name>/<version>`."""
+    """(`dataset` or `version`, id) of `dataset://<name>` or `dataset://<name>/<version>`, where
+    the version part may also be `latest` (the newest completed) or an alias (`aliases.resolve`)."""
     name, version = parse_uri(uri, allow_latest=True)
     dataset = session.scalar(select(Dataset).where(Dataset.name == name))
     if dataset is None:
         raise NotFound(f"dataset://{name}")
     if version is None:
         return "dataset", dataset.id
-    query = select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id)
-    if version == "latest":
-        query = query.where(DatasetVersion.status == "completed").order_by(
-            DatasetVersion.completed_at.desc(), DatasetVersion.id.desc()
-        )
-    else:
-        query = query.where(DatasetVersion.name == version)
-    row = session.scalars(query.limit(1)).first()
+    row = aliases.resolve(session, name, version)
     if row is None:
         raise NotFound(uri)
     return "version", row.id

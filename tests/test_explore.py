@@ -1,0 +1,165 @@
+"""Facets, keys and exports over a filtered set, on both databases, through the HTTP app."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from tests.helpers import outcome
+from worker.api import create_app
+from worker.api_explore import parse_keys
+from worker.query import FilterError, Key
+from worker.staging import Staging
+from worker.store import export
+from worker.store.apply import apply_target
+from worker.uris import Target
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def client(engine: Engine, staging: Staging) -> Iterator[TestClient]:
+    with TestClient(create_app(engine, staging, lambda _key: None)) as c:
+        yield c
+
+
+def load(engine: Engine, staging: Staging, versions: dict[str, dict[str, Any]]) -> None:
+    lines = [
+        outcome(orjson.dumps({"dataset-version": f"dataset://press/{name}", "metadata": props}), n)
+        for n, (name, props) in enumerate(versions.items(), 1)
+    ]
+    staging.stage_lines("e1/valohai.metadata.jsonl", "e1", lines, "s")
+    for name in versions:
+        for key in staging.complete_version(Target("version", "press", name)):
+            apply_target(engine, staging, Target.parse(key))
+
+
+def sample(n: int) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(n):
+        props: dict[str, Any] = {"n": i, "split": ["train", "test", "val"][i % 3], "ok": i % 4 == 0}
+        if i % 5:
+            props["camera"] = {"fps": 10 * (i % 3), "model": "x"}
+        if i == 7:
+            props["split"] = 7  # one of another type
+        out[f"v{i:03}"] = props
+    return out
+
+
+def test_facets_count_values_types_and_missing(client: TestClient, engine: Engine, staging: Staging) -> None:
+    load(engine, staging, sample(30))
+    answer = client.get(
+        "/api/v0/dataset-versions/facets/", params={"keys": "split, ok, n, camera.fps, absent"}
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["count"] == 30
+    split, ok, n, fps, absent = body["facets"]
+    assert split["key"] == "split" and split["types"] == {"string": 29, "number": 1}
+    assert split["strings"]["values"] == [  # most frequent first, then by value
+        {"value": "train", "count": 10},
+        {"value": "val", "count": 10},
+        {"value": "test", "count": 9},  # v007 holds a number instead
+    ]
+    assert split["strings"]["other"] == 0 and split["missing"] == 0
+    assert split["numbers"]["min"] == 7 and split["numbers"]["count"] == 1
+    assert ok["booleans"]["values"] == [{"value": False, "count": 22}, {"value": True, "count": 8}]
+    assert n["numbers"]["min"] == 0 and n["numbers"]["max"] == 29
+    assert [b["count"] for b in n["numbers"]["histogram"]] == [3] * 10
+    assert n["numbers"]["histogram"][0]["low"] == 0 and n["numbers"]["histogram"][-1]["high"] == 29
+    assert fps["key"] == "camera.fps" and fps["present"] == 24 and fps["missing"] == 6
+    assert absent == {"key": "absent", "present": 0, "missing": 30, "types": {}}
+    filtered = client.get(
+        "/api/v0/dataset-versions/facets/", params={"keys": "split", "filter": 'split = "train" and n < 12'}
+    ).json()
+    assert filtered["count"] == 4
+    assert filtered["facets"][0]["strings"]["values"] == [{"value": "train", "count": 4}]
+    nothing = client.get(
+        "/api/v0/dataset-versions/facets/", params={"keys": "split", "filter": "n > 1000"}
+    ).json()
+    assert nothing["count"] == 0 and nothing["facets"][0]["present"] == 0
+
+
+def test_top_values_stop_at_twenty_and_count_the_rest(
+    client: TestClient, engine: Engine, staging: Staging
+) -> None:
+    load(engine, staging, {f"v{i}": {"label": f"l{i % 25:02}"} for i in range(50)})
+    (label,) = client.get("/api/v0/dataset-versions/facets/", params={"keys": "label"}).json()["facets"]
+    assert len(label["strings"]["values"]) == 20 and label["strings"]["other"] == 10
+    assert all(v["count"] == 2 for v in label["strings"]["values"])
+
+
+def test_keys_list_types_and_counts_with_a_prefix(
+    client: TestClient, engine: Engine, staging: Staging
+) -> None:
+    load(engine, staging, sample(30))
+    body = client.get("/api/v0/dataset-versions/keys/").json()
+    keys = {k["key"]: k for k in body["results"]}
+    assert set(keys) == {"n", "split", "ok", "camera", "camera.fps", "camera.model"}
+    assert keys["split"]["types"] == {"string": 29, "number": 1} and keys["split"]["count"] == 30
+    assert keys["camera"]["types"] == {"object": 24}
+    inside = client.get("/api/v0/dataset-versions/keys/", params={"prefix": "camera."}).json()
+    assert [k["key"] for k in inside["results"]] == ["camera.fps", "camera.model"]
+    some = client.get(
+        "/api/v0/dataset-versions/keys/", params={"filter": "exists camera", "prefix": "s"}
+    ).json()
+    assert [(k["key"], k["count"]) for k in some["results"]] == [("split", 24)]
+    assert client.get("/api/v0/datasets/keys/").json()["count"] == 0
+
+
+def test_bad_keys_and_filters_are_400(client: TestClient) -> None:
+    for params in ({"keys": "a..b"}, {"keys": ","}, {"keys": "-a"}, {"keys": "a", "filter": "a ="}, {}):
+        answer = client.get("/api/v0/dataset-versions/facets/", params=params)
+        assert answer.status_code == 400, (params, answer.text)
+    assert client.get("/api/v0/dataset-versions/export/", params={"filter": "x >"}).status_code == 400
+    assert client.get("/api/v0/dataset-versions/export/", params={"format": "xml"}).status_code == 400
+    assert parse_keys("a, `b,c`.d") == [Key(("a",)), Key(("b,c", "d"))]
+    with pytest.raises(FilterError):
+        parse_keys(",".join(f"k{i}" for i in range(51)))
+
+
+def test_exports_stream_every_row_in_each_format(
+    client: TestClient, engine: Engine, staging: Staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export, "BATCH", 7)  # several batches, and a last short one
+    versions = sample(30)
+    load(engine, staging, versions)
+    lines = client.get("/api/v0/dataset-versions/export/", params={"format": "jsonl"}).content.splitlines()
+    rows = [orjson.loads(line) for line in lines]
+    assert [r["name"] for r in rows] == sorted(versions) and [r["properties"] for r in rows] == list(
+        versions.values()
+    )
+    assert rows[0]["uri"] == "dataset://press/v000" and rows[0]["status"] == "completed"
+
+    text = client.get("/api/v0/dataset-versions/export/", params={"format": "csv", "filter": "n >= 10"}).text
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert len(table) == 20 and table[0]["name"] == "v010"
+    assert "properties" not in table[0] and "camera" in table[0]
+    assert (
+        table[0]["n"] == "10" and table[0]["ok"] == "false" and table[1]["camera"] == '{"fps":20,"model":"x"}'
+    )
+    assert table[0]["camera"] == ""  # v010 has none
+    chosen = client.get(
+        "/api/v0/dataset-versions/export/", params={"format": "csv", "columns": "split,n"}
+    ).text
+    assert chosen.splitlines()[0].endswith(",split,n")
+
+    import pyarrow.parquet as pq
+
+    blob = client.get("/api/v0/dataset-versions/export/", params={"format": "parquet"}).content
+    parquet = pq.read_table(io.BytesIO(blob))
+    assert parquet.num_rows == 30
+    types = {f.name: str(f.type) for f in parquet.schema}
+    assert types["properties.n"] == "double" and types["properties.ok"] == "bool"
+    assert types["properties.split"] == "string"  # strings and a number: JSON text
+    assert parquet.column("properties.n").to_pylist() == [float(i) for i in range(30)]
+    assert parquet.column("properties.split").to_pylist()[7] == "7"
+    datasets = client.get("/api/v0/datasets/export/", params={"format": "csv"}).text.splitlines()
+    assert datasets[0] == "id,name,uri,ctime,mtime" and len(datasets) == 2

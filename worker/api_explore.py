@@ -1,0 +1,180 @@
+"""Routes that look at a whole filtered set: facets, keys and exports (`.../facets/`,
+`.../keys/`, `.../export/` under `/api/v0/datasets/` and `/api/v0/dataset-versions/`).
+
+Registered before the `{id}` routes, which would otherwise take `facets` for an id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Query
+from fastapi.responses import StreamingResponse
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from .api_models import OwnerId, errors
+from .api_params import Filter
+from .edge import error_response
+from .errors import BadURI
+from .query import FilterError, Key
+from .store import diff, export, facets, queries
+from .store.search import ordering_key
+
+log = logging.getLogger(__name__)
+API_ERRORS = (401, 413, 503)
+MAX_FACET_KEYS = 50
+Keys = Annotated[
+    str,
+    Query(
+        min_length=1,
+        max_length=4000,  # a URL past ~16 KB is refused by the HTTP server itself
+        json_schema_extra={"format": "sidecar-keys"},
+        description=f"Comma-separated keys in the filter language's syntax (at most {MAX_FACET_KEYS}).",
+    ),
+]
+Against = Annotated[
+    str | None, Query(max_length=600, description="A version id, or dataset://<name>/<version|alias|latest>")
+]
+Prefix = Annotated[str, Query(max_length=1000, description="Keys that start with this, written with dots")]
+Columns = Annotated[
+    str | None, Query(max_length=4000, description="Comma-separated top-level keys; default: all")
+]
+
+
+def parse_keys(text: str) -> list[Key]:
+    """`a, b.c, `x,y`` → keys; a comma inside backticks belongs to the key. FilterError if one
+    does not parse or there are too many."""
+    parts, start, quoted = [], 0, False
+    for i, ch in enumerate(text):
+        if ch == "`":
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            parts.append((start, text[start:i]))
+            start = i + 1
+    parts.append((start, text[start:]))
+    keys = []
+    for offset, part in parts:
+        if not part.strip():
+            continue
+        try:
+            key, descending = ordering_key(part.strip())
+        except FilterError as exc:
+            raise FilterError(offset + exc.position, exc.expected, exc.problem) from None
+        if descending:
+            raise FilterError(offset, "a key", "a key cannot start with '-'")
+        keys.append(key)
+    if not keys:
+        raise FilterError(0, "a key", "name at least one key")
+    if len(keys) > MAX_FACET_KEYS:
+        raise FilterError(0, "fewer keys", f"at most {MAX_FACET_KEYS} keys")
+    return keys
+
+
+def explore_routes(app: FastAPI, engine: Engine) -> None:
+    _routes(app, engine, "dataset", "datasets")
+    _routes(app, engine, "version", "dataset-versions")
+
+    @app.get(
+        "/api/v0/dataset-versions/{version_id}/diff/",
+        response_model=dict[str, Any],
+        responses=errors(*API_ERRORS, 400, 404),
+    )
+    def get_diff(version_id: OwnerId, against: Against = None) -> Any:
+        """Properties added, removed and changed (old → new), and files added, removed and
+        changed (by checksum), from `against` (an id or a version URI; default: the version its
+        `from` named, else the dataset's version before it) to this version."""
+        with Session(engine) as session:
+            try:
+                return diff.diff(session, version_id, against)
+            except BadURI as exc:
+                return error_response(400, "bad_request", f"against: {exc}")
+
+
+def _routes(app: FastAPI, engine: Engine, kind: Literal["dataset", "version"], base: str) -> None:
+    def owners(session: Session, ask: queries.ListQuery) -> Any:
+        """The set's ids as a query; None for all; False for none."""
+        if not ask.filter and not ask.name and not ask.dataset:
+            return None
+        ids = queries.dataset_ids(session, ask) if kind == "dataset" else queries.version_ids(session, ask)
+        return False if ids is None else ids
+
+    @app.get(
+        f"/api/v0/{base}/facets/",
+        name=f"{kind}_facets",
+        response_model=dict[str, Any],
+        responses=errors(*API_ERRORS, 400),
+    )
+    def get_facets(
+        keys: Keys, filter: Filter = None, name: str | None = None, dataset: str | None = None
+    ) -> dict[str, Any]:
+        """For each key, within the filtered set: how many have it (by type) and how many do not;
+        the 20 most frequent strings and the booleans with counts (then `other`); for numbers,
+        min, max and a 10-bucket histogram."""
+        wanted = parse_keys(keys)
+        ask = queries.ListQuery(name=name, dataset=dataset if kind == "version" else None, filter=filter)
+        with Session(engine) as session:
+            ids = owners(session, ask)
+            if ids is False:
+                return {"count": 0, "facets": [facets.facets_of_nothing(k) for k in wanted]}
+            return facets.facets(session, kind, ids, wanted)
+
+    @app.get(
+        f"/api/v0/{base}/keys/",
+        name=f"{kind}_keys",
+        response_model=dict[str, Any],
+        responses=errors(*API_ERRORS, 400),
+    )
+    def get_keys(
+        filter: Filter = None, prefix: Prefix = "", name: str | None = None, dataset: str | None = None
+    ) -> dict[str, Any]:
+        """The distinct property keys of the filtered set (nested ones as `a.b`), each with how
+        many have it and by which JSON type."""
+        ask = queries.ListQuery(name=name, dataset=dataset if kind == "version" else None, filter=filter)
+        with Session(engine) as session:
+            ids = owners(session, ask)
+            found = [] if ids is False else facets.key_counts(session, kind, ids, prefix)
+        return {"count": len(found), "results": found}
+
+    @app.get(
+        f"/api/v0/{base}/export/",
+        name=f"{kind}_export",
+        response_class=StreamingResponse,
+        responses={
+            200: {"description": "The rows, streamed", "content": {m: {} for m in export.MEDIA.values()}},
+            **errors(*API_ERRORS, 400),
+        },
+    )
+    def get_export(
+        format: Literal["csv", "jsonl", "parquet"] = "jsonl",
+        filter: Filter = None,
+        columns: Columns = None,
+        name: str | None = None,
+        dataset: str | None = None,
+    ) -> StreamingResponse:
+        """Every row of the filtered set in id order, streamed in constant memory: the object's
+        fields, then its properties (JSON Lines: the property set; CSV: one column per key,
+        nested values as JSON text; Parquet: typed columns `properties.<key>`)."""
+        ask = queries.ListQuery(name=name, dataset=dataset if kind == "version" else None, filter=filter)
+        chosen = tuple(c.strip() for c in (columns or "").split(",") if c.strip())
+        job = export.Export(kind, ask, format, chosen)
+        with Session(engine) as session:
+            if filter:
+                owners(session, ask)  # a filter that does not parse is a 400 now, not a broken stream
+        suffix = {"csv": "csv", "jsonl": "jsonl", "parquet": "parquet"}[format]
+        headers = {"Content-Disposition": f'attachment; filename="{base}.{suffix}"'}
+        return StreamingResponse(
+            _logged(export.stream(engine, job), base), media_type=export.MEDIA[format], headers=headers
+        )
+
+
+def _logged(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
+    """An export that fails once its first bytes are sent can only be cut short (the status is
+    gone): say why in the log, where an operator can see it."""
+    try:
+        yield from chunks
+    except Exception:
+        log.exception("export of %s failed while streaming; the response was cut short", what)
+        raise

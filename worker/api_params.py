@@ -1,0 +1,27 @@
+"""The query parameters routes share, with their ranges and formats for `/openapi.json`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Query
+
+from .api_models import MAX_LIMIT, MAX_OFFSET
+from .query import MAX_LENGTH as MAX_FILTER
+
+FILTER_TEXT = "The filter language (see README, Search); a filter that does not parse answers 400."
+ORDERING_TEXT = (
+    "A field (`id`, `name`, `ctime`, `mtime`) or a property (`properties.<key>`); `-` first: descending."
+)
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+# The filter language and an ordering key are grammars no JSON Schema can hold: named formats.
+Filter = Annotated[
+    str | None,
+    Query(max_length=MAX_FILTER, json_schema_extra={"format": "sidecar-filter"}, description=FILTER_TEXT),
+]
+Ordering = Annotated[
+    str | None,
+    Query(json_schema_extra={"format": "sidecar-ordering"}, description=ORDERING_TEXT),
+]
+VersionURI = Annotated[str, Query(pattern=r"^dataset://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]

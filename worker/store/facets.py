@@ -1,0 +1,162 @@
+"""Facets and keys: what values a set of datasets or versions holds, read from the search index.
+
+Every count is of owners (a dataset or version has at most one index row per property path).
+The set is the rows a list with the same `filter` (and names) would show; None means all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from sqlalchemy import Integer, case, cast, func, select
+from sqlalchemy.orm import Session
+
+from ..limits import path_text
+from ..query import Key, key_text
+from .models import Dataset, DatasetVersion, Datum, PropertyIndex
+from .search import OwnerKind
+
+TOP = 20  # values listed per string key (then "other")
+BUCKETS = 10
+MAX_KEYS = 10_000  # distinct keys `keys` reads at most
+_TABLES: dict[str, Any] = {"dataset": Dataset, "version": DatasetVersion, "datum": Datum}
+
+
+def facets(session: Session, kind: OwnerKind, owners: Any, keys: Sequence[Key]) -> dict[str, Any]:
+    """Per key: how many owners of the set have it, by type; the top string and boolean values
+    with counts (then `other` and `missing`); min, max and a histogram of the numbers.
+
+    `owners` is a query of owner ids (the filtered set), or None for every owner of `kind`."""
+    if owners is None:
+        total = session.scalar(select(func.count()).select_from(_TABLES[kind])) or 0
+    else:
+        total = session.scalar(select(func.count()).select_from(owners.subquery())) or 0
+    return {"count": total, "facets": [_facet(session, kind, owners, key, total) for key in keys]}
+
+
+def facets_of_nothing(key: Key) -> dict[str, Any]:
+    """A key's facet over the empty set."""
+    return {"key": key_text(key), "present": 0, "missing": 0, "types": {}}
+
+
+def _rows(kind: OwnerKind, owners: Any, key: Key) -> list[Any]:
+    where = [PropertyIndex.owner_kind == kind, PropertyIndex.path == path_text(key.path)]
+    if owners is not None:
+        where.append(PropertyIndex.owner_id.in_(owners.scalar_subquery()))
+    return where
+
+
+def _facet(session: Session, kind: OwnerKind, owners: Any, key: Key, total: int) -> dict[str, Any]:
+    where = _rows(kind, owners, key)
+    types = dict(
+        session.execute(
+            select(PropertyIndex.vtype, func.count()).where(*where).group_by(PropertyIndex.vtype)
+        ).all()
+    )
+    present = sum(types.values())
+    out: dict[str, Any] = {
+        "key": key_text(key),
+        "present": present,
+        "missing": total - present,
+        "types": types,
+    }
+    if types.get("string"):
+        # str_key is set for strings only, so the (owner_kind, path, str_key) index answers this
+        # alone. Values longer than 200 characters are grouped by their first 200.
+        top = session.execute(
+            select(PropertyIndex.str_key, func.count().label("n"))
+            .where(*where, PropertyIndex.str_key.is_not(None))
+            .group_by(PropertyIndex.str_key)
+            .order_by(func.count().desc(), PropertyIndex.str_key)
+            .limit(TOP)
+        ).all()
+        shown = sum(n for _, n in top)
+        out["strings"] = {
+            "values": [{"value": v, "count": n} for v, n in top],
+            "other": types["string"] - shown,
+        }
+    if types.get("boolean"):
+        pairs = session.execute(
+            select(PropertyIndex.bool_value, func.count())
+            .where(*where, PropertyIndex.vtype == "boolean")
+            .group_by(PropertyIndex.bool_value)
+            .order_by(func.count().desc(), PropertyIndex.bool_value)
+        ).all()
+        out["booleans"] = {"values": [{"value": bool(v), "count": n} for v, n in pairs], "other": 0}
+    if types.get("number"):
+        out["numbers"] = _numbers(session, where, types["number"])
+    return out
+
+
+def _numbers(session: Session, where: list[Any], count: int) -> dict[str, Any]:
+    low, high = session.execute(
+        select(func.min(PropertyIndex.num), func.max(PropertyIndex.num)).where(
+            *where, PropertyIndex.num.is_not(None)
+        )
+    ).one()
+    if low is None or high is None:
+        return {"count": 0, "min": None, "max": None, "histogram": []}
+    if low == high:
+        return {
+            "count": count,
+            "min": low,
+            "max": high,
+            "histogram": [{"low": low, "high": high, "count": count}],
+        }
+    width = (high - low) / BUCKETS
+    # Bucket i holds [low + i*width, low + (i+1)*width); the maximum goes in the last one. The
+    # offset is never negative, so truncating (CAST in SQLite; floor first for PostgreSQL,
+    # whose CAST rounds) is the floor.
+    offset = (PropertyIndex.num - low) / width
+    dialect = session.get_bind().dialect.name
+    index = cast(func.floor(offset) if dialect == "postgresql" else offset, Integer)
+    bucket = case((PropertyIndex.num >= high, BUCKETS - 1), else_=index).label("bucket")
+    counts: dict[int, int] = dict(
+        session.execute(
+            select(bucket, func.count()).where(*where, PropertyIndex.num.is_not(None)).group_by(bucket)
+        ).all()
+    )
+    histogram = [
+        {
+            "low": low + i * width,
+            "high": high if i == BUCKETS - 1 else low + (i + 1) * width,
+            "count": counts.get(i, 0),
+        }
+        for i in range(BUCKETS)
+    ]
+    return {"count": count, "min": low, "max": high, "histogram": histogram}
+
+
+def key_counts(session: Session, kind: OwnerKind, owners: Any, prefix: str = "") -> list[dict[str, Any]]:
+    """The distinct property keys (nested ones as `a.b`) of the set, with how many owners have
+    each and by which type, in key order. `prefix` matches the start of the key as written with
+    dots (`camera.` lists the keys inside `camera`)."""
+    where = [PropertyIndex.owner_kind == kind]
+    if owners is not None:
+        where.append(PropertyIndex.owner_id.in_(owners.scalar_subquery()))
+    if prefix:
+        start = path_text(prefix.split("."))[:-2]  # the JSON array text without its closing `"]`
+        escaped = start.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append(PropertyIndex.path.like(escaped + "%", escape="\\"))
+    rows = session.execute(
+        select(PropertyIndex.path, PropertyIndex.vtype, func.count())
+        .where(*where)
+        .group_by(PropertyIndex.path, PropertyIndex.vtype)
+        .order_by(PropertyIndex.path)
+        .limit(MAX_KEYS * 5)
+    ).all()
+    found: dict[str, dict[str, Any]] = {}
+    for path, vtype, n in rows:
+        entry = found.get(path)
+        if entry is None:
+            parts = orjson.loads(path)
+            try:
+                text = key_text(Key(tuple(parts)))
+            except ValueError:  # a segment with a backtick cannot be written in the language
+                continue
+            entry = found[path] = {"key": text, "path": parts, "count": 0, "types": {}}
+        entry["types"][vtype] = n
+        entry["count"] += n
+    return sorted(found.values(), key=lambda e: e["key"])[:MAX_KEYS]
