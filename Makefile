@@ -31,7 +31,8 @@ bench: install
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
 
 lint: install
-	$(BIN)/ruff check worker tests
+	$(BIN)/ruff check worker tests bench scripts
+	$(BIN)/ruff format --check worker tests bench scripts
 	$(BIN)/mypy
 
 clean:

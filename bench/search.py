@@ -9,16 +9,26 @@ nested object), 1 dataset of 10 properties per 10 versions. The size is fitted t
 Each query runs through the real query layer: the count and the first page of 100 (as the API
 answers it). Floor: the same query with the property_index indexes dropped; the speed-up is
 reported. Target: p50 ≤ 50 ms for a selective filter.
+
+Also over the same store: a facet of one key over every version (`store.facets`, target p50 ≤
+200 ms), the keys of every version, and `sidecar export --versions` of every version to
+/dev/null in a child process whose peak RSS is compared with the same command exporting nothing
+(target: at most 100 MB more, whatever the number of rows).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from worker.query import Key
+from worker.store import facets
 from worker.store.index import STR_KEY_LENGTH, flatten
 from worker.store.models import PropertyIndex
 from worker.store.queries import ListQuery, list_versions
@@ -58,6 +68,7 @@ def run(ctx: Context) -> Section:
                     text("SELECT count(*) FROM property_index")
                 ).scalar()
             results = _measure_all(ctx, engine, versions)
+            results.update(_measure_export(url, versions))
         finally:
             engine.dispose()
     section.data["queries"] = results
@@ -67,7 +78,35 @@ def run(ctx: Context) -> Section:
         f"({fmt_int(section.data['index_rows'])} index rows){scaled_note}; built in {build_s:.0f} s"
     )
     for name, result in results.items():
+        if result["selective"] == "export":
+            grown = result["rss_mb"] - result["floor_mb"]
+            section.rows.append(
+                Row(
+                    f"search: {name}",
+                    f"`sidecar export --versions` of all {fmt_int(versions)} versions to /dev/null; peak RSS",
+                    f"{result['rss_mb']:.0f} MB ({fmt_int(int(result['rows_per_s']))} rows/s)",
+                    f"exporting nothing: {result['floor_mb']:.0f} MB",
+                    f"+{grown:.0f} MB",
+                    "+≤ 100 MB (constant memory)",
+                    verdict(grown <= 100),
+                )
+            )
+            continue
         stats = result["indexed"]
+        if result["selective"] is None:  # a facet or the keys: no floor without the indexes
+            target = 200 if name.startswith("facet") else None
+            section.rows.append(
+                Row(
+                    f"search: {name}",
+                    f"over all {fmt_int(versions)} versions, no filter (`store.facets`, as the API calls it)",
+                    fmt_lat(stats),
+                    "—",
+                    "—",
+                    f"p50 ≤ {target} ms" if target else "—",
+                    verdict(stats["p50_ms"] <= target) if target else "info",
+                )
+            )
+            continue
         bare = result["no_index"]
         speedup = bare["p50_ms"] / stats["p50_ms"]
         selective = result["selective"]
@@ -100,6 +139,7 @@ def _measure_all(ctx: Context, engine: Engine, versions: int) -> dict[str, Any]:
             "indexed": summary(samples),
             "indexed_ms": [s * 1000 for s in samples],
         }
+    results.update(_measure_facets(ctx, engine, versions, per_query))
     with engine.begin() as conn:
         for index in table(PropertyIndex).indexes:
             index.drop(conn)
@@ -109,6 +149,96 @@ def _measure_all(ctx: Context, engine: Engine, versions: int) -> dict[str, Any]:
         samples, _count = _time_query(engine, filter_text, 1, 3, per_query)
         results[name]["no_index"] = summary(samples)
     return results
+
+
+FACETS = [("string", "split"), ("number", "score"), ("boolean", "reviewed"), ("nested number", "camera.fps")]
+
+
+def _measure_facets(ctx: Context, engine: Engine, versions: int, seconds: float) -> dict[str, Any]:
+    """A facet of one key over every version (no filter), through `store.facets` as the API
+    calls it; and the keys of the whole set. Floor: none (reported against the target)."""
+
+    def facet(key: Key) -> None:
+        with Session(engine) as session:
+            facets.facets(session, "version", None, [key])
+
+    def keys() -> None:
+        with Session(engine) as session:
+            facets.key_counts(session, "version", None)
+
+    out: dict[str, Any] = {}
+    for label, key in FACETS:
+        parsed = Key(tuple(key.split(".")))
+        samples = _time(lambda k=parsed: facet(k), 3, 20, seconds)
+        out[f"facet: {label}"] = {
+            "filter": key,
+            "selective": None,
+            "count": versions,
+            "indexed": summary(samples),
+        }
+    out["keys of every version"] = {
+        "filter": "keys",
+        "selective": None,
+        "count": versions,
+        "indexed": summary(_time(keys, 1, 5, seconds)),
+    }
+    return out
+
+
+# A child process that runs `sidecar export` and prints its own peak RSS (KiB) when done.
+_EXPORT_CHILD = """
+import resource, sys
+from worker.cli import main
+code = main(sys.argv[1:])
+print("maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _measure_export(url: str, versions: int) -> dict[str, Any]:
+    """`sidecar export --versions` of every version to /dev/null (JSON Lines and Parquet), peak
+    RSS against the same command exporting nothing (the floor: the process itself)."""
+    out: dict[str, Any] = {}
+    env = {**os.environ, "SIDECAR_DATABASE_URL": url}
+    floor = _export_rss(env, ["--filter", 'run_id = "none"', "--format", "jsonl"])
+    for fmt in ("jsonl", "parquet"):
+        start = time.perf_counter()
+        peak = _export_rss(env, ["--format", fmt])
+        seconds = time.perf_counter() - start
+        out[f"export {fmt}"] = {
+            "filter": "",
+            "selective": "export",
+            "count": versions,
+            "rss_mb": peak / 1024,
+            "floor_mb": floor / 1024,
+            "rows_per_s": versions / seconds,
+        }
+    return out
+
+
+def _export_rss(env: dict[str, str], args: list[str]) -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXPORT_CHILD, "export", "--versions", "-o", os.devnull, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stderr.rsplit("maxrss", 1)[1].split()[0])
+
+
+def _time(call: Any, low: int, high: int, seconds: float) -> list[float]:
+    samples: list[float] = []
+    began = time.perf_counter()
+    for i in range(high + 1):
+        if i > low and time.perf_counter() - began > seconds:
+            break
+        start = time.perf_counter()
+        call()
+        if i:
+            samples.append(time.perf_counter() - start)
+    return samples
 
 
 def _time_query(
@@ -138,8 +268,8 @@ def _time_query(
 # object). `_check_index` compares a few owners' rows with `flatten` itself.
 
 _DATASETS = """
-INSERT INTO datasets (id, name, properties, created_at, updated_at)
-SELECT d, 'bench-search-' || d, jsonb_build_object(
+INSERT INTO datasets (id, uid, name, tags, properties, created_at, updated_at)
+SELECT d, gen_random_uuid()::text, 'bench-search-' || d, '[]'::jsonb, jsonb_build_object(
     'domain', 'domain-' || (d % 10), 'owner', 'owner-' || (d % 50),
     'project_code', 'prj-' || lpad(d::text, 6, '0'), 'retention_days', (ARRAY[30, 90, 365])[1 + d % 3],
     'material', 'stainless-steel-304', 'region', (ARRAY['eu', 'us', 'ap'])[1 + d % 3],
@@ -148,8 +278,10 @@ SELECT d, 'bench-search-' || d, jsonb_build_object(
 FROM generate_series(:first / 10 + 1, :last / 10) d
 """
 _VERSIONS = """
-INSERT INTO dataset_versions (id, dataset_id, name, status, properties, created_at, updated_at, completed_at)
-SELECT i, (i - 1) / 10 + 1, 'v' || i, 'completed', jsonb_build_object(
+INSERT INTO dataset_versions
+  (id, uid, dataset_id, name, status, tags, spec, properties, created_at, updated_at, completed_at)
+SELECT i, gen_random_uuid()::text, (i - 1) / 10 + 1, 'v' || i, 'completed', '[]'::jsonb, '{}'::jsonb,
+  jsonb_build_object(
     'run_id', 'run-' || lpad(i::text, 7, '0'), 'score', random(),
     'sample_count', floor(random() * 100000)::int,
     'shift', (ARRAY['night', 'day', 'evening'])[1 + floor(random() * 3)::int],

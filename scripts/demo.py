@@ -36,10 +36,16 @@ def main(root: Path) -> None:
         for name, metadata in VERSION.items():
             json.dump({"dataset-version": name, "metadata": metadata}, outfile)
             outfile.write("\n")
-        json.dump({"file": "images/0001.png", "metadata": {
-            "camera": "top", "valohai.dataset-versions": list(VERSION)}}, outfile)
+        json.dump(
+            {
+                "file": "images/0001.png",
+                "metadata": {"camera": "top", "valohai.dataset-versions": list(VERSION)},
+            },
+            outfile,
+        )
         outfile.write("\n")
-    print(f"""
+    print(
+        f"""
 Demo execution written to {outputs}/valohai.metadata.jsonl.
 Starting `sidecar up` now. Nothing is visible until the version completes. In another terminal:
 
@@ -50,7 +56,9 @@ Starting `sidecar up` now. Nothing is visible until the version completes. In an
   .venv/bin/sidecar rejects
 
 Ctrl-C stops everything.
-""", flush=True)
+""",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

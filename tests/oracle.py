@@ -160,12 +160,16 @@ def classify(raw: bytes, execution: str) -> list[tuple[str, dict[str, Any]]]:
             uri, metadata = doc.get(kind), doc.get("metadata")
             if set(doc) != {kind, "metadata"} or not isinstance(uri, str) or not pattern.fullmatch(uri):
                 return []
+            if not isinstance(metadata, dict):
+                return []
             if kind == "dataset-version" and _version_uri(uri) is None:
                 return []
             return [(uri, metadata)] if _good_properties(metadata, reserved_ok=False) else []
     if "file" in doc:
         path, metadata = doc.get("file"), doc.get("metadata")
-        if set(doc) != {"file", "metadata"} or not _good_datum_path(path):
+        if set(doc) != {"file", "metadata"} or not isinstance(path, str) or not _good_datum_path(path):
+            return []
+        if not isinstance(metadata, dict):
             return []
         if not _good_properties(metadata, reserved_ok=True) or not _datum_reserved_ok(metadata):
             return []
@@ -237,8 +241,8 @@ def expected_state(
         for raw in lines:
             for target, metadata in classify(raw.rstrip(b"\n"), execution):
                 fold_into(state.setdefault(target, {}), metadata)
-    for target, metadata in api_writes:
-        fold_into(state.setdefault(target, {}), metadata)
+    for target, written in api_writes:
+        fold_into(state.setdefault(target, {}), written)
     return state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
@@ -25,7 +26,7 @@ def vline(meta: str) -> bytes:
     return b'{"dataset-version": "dataset://press/v1", "metadata": %s}' % meta.encode()
 
 
-def version_props(engine: Engine) -> dict[str, object] | None:
+def version_props(engine: Engine) -> dict[str, Any] | None:
     with Session(engine) as s:
         row = s.scalar(select(DatasetVersion).where(DatasetVersion.name == "v1"))
         return None if row is None else row.properties

@@ -30,6 +30,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import kombu
 import pytest
@@ -99,9 +100,9 @@ def _delete_queue(url: str, queue: str) -> None:
     with kombu.Connection(url, connect_timeout=5) as conn:
         channel = conn.channel()
         with contextlib.suppress(Exception):
-            channel.queue_delete(queue)
+            channel.queue_delete(queue)  # type: ignore[attr-defined]  # a kombu Channel; stubs say StdChannel
         with contextlib.suppress(Exception):
-            channel.exchange_delete(queue)
+            channel.exchange_delete(queue)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_sidecar_up_with_rabbitmq_as_the_broker(amqp_url: str, tmp_path: Path) -
     try:
         up.wait_ready()
         path = up.execution("exec-up")
-        metas = [{"a": 1}, {"b": "two"}, {"a": None}]
+        metas: list[dict[str, Any]] = [{"a": 1}, {"b": "two"}, {"a": None}]
         write_lines(path, metas, "dataset://rmq-up/v1")
         wait_until(
             lambda: samples(up.http.get("/metrics").text, "sidecar_lines_ingested_total") == {"": 3},

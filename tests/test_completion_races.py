@@ -148,7 +148,7 @@ class Round:
         """The lines to append, in small batches."""
         batches = []
         for i in range(self.rng.randint(2, 6)):
-            batch = []
+            batch: list[Any] = []
             for _ in range(self.rng.randint(1, 4)):
                 meta = {f"k{self.rng.randint(0, 5)}": value(self.rng), "seq": len(self.lines) + len(batch)}
                 batch.append(version_line(self.version.key, meta))

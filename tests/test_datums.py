@@ -120,12 +120,13 @@ def test_writes_with_history_tags_and_alias(client: TestClient, engine: Engine, 
     resolved = client.get("/api/v0/datum-aliases/resolve/?name=best")
     assert resolved.status_code == 200 and resolved.json()["datum"]["id"] == datum["id"]
     assert client.get("/api/v0/datum-aliases/resolve/?name=nope").status_code == 404
-    for body, key in (
+    refusals: list[tuple[dict[str, Any], str]] = [
         ({"valohai.last-used": "x"}, "valohai.last-used"),
         ({"valohai.tags": "x"}, "valohai.tags"),
         ({"valohai.alias": "a b"}, "valohai.alias"),
         ({"valohai.alias": "a" * 256}, "valohai.alias"),
-    ):
+    ]
+    for body, key in refusals:
         refused = client.post(url, json=body)
         assert refused.status_code == 400 and refused.json()["key"] == key, refused.text
     bulk = client.post("/api/v0/data/metadata/apply/", json={"datum_metadata": {datum["id"]: {"n": 2}}})

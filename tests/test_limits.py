@@ -97,9 +97,9 @@ def test_each_limit_and_one_past_it_with_good_lines_around(
     engine: Engine, staging: Staging, tmp_path: Path
 ) -> None:
     lines: list[dict[str, Any]] = []
-    for number, (_, line, _) in enumerate(CASES):
+    for number, (_, case_line, _) in enumerate(CASES):
         lines.append({"dataset-version": "dataset://ds/v1", "metadata": {f"good{number}": number}})
-        lines.append(line)
+        lines.append(case_line)
     lines.append({"dataset-version": "dataset://ds/v1", "metadata": {"last": True}})
     path = _write(tmp_path, lines)
     stats = Ingestor(tmp_path, staging, line_limit=1024 * 1024).ingest(path)

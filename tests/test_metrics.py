@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import prometheus_client
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -65,7 +66,7 @@ def test_a_standalone_server_shows_its_own_registry_and_promtool_accepts_it(
     engine: Engine, staging: Staging, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    assert metrics.scrape_registry() is metrics.REGISTRY
+    assert metrics.scrape_registry() is prometheus_client.REGISTRY
     client = TestClient(create_app(engine, staging, lambda _key: None))
     text = client.get("/metrics").text
     assert samples(text, "sidecar_backlog_due_targets") == {"": 0.0}

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import Case, GenerationMode
 from schemathesis.schemas import APIOperation
+from sqlalchemy import Engine
 
 from tests.helpers import outcome
 from tests.test_query import keys, nodes
@@ -67,14 +69,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _seed(engine: object, staging: Staging) -> None:
+def _seed(engine: Engine, staging: Staging) -> None:
     """Two completed versions (one with a file), a building one, a dataset and some history."""
     staging.stage_lines(FILE, "exec-1", [outcome(raw, n) for n, raw in enumerate(LINES, 1)], "s")
     for key in staging.complete_execution("exec-1"):
-        apply_target(engine, staging, Target.parse(key))  # type: ignore[arg-type]
+        apply_target(engine, staging, Target.parse(key))
     for name in ("v1", "v2"):
         for key in staging.complete_version(Target("version", "press", name)):
-            apply_target(engine, staging, Target.parse(key))  # type: ignore[arg-type]
+            apply_target(engine, staging, Target.parse(key))
     apply_target(engine, staging, Target("version", "press", "v3"))  # registered, still building
     # A watcher that scanned just now, so /readyz is ready (its 503 is for a sick deployment).
     staging.beat("watcher", "fuzz:1", {"last_scan_age": 0.0}, ttl=600)
@@ -151,10 +153,10 @@ schemathesis.openapi.format(
 EXAMPLES = int(os.environ.get("SIDECAR_FUZZ_EXAMPLES", "20"))
 
 
-def _fuzz(server: Server, operation: APIOperation, mode: GenerationMode) -> None:
+def _fuzz(server: Server, operation: APIOperation[Any, Any, Any, Any], mode: GenerationMode) -> None:
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    def run(case: Case) -> None:
+    def run(case: Case[Any]) -> None:
         case.call_and_validate(base_url=server.url, headers=server.headers, timeout=30)
 
     with contextlib.suppress(Unsatisfiable):  # negative data for an operation with no inputs
@@ -166,7 +168,7 @@ def test_openapi_conformance(server: Server) -> None:
     # The token is sent with every request (server.headers); generating it would only mutate it.
     # ignored_auth still checks that a request without it is refused.
     api.config.generation.update(with_security_parameters=False)
-    operations = [result.ok() for result in api.get_all_operations()]
+    operations = [result.ok() for result in api.get_all_operations()]  # type: ignore[union-attr]
     assert len(operations) >= 12, [op.label for op in operations]
     failures: list[str] = []
     for operation in operations:

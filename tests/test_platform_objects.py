@@ -239,6 +239,7 @@ def test_a_dataset_is_created_by_name_as_clients_do(client: TestClient) -> None:
     assert client.get(f"/api/v0/datasets/{created['id']}/").json()["name"] == "uploads"
     again = client.post("/api/v0/datasets/", json={"name": "uploads"})
     assert again.status_code == 409 and again.json()["id"] == created["id"]
+    bad: Any
     for bad in ({"name": "a/b"}, {"name": ""}, {"name": 3}, {}, [], {"name": "x" * 256}):
         answer = client.post("/api/v0/datasets/", json=bad)
         assert answer.status_code == 400 and answer.json()["error"] == "bad_request", bad

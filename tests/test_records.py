@@ -92,11 +92,12 @@ def test_the_depth_limit_is_the_same_whatever_the_brackets_around_it(
         "version": b'{"dataset-version": "dataset://a/v", "metadata": %s}' % metadata,
         "datum": b'{"file": "f", "metadata": %s}' % metadata,
     }
-    parse = (
-        (lambda: parse_datum_object(metadata, "f", src()))
-        if kind == "per-output"
-        else (lambda: parse_line(lines[kind], src()))
-    )
+
+    def parse() -> list[Entry]:
+        if kind == "per-output":
+            return parse_datum_object(metadata, "f", src())
+        return parse_line(lines[kind], src())
+
     if depth > 32:
         with pytest.raises(InvalidEntry, match="deeper than 32"):
             parse()

@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -298,7 +299,7 @@ def test_watcher_sigkilled_while_files_grow_loses_and_reorders_nothing(
         for n in range(KILLS + 1):
             watcher = Sidecar(["watch"], env, tmp_path / f"watch-{n}.log")
             watchers.append(watcher)
-            wait_until(lambda w=watcher: watching(w), timeout=DEADLINE, what="the watcher started")
+            wait_until(partial(watching, watcher), timeout=DEADLINE, what="the watcher started")
             if n == KILLS:
                 break
             time.sleep(rng.uniform(0.05, 1.5))  # mid-read, mid-batch or idle: wherever it lands

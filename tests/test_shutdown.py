@@ -76,7 +76,7 @@ class Sidecar:
 
     def alive(self) -> bool:
         code = self.proc.poll()
-        assert code is None, f"{self.proc.args} exited with {code}:\n{self.log()}"
+        assert code is None, f"{self.proc.args!r} exited with {code}:\n{self.log()}"
         return True
 
     def sigterm_and_wait(self, timeout: float = EXIT_TIMEOUT) -> int:
@@ -86,7 +86,7 @@ class Sidecar:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_group(self.proc)
-            pytest.fail(f"{self.proc.args} did not exit within {timeout:.0f} s of SIGTERM:\n{self.log()}")
+            pytest.fail(f"{self.proc.args!r} did not exit within {timeout:.0f} s of SIGTERM:\n{self.log()}")
 
     def close(self) -> None:
         kill_group(self.proc)  # a no-op after a clean exit (the group is gone)

@@ -10,17 +10,19 @@ import logging
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query
-from fastapi.responses import StreamingResponse
+import orjson
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from .api_models import OwnerId, errors
 from .api_params import Filter
 from .edge import error_response
-from .errors import BadURI
+from .errors import BadURI, InvalidEntry
 from .query import FilterError, Key
-from .store import diff, export, facets, queries
+from .store import diff, export, facets, queries, saved
 from .store.search import ordering_key
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,75 @@ def explore_routes(app: FastAPI, engine: Engine) -> None:
                 return diff.diff(session, version_id, against)
             except BadURI as exc:
                 return error_response(400, "bad_request", f"against: {exc}")
+
+
+def saved_routes(app: FastAPI, engine: Engine) -> None:
+    """`/api/v0/saved-searches/`: list (`?scope=`), create, get and delete saved searches."""
+    plain = "[^\\x00-\\x1f\\x7f-\\x9f]"  # no control characters; and not only spaces:
+    name = {"type": "string", "maxLength": 255, "pattern": f"^{plain}*[^\\s\\x00-\\x1f\\x7f-\\x9f]{plain}*$"}
+    columns = {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1, "maxLength": 256},
+        "maxItems": 100,
+    }
+    body = {
+        "type": "object",
+        "properties": {
+            "name": name,
+            "scope": {"type": "string", "enum": list(saved.SCOPES)},
+            "filter": {"type": "string", "format": "sidecar-filter"},
+            "ordering": {"type": "string", "format": "sidecar-ordering"},
+            "columns": columns,
+        },
+        "required": ["name", "scope"],
+    }
+
+    @app.get("/api/v0/saved-searches/", response_model=dict[str, Any], responses=errors(*API_ERRORS, 400))
+    def list_saved(scope: Literal["datasets", "dataset-versions", "data"] | None = None) -> dict[str, Any]:
+        """Saved searches (of one list, with `scope`), by scope and name."""
+        found = saved.listed(engine, scope)
+        return {"count": len(found), "next": None, "previous": None, "results": found}
+
+    @app.post(
+        "/api/v0/saved-searches/",
+        status_code=201,
+        response_model=dict[str, Any],
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": body}}}},
+        responses=errors(
+            *API_ERRORS, 400, 403, 409, 415, e409="A saved search of that name exists in that scope."
+        ),
+    )
+    async def create_saved(request: Request) -> JSONResponse:
+        """Save a search: `name`, `scope` (`datasets`, `dataset-versions` or `data`), `filter`,
+        `columns` (property keys), `ordering`. Answers it with its `id` and `url` (the list page
+        with the search applied)."""
+        try:
+            fields = saved.checked(orjson.loads(await request.body()))
+            found = await run_in_threadpool(saved.create, engine, fields)
+        except orjson.JSONDecodeError as exc:
+            return error_response(400, "bad_request", f"not JSON: {exc}")
+        except saved.Taken as exc:
+            return JSONResponse({"error": "exists", "detail": str(exc), "id": exc.existing}, status_code=409)
+        except FilterError:
+            raise
+        except InvalidEntry as exc:
+            return JSONResponse({"error": "bad_request", "detail": str(exc), "key": exc.key}, status_code=400)
+        return JSONResponse(found, status_code=201)
+
+    @app.get(
+        "/api/v0/saved-searches/{search_id}/",
+        response_model=dict[str, Any],
+        responses=errors(*API_ERRORS, 404),
+    )
+    def get_saved(search_id: OwnerId) -> dict[str, Any]:
+        return saved.get(engine, search_id)
+
+    @app.delete(
+        "/api/v0/saved-searches/{search_id}/", status_code=204, responses=errors(*API_ERRORS, 403, 404)
+    )
+    def delete_saved(search_id: OwnerId) -> Response:
+        saved.remove(engine, search_id)
+        return Response(status_code=204)
 
 
 def _routes(app: FastAPI, engine: Engine, kind: Literal["dataset", "version"], base: str) -> None:

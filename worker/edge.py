@@ -69,7 +69,10 @@ class WriteGuard:
         if origin is not None and not self.origin_allowed(origin, scope, headers):
             return error_response(403, "forbidden", f"origin {origin!r} may not write here")
         media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media_type != JSON_MEDIA_TYPE:
+        # A DELETE carries no body, and no browser sends one cross-origin without a preflight
+        # (which is never granted): it needs no content type. The origin check above still holds.
+        bodiless_delete = scope["method"] == "DELETE" and length in ("", "0") and not media_type
+        if media_type != JSON_MEDIA_TYPE and not bodiless_delete:
             return error_response(
                 415, "unsupported_media_type", "writes need 'Content-Type: application/json'"
             )

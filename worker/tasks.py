@@ -88,7 +88,7 @@ def make_app(settings: Settings) -> Celery:
     )
     resources = _Resources(settings)
 
-    @app.task(  # type: ignore[untyped-decorator]
+    @app.task(
         name=APPLY_TASK,
         bind=True,
         acks_late=True,
@@ -126,9 +126,7 @@ def make_app(settings: Settings) -> Celery:
             )
         return {"applied": result.applied, "watermark": result.watermark, "skipped": result.skipped}
 
-    @app.task(  # type: ignore[untyped-decorator]
-        name=CHECKSUM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
-    )
+    @app.task(name=CHECKSUM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def checksums(self: Task[Any, Any], execution: str) -> dict[str, Any]:
         """Size and checksums of the execution's datums not read yet, from the files on disk."""
         try:

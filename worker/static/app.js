@@ -369,7 +369,91 @@
       }
     }
 
-    load();
+    // Saved searches: `?search=<id>` opens one (its filter, columns and ordering go into the URL,
+    // so the page stays the plain URL-driven list it is); the bar lists this list's searches.
+    async function openSaved(id) {
+      try {
+        const found = (await api(`/api/v0/saved-searches/${encodeURIComponent(id)}/`)).data;
+        const next = new URLSearchParams();
+        if (found.filter) next.set("filter", found.filter);
+        if (found.ordering) next.set("ordering", found.ordering);
+        for (const c of found.columns || []) next.append("col", c);
+        next.set("saved", found.name);
+        location.replace(`${location.pathname}?${next}`);
+      } catch (error) {
+        notice($("filter-error"), `Could not open the saved search: ${problem(error)}.`, "error");
+        load();
+      }
+    }
+
+    async function loadSaved() {
+      try {
+        const { data } = await api(`/api/v0/saved-searches/?scope=${encodeURIComponent(kind)}`);
+        const current = params.get("saved");
+        const items = data.results.map((s) =>
+          h(
+            "li",
+            {},
+            h("a", { class: s.name === current ? "chip current" : "chip", href: `${ROOT}${s.url}`, title: s.filter || "everything", "aria-current": s.name === current ? "page" : null, text: s.name }),
+            h("button", { type: "button", class: "link", "aria-label": `Delete the saved search ${s.name}`, text: "×", onclick: () => deleteSaved(s) }),
+          ),
+        );
+        $("saved-list").replaceChildren(...items);
+      } catch (error) {
+        $("saved-status").textContent = `Saved searches unavailable: ${problem(error)}.`;
+      }
+    }
+
+    async function deleteSaved(found) {
+      try {
+        await api(`/api/v0/saved-searches/${found.id}/`, { method: "DELETE" });
+        $("saved-status").textContent = `Deleted “${found.name}”.`;
+      } catch (error) {
+        $("saved-status").textContent = `Could not delete: ${problem(error)}.`;
+      }
+      loadSaved();
+    }
+
+    $("save-form").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const name = $("saved-name").value.trim();
+      if (!name) return;
+      const payload = { name, scope: kind, filter: params.get("filter") || "", ordering: params.get("ordering") || "", columns };
+      try {
+        await api("/api/v0/saved-searches/", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload) });
+        $("saved-status").textContent = `Saved as “${name}”.`;
+        $("saved-name").value = "";
+        loadSaved();
+      } catch (error) {
+        $("saved-status").textContent = error instanceof ApiError && error.status === 409 ? `“${name}” exists already.` : `Could not save: ${problem(error)}.`;
+      }
+    });
+
+    // Exports go through fetch (so the API token goes with them), then download as a file.
+    for (const button of document.querySelectorAll(".exports button")) {
+      button.addEventListener("click", async () => {
+        const format = button.dataset.format;
+        const query = new URLSearchParams({ format });
+        for (const key of ["filter", "dataset"]) if (params.get(key)) query.set(key, params.get(key));
+        if (columns.length) query.set("columns", columns.join(","));
+        const token = sessionStorage.getItem(TOKEN_KEY);
+        const response = await fetch(`${ROOT}/api/v0/${kind}/export/?${query}`, { headers: token ? { Authorization: `Token ${token}` } : {} });
+        if (!response.ok) {
+          $("saved-status").textContent = `Export failed (${response.status}).`;
+          return;
+        }
+        const url = URL.createObjectURL(await response.blob());
+        const a = h("a", { href: url, download: `${kind}.${format}` });
+        document.body.append(a);
+        a.click();
+        a.remove();
+        setTimeout(() => URL.revokeObjectURL(url), 10000);
+      });
+    }
+
+    if (params.get("search")) openSaved(params.get("search"));
+    else load();
+    loadSaved();
   }
 
   // -- one dataset or version ---------------------------------------------------------------------
@@ -432,6 +516,7 @@
             : h("span", { class: "muted", text: "—" }),
         );
         renderFiles(record.files, record.files_count);
+        if (record.status === "completed") compare("");
         editor.setBuilding(record.status !== "completed");
       } else {
         $("crumb-dataset").textContent = record.name;
@@ -470,6 +555,40 @@
 
     function tagChips(tags) {
       return (tags || []).length ? h("span", { class: "chips" }, tags.map((t) => h("span", { class: "chip", text: t }))) : h("span", { class: "muted", text: "—" });
+    }
+
+    async function compare(against) {
+      const query = against ? `?against=${encodeURIComponent(against)}` : "";
+      let found;
+      try {
+        found = (await api(`${base}diff/${query}`)).data;
+      } catch (error) {
+        notice($("compare-error"), `Could not compare: ${problem(error)}.`, "error");
+        return;
+      }
+      notice($("compare-error"), "");
+      const rows = [];
+      const cell = (value) => h("td", { class: "value-json", text: value === undefined ? "—" : show(value) });
+      const p = found.properties;
+      for (const [k, v] of Object.entries(p.added)) rows.push(h("tr", {}, h("td", { text: "added" }), h("td", {}, h("code", { text: k })), cell(undefined), cell(v)));
+      for (const [k, v] of Object.entries(p.removed)) rows.push(h("tr", {}, h("td", { text: "removed" }), h("td", {}, h("code", { text: k })), cell(v), cell(undefined)));
+      for (const [k, c] of Object.entries(p.changed)) rows.push(h("tr", {}, h("td", { text: "changed" }), h("td", {}, h("code", { text: k })), cell(c.old), cell(c.new)));
+      const f = found.files;
+      const sum = (d) => (d.sha256 ? `sha256 ${d.sha256.slice(0, 12)}…` : d.size !== null ? `${d.size} B` : "—");
+      for (const x of f.added) rows.push(h("tr", {}, h("td", { text: "file added" }), h("td", {}, h("code", { text: x.name })), cell(undefined), h("td", { text: sum(x) })));
+      for (const x of f.removed) rows.push(h("tr", {}, h("td", { text: "file removed" }), h("td", {}, h("code", { text: x.name })), h("td", { text: sum(x) }), cell(undefined)));
+      for (const x of f.changed) rows.push(h("tr", {}, h("td", { text: "file changed" }), h("td", {}, h("code", { text: x.name })), h("td", { text: sum(x.old) }), h("td", { text: sum(x.new) })));
+      $("compare-table").tBodies[0].replaceChildren(...rows);
+      $("compare-table").hidden = !rows.length;
+      const c = f.counts;
+      const what = found.against ? `against ${found.against.uri}` : "against nothing (no earlier version)";
+      $("compare-summary").textContent = `${what}: ${Object.keys(p.added).length + Object.keys(p.removed).length + Object.keys(p.changed).length} property changes; files ${c.added} added, ${c.removed} removed, ${c.changed} changed, ${f.unchanged} unchanged.`;
+    }
+    if (versions) {
+      $("compare-form").addEventListener("submit", (event) => {
+        event.preventDefault();
+        compare($("compare-with").value.trim());
+      });
     }
 
     async function renderPrevious(id) {

@@ -11,7 +11,7 @@ import csv
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import IO, Any, Literal, cast
 
 import orjson
 from sqlalchemy import Engine, select
@@ -218,7 +218,8 @@ def _parquet(
         + [pa.field(f"properties.{c}", arrow[types[c]]) for c in columns]
     )
     sink = _Sink()
-    with pq.ParquetWriter(sink, schema) as writer:
+    # Any file-like object with write() does (pyarrow wraps it); the stubs name only IO.
+    with pq.ParquetWriter(cast(IO[bytes], sink), schema) as writer:
         for batch in batches:
             data: dict[str, list[Any]] = {f: [r[f] for r in batch] for f in head}
             for c in columns:

@@ -176,6 +176,23 @@ class AliasChange(Base):
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class SavedSearch(Base):
+    """A named search of one list: its filter, columns and ordering, with a URL of its own."""
+
+    __tablename__ = "saved_searches"
+    __table_args__ = (UniqueConstraint("scope", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = _uid()
+    name: Mapped[str] = mapped_column(String(255))
+    scope: Mapped[str] = mapped_column(String(32))  # "datasets", "dataset-versions" or "data"
+    filter: Mapped[str] = mapped_column(Text, default="")
+    columns: Mapped[list[Any]] = mapped_column(default=list)
+    ordering: Mapped[str] = mapped_column(String(600), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class PropertyChange(Base):
     """History: one row per key that really changed, with where the change came from."""
 

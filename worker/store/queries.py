@@ -70,6 +70,11 @@ def _fields(model: Any, name: Any) -> dict[str, Any]:
 PROPERTY_PREFIX = "properties."
 
 
+def check_ordering(text: str) -> None:
+    """FilterError if `text` is no ordering a list takes (every list has the same field names)."""
+    _ordering(text, dict.fromkeys(("id", "name", "ctime", "mtime")))
+
+
 def _ordering(text: str, fields: dict[str, Any]) -> tuple[Any, bool]:
     """(a field's column or a property Key, descending) for `ordering=`.
 
