@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from .checksums import check_execution
 from .errors import ConfigError, NotFound
 from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, inside_root, sidecar_kind
 from .merge import merge
@@ -112,7 +113,11 @@ def replay(
     if not dry_run:
         # Re-apply what the files touched; the watermark makes this a no-op where nothing is new.
         for key in sorted(summary.targets):
-            summary.applied += apply_target(engine, staging, Target.parse(key)).applied
+            target = Target.parse(key)
+            summary.applied += apply_target(engine, staging, target).applied
+            if target.kind == "execution":
+                # Applied here, not by a worker: read its new datums' checksums here too.
+                check_execution(engine, ingestor.root, target.execution)
     return summary
 
 

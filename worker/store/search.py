@@ -34,7 +34,7 @@ from ..query import And, Compare, Exists, FilterError, In, Key, Like, Node, Not,
 from .index import STR_KEY_LENGTH, lower
 from .models import PropertyIndex
 
-OwnerKind = Literal["dataset", "version"]
+OwnerKind = Literal["dataset", "version", "datum"]
 Atom = Compare | In | Like | Exists
 
 # Candidate sets are kept to at most this many owners: an atom matching more is "not selective"
