@@ -57,6 +57,9 @@ def test_a_bad_saved_search_is_refused_naming_the_field(client: TestClient) -> N
         ({"scope": "everything"}, "scope"),
         ({"columns": "a,b"}, "columns"),
         ({"columns": [""]}, "columns"),
+        ({"columns": None}, "columns"),
+        ({"filter": None}, "filter"),
+        ({"ordering": None}, "ordering"),
     ):
         answer = client.post("/api/v0/saved-searches/", json={**base, **change})
         assert answer.status_code == 400, (change, answer.text)

@@ -40,11 +40,14 @@ def checked(body: Any) -> dict[str, Any]:
         raise InvalidEntry(f"name: 1..{NAME_MAX} characters, not all spaces, no control characters", "name")
     if scope not in SCOPES:
         raise InvalidEntry(f"scope: one of {', '.join(SCOPES)}", "scope")
-    text = body.get("filter") or ""
-    ordering = body.get("ordering") or ""
-    columns = body.get("columns") or []
-    if not isinstance(text, str) or not isinstance(ordering, str):
-        raise InvalidEntry("filter and ordering: strings", "filter")
+    # Left out means none; given, each has its type (a null is not a filter).
+    text = body.get("filter", "")
+    ordering = body.get("ordering", "")
+    columns = body.get("columns", [])
+    if not isinstance(text, str):
+        raise InvalidEntry("filter: a string", "filter")
+    if not isinstance(ordering, str):
+        raise InvalidEntry("ordering: a string", "ordering")
     if text:
         parse(text)  # FilterError: a 400 with the position
     if ordering:
