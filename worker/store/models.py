@@ -66,6 +66,8 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)  # from the platform's events
+    # What the properties break of their definitions (`warn` ones): [{"key", "rule", "value"}].
+    violations: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -88,6 +90,7 @@ class DatasetVersion(Base):
     status: Mapped[str] = mapped_column(String(16), default="building")
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)
+    violations: Mapped[list[Any]] = mapped_column(default=list)  # as Dataset.violations
     # Membership as the datums asked for it (`from`, `exclude`, `start_fresh`, `targeting_aliases`,
     # `packaging`), folded from their `valohai.dataset-versions` items; acted on at completion.
     spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -114,6 +117,7 @@ class Datum(Base):
     execution: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(Text)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    violations: Mapped[list[Any]] = mapped_column(default=list)  # as Dataset.violations
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The file as it was on disk when its execution completed (None: not read yet, or gone).
@@ -190,6 +194,22 @@ class SavedSearch(Base):
     columns: Mapped[list[Any]] = mapped_column(default=list)
     ordering: Mapped[str] = mapped_column(String(600), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PropertyDefinition(Base):
+    """What one key's values must be (worker/definitions.py); a key without one is free-form."""
+
+    __tablename__ = "property_definitions"
+
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    scopes: Mapped[list[Any]]
+    type: Mapped[str | None] = mapped_column(String(16))
+    allowed_values: Mapped[list[Any]] = mapped_column(default=list)
+    required: Mapped[bool] = mapped_column(default=False)
+    description: Mapped[str] = mapped_column(Text, default="")
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    enforcement: Mapped[str] = mapped_column(String(8), default="warn")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -1,0 +1,138 @@
+"""Property definitions in the database, and the process cache the apply reads them from."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+from weakref import WeakKeyDictionary
+
+from sqlalchemy import Connection, Engine, Table, delete, func, select
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
+
+from ..definitions import AllowedValue, Definition
+from ..errors import NotFound
+from .db import writer
+from .models import PropertyDefinition
+from .queries import iso
+
+_TABLE = cast(Table, PropertyDefinition.__table__)
+_STAMP = select(func.count(), func.max(_TABLE.c.updated_at))
+_ALL = select(_TABLE)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What `apply_definitions` does (or, dry, would do) to one key: added, changed, unchanged."""
+
+    key: str
+    action: str
+
+
+def definition_of(row: Any) -> Definition:
+    """A stored row (ORM object or Core row) as a Definition."""
+    allowed = tuple(AllowedValue(a["value"], a.get("description") or "") for a in row.allowed_values or [])
+    return Definition(
+        key=row.key,
+        scopes=tuple(row.scopes),
+        type=row.type,
+        allowed_values=allowed,
+        required=bool(row.required),
+        description=row.description or "",
+        display_name=row.display_name or "",
+        enforcement=row.enforcement,
+    )
+
+
+def _columns(definition: Definition, now: datetime) -> dict[str, Any]:
+    shown = definition.as_json()
+    return {**shown, "updated_at": now}
+
+
+# -- the cache the apply reads -------------------------------------------------------------------
+
+# Per connection pool (an engine and its `writer` share one): (count, newest updated_at) of the
+# table when read, and the definitions then. Every definition write moves that stamp (a put sets
+# a newer updated_at, a delete lowers the count), so one cheap aggregate per apply tells whether
+# the cached copy is current; nothing here waits on anything but that one read.
+_CACHE: WeakKeyDictionary[Pool, tuple[tuple[Any, Any], dict[str, Definition]]] = WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def load(conn: Connection) -> Mapping[str, Definition]:
+    """Every definition by key, from the process cache when the table has not changed since."""
+    stamp = tuple(conn.execute(_STAMP).one())
+    if stamp[0] == 0:
+        return {}
+    with _LOCK:
+        cached = _CACHE.get(conn.engine.pool)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    found = {row.key: definition_of(row) for row in conn.execute(_ALL)}
+    with _LOCK:
+        _CACHE[conn.engine.pool] = (stamp, found)
+    return found
+
+
+# -- reads and writes for the API and the CLI ----------------------------------------------------
+
+
+def listed(engine: Engine) -> list[dict[str, Any]]:
+    with Session(engine) as session:
+        rows = session.scalars(select(PropertyDefinition).order_by(PropertyDefinition.key))
+        return [shown(r) for r in rows]
+
+
+def get(engine: Engine, key: str) -> dict[str, Any]:
+    with Session(engine) as session:
+        row = session.get(PropertyDefinition, key)
+        if row is None:
+            raise NotFound(f"property definition {key[:100]!r}")
+        return shown(row)
+
+
+def put(engine: Engine, definition: Definition) -> tuple[dict[str, Any], bool]:
+    """Create or replace one definition: (it as shown, whether it is new)."""
+    (planned,) = apply_definitions(engine, [definition])
+    return get(engine, definition.key), planned.action == "added"
+
+
+def remove(engine: Engine, key: str) -> None:
+    with Session(writer(engine)) as session, session.begin():
+        if session.get(PropertyDefinition, key) is None:
+            raise NotFound(f"property definition {key[:100]!r}")
+        session.execute(delete(PropertyDefinition).where(PropertyDefinition.key == key))
+
+
+def apply_definitions(
+    engine: Engine, definitions: list[Definition], *, dry_run: bool = False
+) -> list[Planned]:
+    """Upsert a list of definitions in one transaction (keys not listed stay as they are); what
+    each key's row did. A definition equal to the stored one is not written (its `updated_at`
+    stays, so the apply's cache stays valid)."""
+    now = datetime.now(UTC)
+    planned: list[Planned] = []
+    with Session(engine if dry_run else writer(engine)) as session:
+        for definition in definitions:
+            row = session.get(PropertyDefinition, definition.key)
+            if row is not None and definition_of(row) == definition:
+                planned.append(Planned(definition.key, "unchanged"))
+                continue
+            planned.append(Planned(definition.key, "changed" if row is not None else "added"))
+            if dry_run:
+                continue
+            if row is None:
+                session.add(PropertyDefinition(**_columns(definition, now)))
+            else:
+                for name, value in _columns(definition, now).items():
+                    setattr(row, name, value)
+        if not dry_run:
+            session.commit()
+    return planned
+
+
+def shown(row: PropertyDefinition) -> dict[str, Any]:
+    return {**definition_of(row).as_json(), "updated_at": iso(row.updated_at)}
