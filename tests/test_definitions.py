@@ -37,7 +37,7 @@ def test_a_full_definition_parses_and_round_trips() -> None:
         ({"key": "k", "scopes": ["execution"]}, "scopes"),
         ({"key": "k", "scopes": []}, "scopes"),
         ({"key": "k", "type": "integer", "allowed_values": [1, "two"]}, "allowed_values[1]"),
-        ({"key": "k", "type": "integer", "allowed_values": [1, 1.0]}, "allowed_values[1]"),
+        ({"key": "k", "description": None}, "description"),
         ({"key": "k", "allowed_values": [None]}, "allowed_values[0]"),
         ({"key": "k", "type": "date", "allowed_values": ["yesterday"]}, "allowed_values[0]"),
         ({"key": "k", "allowed_values": "a"}, "allowed_values"),
@@ -117,3 +117,8 @@ def test_rejected_counts_only_reject_definitions_of_the_scope() -> None:
     found = rejected(defs, "version", {"a": 1, "b": 1, "c": 1, "d": 1})
     assert [(v.key, v.rule) for v in found] == [("a", "type")]
     assert rejected(defs, "version", {"a": None}) == []  # deleting is always allowed
+
+
+def test_a_value_listed_twice_is_kept_once() -> None:
+    d = parse({"key": "k", "type": "integer", "allowed_values": [1, {"value": 1.0, "description": "x"}, 2]})
+    assert [a.value for a in d.allowed_values] == [1, 2]

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from . import __version__, metrics
+from .api_definitions import definition_routes
 from .api_explore import explore_routes, saved_routes
 from .api_models import (
     Change,
@@ -83,6 +84,7 @@ def create_app(
     _resolve_route(app, engine)  # before /dataset-versions/{id}/, which would match "resolve"
     explore_routes(app, engine)  # before /{id}/ routes too: "facets" is no id
     saved_routes(app, engine)
+    definition_routes(app, engine)
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _metadata_routes(app, engine, staging, kind, base)

@@ -142,11 +142,10 @@ def _allowed(value: Any, kind: str | None) -> tuple[AllowedValue, ...]:
         problem = "null is no value" if allowed.value is None else value_problem(allowed.value)
         if problem is None and kind is not None and not type_ok(kind, allowed.value):
             problem = f"not of the definition's type {kind}"
-        if problem is None and any(_same(a.value, allowed.value) for a in found):
-            problem = "listed twice"
         if problem:
             raise BadDefinition(where, problem)
-        found.append(allowed)
+        if not any(_same(a.value, allowed.value) for a in found):  # a value listed twice: the first
+            found.append(allowed)
     return tuple(found)
 
 
@@ -157,8 +156,6 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _text(value: Any, name: str) -> str:
-    if value is None:
-        return ""
     if not isinstance(value, str) or len(value) > TEXT_MAX or value_problem(value):
         raise BadDefinition(name, f"a string of at most {TEXT_MAX} characters")
     return value
@@ -197,7 +194,7 @@ def _iso_date(text: str) -> bool:
     """An ISO-8601 date (`2026-01-15`) or date-time (`2026-01-15T08:00:00Z`, with an offset)."""
     for read in (date.fromisoformat, datetime.fromisoformat):
         try:
-            read(text)
+            read(text.upper())  # RFC 3339 allows `t` and `z`
             return True
         except ValueError:
             continue
