@@ -262,6 +262,17 @@ def rejected(
     return found
 
 
+def split(
+    definitions: Mapping[str, Definition], scope: str, changes: dict[str, Any]
+) -> tuple[dict[str, Any], list[Violation]]:
+    """(the changes a `reject` definition lets through, the violations of those it drops)."""
+    broken = rejected(definitions, scope, changes) if definitions else []
+    if not broken:
+        return changes, []
+    dropped = {v.key for v in broken}
+    return {k: v for k, v in changes.items() if k not in dropped}, broken
+
+
 def as_json(found: Iterable[Violation]) -> list[dict[str, Any]]:
     """Violations as stored in an owner's `violations` column and shown by the API."""
     return [v.as_json() for v in found]

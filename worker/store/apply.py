@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,12 +20,13 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
+from ..definitions import Definition, split
 from ..membership import Spec, file_list, fold_spec
 from ..merge import merge_into
 from ..records import Entry, Source
 from ..staging import Reject, Staging
 from ..uris import Target, parse_uri
-from . import aliases
+from . import aliases, definitions
 from .db import writer
 from .index import bulk_insert, reindex
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile, Watermark
@@ -178,6 +179,8 @@ class Applier:
     joining: dict[Target, list[Entry]] = field(default_factory=dict)
     completing: dict[Target, None] = field(default_factory=dict)
     rejects: list[Reject] = field(default_factory=list)  # recorded by the caller after the commit
+    # Property definitions, read (from the process cache) at the first `set`: store/definitions.py.
+    defined: Mapping[str, Definition] | None = None
 
     def apply(self, entry: Entry) -> None:
         target = entry.target
@@ -202,7 +205,10 @@ class Applier:
         work = self.working.get(key)
         if work is None:
             work = self.working[key] = _Working(owner, dict(owner.properties), was_empty=not owner.properties)
-        changes = merge_into(work.properties, entry.metadata)
+        metadata, broken = split(self.definitions(), owner.kind, entry.metadata)
+        for violation in broken:  # a `reject` definition drops that key's change, not the entry's
+            self.reject(entry, violation.reason())
+        changes = merge_into(work.properties, metadata)
         if not changes:
             return
         owner.updates["updated_at"] = self.now
@@ -236,6 +242,10 @@ class Applier:
         self.working.clear()
         for owner in self.owners.values():
             if owner.updates:
+                found = self.definitions()
+                owner.updates["violations"] = definitions.owner_violations(
+                    found, owner.kind, owner.properties, owner.status
+                )
                 self.conn.execute(_UPDATE[owner.kind], {"owner": owner.id, **owner.updates})
                 owner.updates = {}
         if self.members:
@@ -245,6 +255,11 @@ class Applier:
         if self.changes:
             bulk_insert(self.conn, _CHANGES, self.changes)
             self.changes = []
+
+    def definitions(self) -> Mapping[str, Definition]:
+        if self.defined is None:
+            self.defined = definitions.load(self.conn)
+        return self.defined
 
     def _settle_members(self) -> None:
         for target in self.completing:

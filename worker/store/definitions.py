@@ -13,8 +13,8 @@ from sqlalchemy import Connection, Engine, Table, delete, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
-from ..definitions import AllowedValue, Definition
-from ..errors import NotFound
+from ..definitions import AllowedValue, Definition, as_json, rejected, violations
+from ..errors import InvalidEntry, NotFound
 from .db import writer
 from .models import PropertyDefinition
 from .queries import iso
@@ -75,6 +75,25 @@ def load(conn: Connection) -> Mapping[str, Definition]:
     with _LOCK:
         _CACHE[conn.engine.pool] = (stamp, found)
     return found
+
+
+def owner_violations(
+    definitions: Mapping[str, Definition], kind: str, properties: Mapping[str, Any], status: str | None
+) -> list[dict[str, Any]]:
+    """An owner's `violations` column: its set checked whole; `required` once a version completed
+    (datasets and datums: always)."""
+    complete = kind != "version" or status == "completed"
+    return as_json(violations(definitions, kind, properties, complete=complete))
+
+
+def refuse_rejected(engine: Engine, kind: str, changes: Mapping[str, Any]) -> None:
+    """An API write: InvalidEntry (a 400 naming the key and rule) if a `reject` definition refuses
+    one of its changes, before anything is staged."""
+    with engine.connect() as conn:
+        definitions = load(conn)
+    broken = rejected(definitions, kind, changes)
+    if broken:
+        raise InvalidEntry(broken[0].reason(), broken[0].key)
 
 
 # -- reads and writes for the API and the CLI ----------------------------------------------------

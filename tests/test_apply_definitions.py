@@ -1,0 +1,138 @@
+"""Definitions × enforcement × scope in the apply and the API, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from tests.helpers import outcome
+from worker.api import create_app
+from worker.definitions import parse
+from worker.staging import Staging
+from worker.store import definitions as stored
+from worker.store.apply import apply_target
+from worker.store.models import Dataset, DatasetVersion, Datum
+from worker.uris import Target
+
+pytestmark = pytest.mark.redis
+
+V1 = Target("version", "press", "v1")
+FILE = "exec-1/valohai.metadata.jsonl"
+
+
+def define(engine: Engine, *bodies: dict[str, Any]) -> None:
+    stored.apply_definitions(engine, [parse(b) for b in bodies])
+
+
+def stage(staging: Staging, *lines: bytes) -> None:
+    staging.stage_lines(FILE, "exec-1", [outcome(raw, n) for n, raw in enumerate(lines, 1)], "s")
+
+
+def version(engine: Engine) -> DatasetVersion:
+    with Session(engine) as s:
+        row = s.scalar(select(DatasetVersion).where(DatasetVersion.name == "v1"))
+        assert row is not None
+        return row
+
+
+def complete(engine: Engine, staging: Staging) -> None:
+    for key in staging.complete_execution("exec-1"):
+        apply_target(engine, staging, Target.parse(key))
+    for key in staging.complete_version(V1):
+        apply_target(engine, staging, Target.parse(key))
+
+
+def test_reject_drops_that_key_and_records_file_line_and_reason(engine: Engine, staging: Staging) -> None:
+    define(engine, {"key": "shift", "allowed_values": ["day", "night"], "enforcement": "reject"})
+    stage(
+        staging,
+        b'{"dataset-version": "dataset://press/v1", "metadata": {"shift": "dusk", "n": 1}}',
+        b'{"dataset-version": "dataset://press/v1", "metadata": {"shift": "night"}}',
+    )
+    complete(engine, staging)
+    row = version(engine)
+    assert row.properties == {"n": 1, "shift": "night"}  # the rest of the rejected line applied
+    assert row.violations == []
+    (reject,) = staging.rejects(10)
+    assert (reject.file, reject.line, reject.offset) == (FILE, 1, 0)
+    assert "'shift'" in reject.reason and "allowed_values" in reject.reason
+
+
+def test_warn_stores_the_value_and_the_owner_carries_the_violation(engine: Engine, staging: Staging) -> None:
+    define(
+        engine,
+        {"key": "sample_count", "type": "integer", "scopes": ["version"], "required": True},
+        {"key": "camera", "allowed_values": ["top"], "scopes": ["datum"]},
+        {"key": "domain", "type": "string", "scopes": ["dataset"]},
+    )
+    stage(
+        staging,
+        b'{"dataset": "dataset://press", "metadata": {"domain": 7}}',
+        b'{"dataset-version": "dataset://press/v1", "metadata": {"sample_count": "many"}}',
+        b'{"file": "a.png", "metadata": {"camera": "side", "sample_count": "x", '
+        b'"valohai.dataset-versions": ["dataset://press/v1"]}}',
+    )
+    complete(engine, staging)
+    assert version(engine).violations == [{"key": "sample_count", "rule": "type", "value": "many"}]
+    with Session(engine) as s:
+        datum = s.scalar(select(Datum))
+        dataset = s.scalar(select(Dataset))
+        assert datum is not None and dataset is not None
+        # the version-scoped definition does not apply to a datum's sample_count
+        assert datum.violations == [{"key": "camera", "rule": "allowed_values", "value": "side"}]
+        assert dataset.violations == [{"key": "domain", "rule": "type", "value": 7}]
+    assert staging.rejects(10) == []
+
+
+def test_required_is_checked_when_a_version_completes(engine: Engine, staging: Staging) -> None:
+    define(engine, {"key": "sample_count", "scopes": ["version"], "required": True})
+    stage(staging, b'{"dataset-version": "dataset://press/v1", "metadata": {"n": 1}}')
+    apply_target(engine, staging, V1)  # registered, building: nothing is missing yet
+    assert version(engine).violations == []
+    complete(engine, staging)
+    assert version(engine).violations == [{"key": "sample_count", "rule": "required", "value": None}]
+
+
+def test_a_definition_change_is_seen_by_the_next_apply(engine: Engine, staging: Staging) -> None:
+    stage(staging, b'{"dataset-version": "dataset://press/v1", "metadata": {"n": "one"}}')
+    complete(engine, staging)  # no definition yet: free-form
+    define(engine, {"key": "n", "type": "integer", "enforcement": "reject"})
+    staging.stage_lines(
+        FILE,
+        "exec-1",
+        [outcome(b'{"dataset-version": "dataset://press/v1", "metadata": {"n": "two"}}', 2)],
+        "s",
+    )
+    apply_target(engine, staging, V1)
+    assert version(engine).properties == {"n": "one"}
+    assert [r.line for r in staging.rejects(10)] == [2]
+
+
+@pytest.fixture
+def client(engine: Engine, staging: Staging) -> Iterator[TestClient]:
+    with TestClient(create_app(engine, staging, lambda _key: None)) as c:
+        yield c
+
+
+def test_an_api_write_breaking_a_reject_definition_is_a_400_naming_key_and_rule(
+    client: TestClient, engine: Engine, staging: Staging
+) -> None:
+    made = client.post("/api/v0/datasets/", json={"name": "press"})
+    assert made.status_code in (200, 201), made.text
+    dataset_id = made.json()["id"]
+    client.put("/api/v0/property-definitions/line/", json={"type": "integer", "enforcement": "reject"})
+    client.put("/api/v0/property-definitions/owner/", json={"type": "string"})
+    url = f"/api/v0/datasets/{dataset_id}/metadata/"
+    refused = client.post(url, json={"line": "four", "other": 1})
+    assert refused.status_code == 400 and refused.json()["key"] == "line"
+    assert "type" in refused.json()["detail"]
+    assert client.get(url).json() == {}  # nothing of it was applied, or staged
+    assert client.post(url, json={"line": 4, "owner": 5}).status_code == 200
+    with Session(engine) as s:
+        row = s.scalar(select(Dataset))
+        assert row is not None and row.violations == [{"key": "owner", "rule": "type", "value": 5}]
