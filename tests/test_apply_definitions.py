@@ -136,3 +136,57 @@ def test_an_api_write_breaking_a_reject_definition_is_a_400_naming_key_and_rule(
     with Session(engine) as s:
         row = s.scalar(select(Dataset))
         assert row is not None and row.violations == [{"key": "owner", "rule": "type", "value": 5}]
+
+
+FILTERS = [
+    "violates",
+    "not violates",
+    "violates shift",
+    "violates `n`",
+    'violates n and shift = "dusk"',
+    "violates shift or violates n",
+    "violates a.b",
+    "violates nothing",
+    "exists shift and not violates shift",
+]
+
+
+@pytest.mark.parametrize("cap", [None, 0])
+def test_violates_in_the_filter_language_agrees_with_matches(
+    engine: Engine, staging: Staging, monkeypatch: pytest.MonkeyPatch, cap: int | None
+) -> None:
+    from worker.query import Violates, matches, render
+    from worker.query import parse as parse_filter
+    from worker.store import queries, search
+
+    if cap is not None:  # no part selective: the database evaluates the whole filter
+        monkeypatch.setattr(search, "CAP", cap)
+    define(
+        engine,
+        {"key": "shift", "allowed_values": ["day", "night"]},
+        {"key": "n", "type": "integer"},
+    )
+    values = [
+        '{"shift": "dusk"}',
+        '{"shift": "day", "n": "x"}',
+        '{"shift": "night", "n": 2}',
+        '{"n": 1.5}',
+        "{}",
+    ]
+    for i, meta in enumerate(values):
+        uri = f"dataset://press/v{i}"
+        line = b'{"dataset-version": "%s", "metadata": %s}' % (uri.encode(), meta.encode())
+        staging.stage_lines(FILE, "exec-1", [outcome(line, i + 1)], "s")
+        for key in staging.complete_version(Target("version", "press", f"v{i}")):
+            apply_target(engine, staging, Target.parse(key))
+    with Session(engine) as s:
+        rows = s.scalars(select(DatasetVersion)).all()
+        assert sum(1 for r in rows if r.violations) == 3
+        for text in FILTERS:
+            node = parse_filter(text)
+            assert parse_filter(render(node)) == node
+            expected = sorted(r.name for r in rows if matches(node, r.properties, r.violations))
+            _, found = queries.list_versions(s, queries.ListQuery(filter=text, limit=100))
+            assert sorted(r.name for r in found) == expected, text
+    assert parse_filter("violates") == Violates(None)
+    assert expected == ["v1", "v2"]  # the last filter: a shift that breaks nothing
