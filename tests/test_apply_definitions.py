@@ -190,3 +190,23 @@ def test_violates_in_the_filter_language_agrees_with_matches(
             assert sorted(r.name for r in found) == expected, text
     assert parse_filter("violates") == Violates(None)
     assert expected == ["v1", "v2"]  # the last filter: a shift that breaks nothing
+
+
+def test_the_api_objects_carry_their_violations(client: TestClient, engine: Engine, staging: Staging) -> None:
+    define(engine, {"key": "n", "type": "integer"}, {"key": "owner", "required": True, "scopes": ["dataset"]})
+    stage(
+        staging,
+        b'{"dataset-version": "dataset://press/v1", "metadata": {"n": "x"}}',
+        # `required` of a dataset or datum is checked when its properties are written
+        b'{"dataset": "dataset://press", "metadata": {"domain": "x"}}',
+    )
+    complete(engine, staging)
+    (listed,) = client.get("/api/v0/dataset-versions/").json()["results"]
+    assert listed["violations"] == [{"key": "n", "rule": "type", "value": "x"}]
+    assert (
+        client.get(f"/api/v0/dataset-versions/{listed['id']}/").json()["violations"] == listed["violations"]
+    )
+    (dataset,) = client.get("/api/v0/datasets/").json()["results"]
+    assert dataset["violations"] == [{"key": "owner", "rule": "required", "value": None}]
+    found = client.get("/api/v0/dataset-versions/", params={"filter": "violates n"}).json()
+    assert found["count"] == 1
