@@ -210,3 +210,24 @@ def test_the_api_objects_carry_their_violations(client: TestClient, engine: Engi
     assert dataset["violations"] == [{"key": "owner", "rule": "required", "value": None}]
     found = client.get("/api/v0/dataset-versions/", params={"filter": "violates n"}).json()
     assert found["count"] == 1
+
+
+def test_recheck_brings_stored_violations_up_to_date(engine: Engine, staging: Staging) -> None:
+    stage(
+        staging,
+        b'{"dataset-version": "dataset://press/v1", "metadata": {"n": "x"}}',
+        b'{"file": "a.png", "metadata": {"n": 1, "valohai.dataset-versions": ["dataset://press/v1"]}}',
+    )
+    complete(engine, staging)  # no definitions: nothing violates
+    define(engine, {"key": "n", "type": "string"})
+    assert stored.recheck(engine, dry_run=True) == stored.Rechecked(checked=3, changed=1, violating=1)
+    assert version(engine).violations == []
+    assert stored.recheck(engine, batch=1) == stored.Rechecked(checked=3, changed=1, violating=1)
+    with Session(engine) as s:
+        datum = s.scalar(select(Datum))
+        assert datum is not None and datum.violations == [{"key": "n", "rule": "type", "value": 1}]
+    stored.remove(engine, "n")
+    assert stored.recheck(engine).changed == 1
+    assert stored.recheck(engine).changed == 0
+    with Session(engine) as s:
+        assert [r.violations for r in s.scalars(select(Datum))] == [[]]

@@ -74,6 +74,17 @@ def _exported(shown: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in shown.items() if k != "updated_at"}
 
 
+def cmd_recheck(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings.effective_database_url)
+    try:
+        done = stored.recheck(engine, dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    verb = "would change" if args.dry_run else "changed"
+    print(f"{done.checked} checked, {done.changed} {verb}, {done.violating} with violations")
+    return 0
+
+
 def add_commands(sub: Any, common: Any) -> None:
     """Register `definitions apply` and `definitions export` on the `sidecar` parser."""
     group = sub.add_parser("definitions", help="property definitions: apply a file, export them")
@@ -87,3 +98,9 @@ def add_commands(sub: Any, common: Any) -> None:
     common(export)
     export.add_argument("-o", "--output", help="a file to write [stdout]")
     export.set_defaults(run=cmd_export)
+    recheck = commands.add_parser(
+        "recheck", help="check every dataset, version and datum against the definitions now"
+    )
+    common(recheck)
+    recheck.add_argument("--dry-run", action="store_true", help="count what would change; change nothing")
+    recheck.set_defaults(run=cmd_recheck)

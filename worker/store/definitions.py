@@ -9,14 +9,14 @@ from datetime import UTC, datetime
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Connection, Engine, Table, delete, func, select
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
 from ..definitions import AllowedValue, Definition, as_json, rejected, violations
 from ..errors import InvalidEntry, NotFound
 from .db import writer
-from .models import PropertyDefinition
+from .models import Dataset, DatasetVersion, Datum, PropertyDefinition
 from .queries import iso
 
 _TABLE = cast(Table, PropertyDefinition.__table__)
@@ -155,3 +155,74 @@ def apply_definitions(
 
 def shown(row: PropertyDefinition) -> dict[str, Any]:
     return {**definition_of(row).as_json(), "updated_at": iso(row.updated_at)}
+
+
+# -- re-checking what is stored ------------------------------------------------------------------
+
+_OWNERS: tuple[tuple[str, Table], ...] = (
+    ("dataset", cast(Table, Dataset.__table__)),
+    ("version", cast(Table, DatasetVersion.__table__)),
+    ("datum", cast(Table, Datum.__table__)),
+)
+
+
+@dataclass
+class Rechecked:
+    """What `recheck` did: owners read, owners whose violations changed, owners now violating."""
+
+    checked: int = 0
+    changed: int = 0
+    violating: int = 0
+
+
+def recheck(engine: Engine, *, batch: int = 500, dry_run: bool = False) -> Rechecked:
+    """Check every dataset, version and datum against the definitions as they are now, and write
+    the `violations` that changed. A batch per transaction, so applies are never held long."""
+    done = Rechecked()
+    for kind, table in _OWNERS:
+        after = 0
+        while True:
+            with writer(engine).begin() as conn:
+                found = load(conn)
+                rows = conn.execute(_batch(table, kind), {"after": after, "size": batch}).all()
+                for row in rows:
+                    _recheck_row(conn, table, kind, found, row, done, dry_run)
+            if len(rows) < batch:
+                break
+            after = rows[-1].id
+    return done
+
+
+def _batch(table: Table, kind: str) -> Any:
+    columns = [table.c.id, table.c.properties, table.c.violations, table.c.updated_at]
+    if kind == "version":
+        columns.append(table.c.status)
+    return (
+        select(*columns).where(table.c.id > bindparam("after")).order_by(table.c.id).limit(bindparam("size"))
+    )
+
+
+def _recheck_row(
+    conn: Connection,
+    table: Table,
+    kind: str,
+    found: Mapping[str, Definition],
+    row: Any,
+    done: Rechecked,
+    dry_run: bool,
+) -> None:
+    status = row.status if kind == "version" else None
+    now = owner_violations(found, kind, row.properties or {}, status)
+    done.checked += 1
+    done.violating += bool(now)
+    if now == list(row.violations or []):
+        return
+    done.changed += 1
+    if not dry_run:
+        # Only if the row is as read: an apply that changed its properties since (updated_at
+        # moves) wrote violations of its own, from the same definitions or newer ones.
+        conn.execute(
+            update(table)
+            .where(table.c.id == row.id, table.c.updated_at == row.updated_at)
+            .values(violations=now)
+        )
