@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from worker.records import Source, parse_line
-from worker.staging import LineOutcome, line_digest
+from worker.records import LineOutcome, Source, line_digest, parse_line
 
 
 def src(execution: str = "exec-1", line: int = 1, offset: int = 0) -> Source:

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from worker.ingest import Ingestor
-from worker.staging import LineOutcome, Staging
+from worker.records import LineOutcome
+from worker.staging import Staging
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis

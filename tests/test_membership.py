@@ -24,9 +24,9 @@ from worker.cli import main
 from worker.errors import InvalidEntry
 from worker.ingest import Ingestor
 from worker.keys import Keys
-from worker.records import Source, parse_line
+from worker.records import LineOutcome, Source, line_digest, parse_line
 from worker.settings import Settings
-from worker.staging import LineOutcome, Staging, line_digest
+from worker.staging import Staging
 from worker.status import _print, collect
 from worker.store import aliases
 from worker.store.apply import apply_target

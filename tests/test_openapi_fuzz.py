@@ -53,6 +53,7 @@ LINES = [
     b'{"dataset-version": "dataset://press/v2", "metadata": {"sample_count": 12, "tags": ["a", "b"]}}',
     b'{"file": "img/1.png", "metadata": {"camera": "top", "valohai.dataset-versions": ["dataset://press/v1"]}}',
     b'{"dataset-version": "dataset://press/v3", "metadata": {"building": true}}',
+    b'{"file": "model.pt", "metadata": {"acc": 0.9, "valohai.alias": "prod", "valohai.tags": ["x"]}}',
 ]
 
 

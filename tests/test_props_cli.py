@@ -82,3 +82,30 @@ def test_stale(ready: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     stale = json.loads(capsys.readouterr().out)
     assert {r["uri"] for r in stale} == {"dataset://press", "dataset://press/v1"}
     assert run(ready, "stale", "--unused-for", "soon") == 1
+
+
+def test_props_on_a_datum_alias(
+    settings: Settings,
+    engine: Engine,
+    staging: Staging,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SIDECAR_REDIS_PREFIX", settings.redis_prefix)
+    raw = b'{"file": "model.pt", "metadata": {"acc": 0.9, "valohai.alias": "prod-model"}}'
+    staging.stage_lines("e/valohai.metadata.jsonl", "e", [outcome(raw, execution="e")], "s")
+    for key in staging.complete_execution("e"):
+        apply_target(engine, staging, Target.parse(key))
+    assert run(settings, "props", "get", "datum://prod-model") == 0
+    assert json.loads(capsys.readouterr().out) == {"acc": 0.9, "valohai.alias": "prod-model"}
+    assert run(settings, "props", "set", "datum://prod-model", "acc=0.95", "stage=prod") == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "acc": 0.95,
+        "valohai.alias": "prod-model",
+        "stage": "prod",
+    }
+    assert run(settings, "props", "unset", "datum://prod-model", "stage") == 0
+    assert "stage" not in json.loads(capsys.readouterr().out)
+    assert run(settings, "history", "datum://prod-model") == 0
+    assert "acc: 0.9 -> 0.95" in capsys.readouterr().out
+    assert run(settings, "props", "get", "datum://nope") != 0

@@ -8,7 +8,9 @@ import pytest
 import redis
 
 from tests.helpers import outcome
-from worker.staging import LineOutcome, Staging, _stream_order
+from worker.records import LineOutcome
+from worker.staging import Staging
+from worker.staging.area import _stream_order
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis
@@ -102,7 +104,7 @@ def test_a_snapshot_read_before_the_lock_gives_what_read_after_gives(staging: St
 def test_a_snapshot_of_a_long_stream_is_continued_from_redis(
     staging: Staging, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.staging.READ_BATCH", 2)
+    monkeypatch.setattr("worker.staging.area.READ_BATCH", 2)
     staging.stage_lines(FILE, "exec-1", lines(1, 5), "s")
     snapshot = staging.snapshot(V1)
     assert not snapshot.done and not snapshot.whole and len(snapshot.entries) == 2
@@ -144,7 +146,7 @@ def test_dataset_lines_wait_for_a_trigger(staging: Staging) -> None:
 
 
 def test_rejects_are_recorded_with_where_and_why(staging: Staging) -> None:
-    from worker.staging import LineOutcome, Reject
+    from worker.records import LineOutcome, Reject
 
     bad = LineOutcome(3, b"12345678", reject=Reject(FILE, 3, 120, "not JSON", "exec-1", "now"))
     staging.stage_lines(FILE, "exec-1", [bad], "s")

@@ -580,3 +580,16 @@ def test_a_quarantined_version_says_so_and_how_to_put_it_back(page: Any, server:
     finally:
         staging.release(target)
         client.close()
+
+
+def test_datum_page(page: Any, server: Server) -> None:
+    from playwright.sync_api import expect
+
+    (datum,) = server.get("/api/v0/data/", output_execution="exec-2026-01-15", name="labels.csv")["results"]
+    login(page, f"/data/{datum['id']}/")
+    expect(page.locator("#title")).to_have_text("labels.csv")
+    expect(page.locator("#execution")).to_have_text("exec-2026-01-15")
+    keys = page.locator("#props-table tbody tr td:first-child")
+    expect(keys).to_have_text(["camera", "valohai.dataset-versions"])
+    expect(page.locator("#checksums-table tbody tr")).to_have_count(3)  # md5, sha1, sha256 (— when unread)
+    expect(page.locator("#history-table tbody tr")).to_have_count(2)  # camera, valohai.dataset-versions

@@ -12,6 +12,7 @@ import orjson
 import redis
 import sqlalchemy.exc
 from fastapi import FastAPI, Query, Request, Response
+from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,11 +28,16 @@ from .api_explore import explore_routes, saved_routes
 from .api_models import (
     Change,
     Dataset,
+    Datum,
+    DatumAlias,
+    DatumWrite,
+    Download,
     EventAnswer,
     Health,
     OwnerId,
     Page,
     Readiness,
+    ResolvedDatum,
     Version,
     errors,
 )
@@ -40,7 +46,7 @@ from .edge import MAX_BODY, WriteGuard, error_response
 from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
 from .staging import Staging
-from .store import queries, writes
+from .store import datums, queries, writes
 from .store.platform import record_platform_ids
 from .store.queries import FILES_PAGE
 from .store.writes import current_properties, touch_last_used, write_properties
@@ -51,6 +57,13 @@ from .webhooks import Action, parse_event, signature_problem
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str], None]
+DatumOrdering = Annotated[
+    str | None,
+    Query(
+        json_schema_extra={"format": "sidecar-ordering"},
+        description="`id`, `name`, `ctime`, `mtime`, or a property key (`properties.<key>`); `-` descends.",
+    ),
+]
 FilesLimit = Annotated[int, Query(ge=0, le=FILES_PAGE)]
 # Every /api/ route may answer these: no token, a body over the cap, Redis or the database down.
 API_ERRORS = (401, 413, 503)
@@ -88,6 +101,9 @@ def create_app(
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _metadata_routes(app, engine, staging, kind, base)
+    _datum_routes(app, engine)
+    _datum_write_routes(app, engine, staging)
+    _datum_alias_routes(app, engine)
     mount_web(app, engine, staging)
     return app
 
@@ -191,7 +207,7 @@ def _quarantined(staging: Staging) -> dict[str, Any]:
 
 def _check_redis(staging: Staging) -> str:
     try:
-        staging.redis.ping()
+        staging.ping()
         return "ok"
     except Exception as exc:  # any failure is "not ready"
         return _failing("redis", exc)
@@ -534,6 +550,222 @@ def _read_routes(app: FastAPI, engine: Engine) -> None:
         with Session(engine) as session:
             row = queries.get_version(session, version_id)
             return queries.version_json(session, row, files_limit=files_limit, files_offset=files_offset)
+
+
+# A datum's id in a path: its public id (or an old integer id); any other text names nothing (404).
+DatumId = Annotated[str, FastAPIPath(description="the datum's public id (an integer id works too)")]
+DATUM_404 = "No such datum."
+
+
+def _datum_routes(app: FastAPI, engine: Engine) -> None:
+    """`/api/v0/data/...` and `/api/v0/datum-aliases/...`: files of executions, their properties,
+    tags and aliases. Clients send `exclude`, `purged`, `deleted`, `no_count` and `project`
+    too: accepted and ignored, as every unknown query parameter is."""
+
+    @app.get("/api/v0/data/", response_model=Page[Datum], responses=errors(*API_ERRORS, 400))
+    def list_data(
+        request: Request,
+        output_execution: str | None = None,
+        name: str | None = None,
+        tag: str | None = None,
+        filter: Filter = None,
+        ordering: DatumOrdering = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> Any:
+        """Datums; `output_execution` = the files one execution produced; `name` = a path;
+        `tag` = one of its `valohai.tags`; `filter` over its properties."""
+        ask = datums.DatumQuery(
+            execution=output_execution,
+            name=name,
+            tag=tag,
+            filter=filter,
+            ordering=ordering,
+            limit=limit,
+            offset=offset,
+        )
+        with Session(engine) as session:
+            count, rows = datums.list_datums(session, ask)
+            return _page(request, count, limit, offset, datums.datums_json(session, rows))
+
+    for path, shown in (("/api/v0/data/{datum_id}/", True), ("/api/v0/data/{datum_id}", False)):
+        app.add_api_route(
+            path,
+            _get_datum(engine),
+            methods=["GET"],
+            response_model=Datum,
+            include_in_schema=shown,
+            name="get_datum" if shown else "get_datum_no_slash",
+            responses=errors(*API_ERRORS, 404, e404=DATUM_404),
+        )
+
+    @app.get(
+        "/api/v0/data/{datum_id}/download/",
+        response_model=Download,
+        responses=errors(*API_ERRORS, 404, e404=DATUM_404),
+    )
+    def download_datum(datum_id: DatumId) -> dict[str, Any]:
+        """The sidecar keeps properties, not files: the answer says so, with a null `url`."""
+        with Session(engine) as session:
+            row = datums.get_datum(session, datum_id)
+            where = f"{row.execution}/{row.path}"
+        return {"url": None, "detail": f"no download here: the file is {where} under the runner's root"}
+
+    @app.get(
+        "/api/v0/data/{datum_id}/metadata/",
+        response_model=dict[str, Any],
+        responses=errors(*API_ERRORS, 404, e404=DATUM_404),
+    )
+    def get_datum_metadata(datum_id: DatumId) -> dict[str, Any]:
+        """The datum's whole property set (`valohai.tags` and `valohai.alias` included)."""
+        with Session(engine) as session:
+            return dict(datums.get_datum(session, datum_id).properties or {})
+
+    @app.get(
+        "/api/v0/data/{datum_id}/history/",
+        response_model=Page[Change],
+        responses=errors(*API_ERRORS, 400, 404, e404=DATUM_404),
+    )
+    def datum_history(request: Request, datum_id: DatumId, limit: Limit = 100, offset: Offset = 0) -> Any:
+        """Every change to the datum's properties, oldest first, with its source."""
+        with Session(engine) as session:
+            row = datums.get_datum(session, datum_id)
+            count, rows = queries.history(session, "datum", row.id, limit=limit, offset=offset)
+        return _page(request, count, limit, offset, rows)
+
+
+def _datum_write_routes(app: FastAPI, engine: Engine, staging: Staging) -> None:
+    """Datum properties set through the API, one datum or many (see `store/datums.py` for when
+    a write is applied)."""
+
+    @app.post(
+        "/api/v0/data/metadata/apply/",
+        response_model=DatumWrite,
+        openapi_extra=_json_body(_bulk_datum_schema()),
+        responses=errors(
+            *WRITE_ERRORS,
+            e400="Not JSON, no `datum_metadata` object, or a datum's set breaks a rule (named).",
+            e404="A datum id names nothing (the first one is named); nothing was written.",
+        ),
+    )
+    async def apply_data_metadata(request: Request) -> JSONResponse:
+        """Set properties of many datums: `{"datum_metadata": {"<datum id>": {...}}}`. Every set is
+        checked and every id looked up before anything is written; then each datum is written
+        in turn (one transaction each)."""
+        try:
+            payload = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "bad_request", f"not JSON: {exc}")
+        sets = payload.get("datum_metadata") if isinstance(payload, dict) else None
+        if not isinstance(sets, dict):
+            return _error(400, "bad_request", 'expected {"datum_metadata": {"<datum id>": {...}}}')
+        try:
+            result = await run_in_threadpool(_write_many, engine, staging, sets)
+        except InvalidEntry as exc:
+            return JSONResponse({"error": "bad_request", "detail": str(exc), "key": exc.key}, status_code=400)
+        return JSONResponse(result)
+
+    @app.post(
+        "/api/v0/data/{datum_id}/metadata/",
+        response_model=dict[str, Any],
+        openapi_extra=_json_body(_datum_properties_schema()),
+        responses=errors(
+            *WRITE_ERRORS,
+            also={202: {"model": dict[str, Any], "description": "Its execution is still running: staged."}},
+            e400="Not JSON, not an object, a `valohai.` key other than tags and alias, a bad key or depth.",
+            e404=DATUM_404,
+        ),
+    )
+    async def set_datum_metadata(datum_id: DatumId, request: Request) -> JSONResponse:
+        """Set each key (null deletes); `valohai.tags` (strings) and `valohai.alias` allowed."""
+        body = await request.body()
+        try:
+            payload = orjson.loads(body)
+            write = datums.write_datum_properties
+            result = await run_in_threadpool(write, engine, staging, datum_id, payload)
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "bad_request", f"not JSON: {exc}")
+        except InvalidEntry as exc:
+            return JSONResponse({"error": "bad_request", "detail": str(exc), "key": exc.key}, status_code=400)
+        if result.staged:
+            return JSONResponse(result.properties, status_code=202, headers={"X-Sidecar-Staged": "true"})
+        return JSONResponse(result.properties)
+
+
+def _datum_alias_routes(app: FastAPI, engine: Engine) -> None:
+    @app.get("/api/v0/datum-aliases/", response_model=Page[DatumAlias], responses=errors(*API_ERRORS, 400))
+    def list_datum_aliases(request: Request, limit: Limit = 100, offset: Offset = 0) -> Any:
+        """Datum aliases by name, each with the datum it points at now."""
+        with Session(engine) as session:
+            count, rows = datums.list_aliases(session, limit=limit, offset=offset)
+        return _page(request, count, limit, offset, rows)
+
+    @app.get(
+        "/api/v0/datum-aliases/resolve/",
+        response_model=ResolvedDatum,
+        responses=errors(*API_ERRORS, 400, 404, e404="No alias of that name."),
+    )
+    def resolve_datum_alias(name: Annotated[str, Query(min_length=1)]) -> Any:
+        """The datum `datum://<name>` points at now."""
+        with Session(engine) as session:
+            return {"datum": datums.one_json(session, datums.resolve_alias(session, name))}
+
+
+def _get_datum(engine: Engine) -> Callable[[str], Any]:
+    def get_datum(datum_id: DatumId) -> Any:
+        """One datum."""
+        with Session(engine) as session:
+            return datums.one_json(session, datums.get_datum(session, datum_id))
+
+    return get_datum
+
+
+def _write_many(engine: Engine, staging: Staging, sets: dict[str, Any]) -> dict[str, Any]:
+    """The bulk write: every id found and every set checked first, then one write per datum."""
+    with Session(engine) as session:
+        for ident in sets:
+            datums.get_datum(session, ident)  # NotFound (404) before anything is written
+    for ident, metadata in sets.items():
+        try:
+            datums.check_datum_write(metadata)
+        except InvalidEntry as exc:
+            raise InvalidEntry(f"datum {ident[:100]!r}: {exc}", exc.key) from None
+    answer: dict[str, Any] = {"datum_metadata": {}, "staged": []}
+    for ident, metadata in sets.items():
+        result = datums.write_datum_properties(engine, staging, ident, metadata)
+        answer["datum_metadata"][ident] = result.properties
+        if result.staged:
+            answer["staged"].append(ident)
+    return answer
+
+
+def _datum_properties_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "Properties to set; null deletes. `valohai.tags` and `valohai.alias` allowed.",
+        "propertyNames": {
+            "minLength": 1,
+            "maxLength": 256,
+            "anyOf": [{"not": {"pattern": "^valohai\\."}}, {"enum": list(datums.DATUM_KEYS)}],
+        },
+        "properties": {
+            "valohai.tags": {"type": ["array", "null"], "items": {"type": "string"}},
+            "valohai.alias": {
+                "anyOf": [{"type": "null"}, {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,255}$"}]
+            },
+        },
+        "additionalProperties": True,
+    }
+
+
+def _bulk_datum_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "datum_metadata": {"type": "object", "additionalProperties": _datum_properties_schema()}
+        },
+        "required": ["datum_metadata"],
+    }
 
 
 def _properties_body() -> dict[str, Any]:

@@ -91,6 +91,7 @@ class Datum(BaseModel):
     tags: list[str]
     alias: str | None
     properties: dict[str, Any]
+    violations: Violations
 
 
 class File(BaseModel):
@@ -183,3 +184,30 @@ def errors(
         code: {"model": Error, "description": text.get(f"e{code}", ERROR_TEXT[code])} for code in codes
     }
     return {**(also or {}), **found}
+
+
+# -- datums (one file of one execution) ---------------------------------------------------------
+
+
+class DatumAlias(BaseModel):
+    id: str
+    name: str
+    ctime: str | None
+    mtime: str | None
+    datum: Datum
+
+
+class ResolvedDatum(BaseModel):
+    datum: Datum
+
+
+class Download(BaseModel):
+    url: None = Field(description="always null: the sidecar has no copy of the file to hand out")
+    detail: str
+
+
+class DatumWrite(BaseModel):
+    """A bulk write's answer: each datum's full set after it, and which were only staged."""
+
+    datum_metadata: dict[str, dict[str, Any]]
+    staged: list[str] = Field(description="datums of executions still running: applied at completion")

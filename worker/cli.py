@@ -326,6 +326,9 @@ def _parser() -> argparse.ArgumentParser:
     worker = command("worker", cmd_worker, "run a Celery worker that applies completed versions")
     worker.add_argument("--concurrency", type=int, default=2, help="applies at once [2]")
     worker.add_argument("--pool", default="threads", help="Celery pool: threads, prefork, solo [threads]")
+    worker.add_argument(
+        "--root", help="the executions' root, to read datums' size and checksums [SIDECAR_ROOT]"
+    )
     serve = command("serve", cmd_serve, "run the HTTP server (API and webhooks)")
     serving(serve)
     serve.add_argument(

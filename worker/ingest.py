@@ -20,9 +20,10 @@ from pathlib import Path
 import orjson
 
 from . import metrics
+from .datum_keys import drop_bad_aliases
 from .errors import InvalidEntry
-from .records import Source, parse_datum_object, parse_line
-from .staging import LineOutcome, Reject, Sent, Staging, line_digest, now_iso
+from .records import LineOutcome, Reject, Source, line_digest, parse_datum_object, parse_line
+from .staging import Sent, Staging, now_iso
 from .store.finished import FinishedRecord
 from .tail import FileState, Line, read_new
 from .uris import Target
@@ -352,8 +353,12 @@ class Ingestor:
         except InvalidEntry as exc:
             outcome.reject = self._reject(source, str(exc), log_reject)
             return outcome
+        # A malformed alias is dropped like a bad version item: the rest of the line applies.
+        alias_problem = drop_bad_aliases(outcome.entries)
+        if alias_problem:
+            problems.append(alias_problem)
         if problems:
-            # The line is staged without its bad version items, and rejected for them.
+            # The line is staged without its bad version items or alias, and rejected for them.
             outcome.reject = self._reject(source, "; ".join(problems), log_reject)
         return outcome
 
@@ -386,6 +391,9 @@ class Ingestor:
             problems: list[str] = []
             try:
                 outcome.entries = parse_datum_object(data, output, source, problems)
+                alias_problem = drop_bad_aliases(outcome.entries)
+                if alias_problem:
+                    problems.append(alias_problem)
             except InvalidEntry as exc:
                 # The writer may still be writing it: judge it when the execution has completed.
                 if not self._completed(execution, record):

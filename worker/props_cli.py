@@ -18,9 +18,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from . import connections
+from .datum_keys import alias_name
 from .errors import ConfigError, InvalidEntry
 from .settings import Settings
-from .store import queries
+from .store import datums, queries
 from .store.writes import write_properties
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
@@ -62,6 +63,9 @@ def cmd_props(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _props(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
+    alias = alias_name(args.uri)
+    if alias is not None:
+        return _datum_props(settings, engine, args, alias)
     with Session(engine) as session:
         kind, owner_id = queries.find_by_uri(session, args.uri)
     if args.action == "get":
@@ -73,21 +77,46 @@ def _props(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
             )
             _print_json(owner.properties or {})
         return 0
+    changes = _changes(args)
+    staging = connections.staging(settings)
+    try:
+        result = write_properties(engine, staging, kind, owner_id, changes)
+    finally:
+        staging.close()
+    _print_json(result.properties)
+    if result.staged:
+        print("(the version is still building: the change is staged and applied at completion)")
+    return 0
+
+
+def _datum_props(settings: Settings, engine: Engine, args: argparse.Namespace, alias: str) -> int:
+    """`props` on `datum://<alias>`: the datum the alias points at now."""
+    with Session(engine) as session:
+        row = datums.resolve_alias(session, alias)
+        datum_id, properties = row.id, dict(row.properties or {})
+    if args.action == "get":
+        _print_json(properties)
+        return 0
+    changes = _changes(args)
+    staging = connections.staging(settings)
+    try:
+        result = datums.write_datum_properties(engine, staging, datum_id, changes)
+    finally:
+        staging.redis.close()
+    _print_json(result.properties)
+    if result.staged:
+        print("(its execution is still running: the change is staged and applied at completion)")
+    return 0
+
+
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
     if args.action == "set":
         changes = dict(parse_assignment(a) for a in args.items)
     else:
         changes = dict.fromkeys(args.items)
     if not changes:
         raise InvalidEntry("name at least one key")
-    staging = connections.staging(settings)
-    try:
-        result = write_properties(engine, staging, kind, owner_id, changes)
-    finally:
-        staging.redis.close()
-    _print_json(result.properties)
-    if result.staged:
-        print("(the version is still building: the change is staged and applied at completion)")
-    return 0
+    return changes
 
 
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
@@ -109,7 +138,11 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_history(settings: Settings, args: argparse.Namespace) -> int:
     with _engine(settings) as engine, Session(engine) as session:
-        kind, owner_id = queries.find_by_uri(session, args.uri)
+        alias = alias_name(args.uri)
+        if alias is not None:
+            kind, owner_id = "datum", datums.resolve_alias(session, alias).id
+        else:
+            kind, owner_id = queries.find_by_uri(session, args.uri)
         _, changes = queries.history(session, kind, owner_id, limit=args.limit, offset=0)
     if args.json:
         _print_json(changes)
@@ -137,7 +170,7 @@ def cmd_stale(settings: Settings, args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any, common: Any) -> None:
     """Register the data commands on the `sidecar` parser."""
-    props = sub.add_parser("props", help="get, set or unset properties of a dataset or version")
+    props = sub.add_parser("props", help="get, set or unset properties of a dataset, version or datum")
     actions = props.add_subparsers(title="actions", dest="action", required=True)
     for action, help_text, items in (
         ("get", "print the properties as JSON", None),
@@ -146,7 +179,7 @@ def add_commands(sub: Any, common: Any) -> None:
     ):
         p = actions.add_parser(action, help=help_text, description=help_text)
         common(p)
-        p.add_argument("uri", help="dataset://<name> or dataset://<name>/<version>")
+        p.add_argument("uri", help="dataset://<name>, dataset://<name>/<version> or datum://<alias>")
         if items:
             p.add_argument("items", nargs="+", metavar=items)
         p.set_defaults(run=cmd_props)

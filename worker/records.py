@@ -5,6 +5,7 @@ No Redis, database or clock in here; the watcher, the API, replay and the tests 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import repeat
@@ -86,6 +87,36 @@ class Entry:
             metadata=data["metadata"],
             path=data["path"],
         )
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A line that could not be staged, and why; never holds the line's content (it may hold secrets)."""
+
+    file: str
+    line: int
+    offset: int
+    reason: str
+    execution: str = ""
+    at: str = ""
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+
+@dataclass(slots=True)
+class LineOutcome:
+    """What one line of a file became: entries to stage, or a reject."""
+
+    number: int
+    digest: bytes
+    entries: list[Entry] = field(default_factory=list)
+    reject: Reject | None = None
+
+
+def line_digest(data: bytes | None) -> bytes:
+    """8-byte digest of a line's bytes (an over-long line, whose bytes were not kept, has a fixed one)."""
+    return hashlib.blake2b(b"\x00over-long" if data is None else data, digest_size=8).digest()
 
 
 def parse_line(raw: bytes, source: Source, problems: list[str] | None = None) -> list[Entry]:

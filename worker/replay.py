@@ -14,16 +14,17 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from .checksums import check_execution
 from .errors import ConfigError, NotFound
 from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, inside_root, sidecar_kind
 from .merge import merge
-from .records import Entry
-from .staging import LineOutcome, Staging
+from .records import Entry, LineOutcome
+from .staging import Staging
 from .store import finished, queries
 from .store.apply import apply_target, version_completed
 from .tail import read_new
@@ -112,7 +113,11 @@ def replay(
     if not dry_run:
         # Re-apply what the files touched; the watermark makes this a no-op where nothing is new.
         for key in sorted(summary.targets):
-            summary.applied += apply_target(engine, staging, Target.parse(key)).applied
+            target = Target.parse(key)
+            summary.applied += apply_target(engine, staging, target).applied
+            if target.kind == "execution":
+                # Applied here, not by a worker: read its new datums' checksums here too.
+                check_execution(engine, ingestor.root, target.execution)
     return summary
 
 
@@ -131,7 +136,7 @@ def _dry_file(
         summary.files += 1  # per-output files hold one datum: counted, not diffed
         return
     execution = rel.parts[0]
-    raw = cast(bytes | None, staging.redis.get(staging.keys.lines(str(rel))))
+    raw = staging.line_digests(str(rel))
     record = None
     if raw is None and staging.load_state(str(rel)) is None and staging.ever_forgot():
         record = finished.find(engine, str(rel))  # retention took it out of Redis

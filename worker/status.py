@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -16,7 +16,6 @@ from .settings import Settings
 from .staging import Staging
 from .store.models import Dataset, DatasetVersion
 from .store.queries import iso
-from .uris import Target
 
 VERSION_PROBLEMS_SHOWN = 20
 
@@ -79,19 +78,8 @@ def version_problems(engine: Engine, limit: int = VERSION_PROBLEMS_SHOWN) -> lis
 
 def _versions(staging: Staging) -> tuple[list[dict[str, Any]], list[str]]:
     """Versions still building with their staged counts, and due versions already completed."""
-    known = sorted(m.decode() for m in cast(set[bytes], staging.redis.smembers(staging.keys.known_versions)))
     due = set(staging.due_targets(older_than=-1))
-    pipe = staging.redis.pipeline(transaction=False)
-    for key in known:
-        target = Target.parse(key)
-        pipe.exists(staging.keys.done(target))
-        pipe.xlen(staging.keys.stream(target))
-    answers = pipe.execute()
-    building = []
-    for i, key in enumerate(known):
-        done, staged = answers[2 * i], answers[2 * i + 1]
-        if not done:
-            building.append({"uri": key, "staged": staged})
+    building = [{"uri": key, "staged": staged} for key, staged in staging.building_versions()]
     return building, sorted(k for k in due if k.count("/") == 3)
 
 

@@ -1,4 +1,5 @@
-"""The Celery side: one task, `sidecar.apply`, that runs the apply transaction for a target.
+"""The Celery side: `sidecar.apply`, which runs the apply transaction for a target, and
+`sidecar.checksums`, which reads the files of an execution whose datums were just applied.
 
 Delivery is at-least-once (acks_late + reject_on_worker_lost: a worker killed mid-apply leaves
 the task to be redelivered); the watermark in the database makes the second run a no-op. If a
@@ -23,6 +24,7 @@ from celery import Celery, Task
 from sqlalchemy import Engine
 
 from . import connections, metrics
+from .checksums import check_execution
 from .keys import Keys
 from .settings import Settings
 from .staging import Staging
@@ -33,6 +35,7 @@ from .uris import Target
 log = logging.getLogger(__name__)
 
 APPLY_TASK = "sidecar.apply"
+CHECKSUM_TASK = "sidecar.checksums"
 Enqueue = Callable[[str], None]
 
 # Errors worth a retry: the database or Redis is down or locked for now.
@@ -105,6 +108,11 @@ def make_app(settings: Settings) -> Celery:
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
         except Exception as exc:  # not transient: retried a bounded number of times, then held
             return _failed(self, settings, engine, staging, target, exc)
+        if target.kind == "execution" and not result.skipped:
+            # Even when this apply found nothing new: an API write may have applied the
+            # execution's lines inline (it does not send this), and the task is cheap when
+            # every datum is checked already (one indexed SELECT).
+            _send_checksums(app, target.execution)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         metrics.APPLIES.labels(_outcome(result)).inc()
         metrics.ENTRIES_APPLIED.inc(result.applied)
@@ -118,7 +126,48 @@ def make_app(settings: Settings) -> Celery:
             )
         return {"applied": result.applied, "watermark": result.watermark, "skipped": result.skipped}
 
+    @app.task(name=CHECKSUM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    def checksums(self: Task[Any, Any], execution: str) -> dict[str, Any]:
+        """Size and checksums of the execution's datums not read yet, from the files on disk."""
+        try:
+            return run_checksums(settings, lambda: resources.get()[0], execution)
+        except TRANSIENT as exc:
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+
     return app
+
+
+def run_checksums(settings: Settings, engine: Callable[[], Engine], execution: str) -> dict[str, Any]:
+    """The checksums task's work: skipped (and said once) on a worker that has no root."""
+    if settings.root is None:
+        _no_root_once()
+        return {"skipped": "no root"}
+    stats = check_execution(engine(), settings.root, execution)
+    if stats.checked:
+        log.info("checksums of %s: %d files (%d missing)", execution, stats.checked, stats.missing)
+    return {"checked": stats.checked, "missing": stats.missing}
+
+
+_warned_no_root: list[bool] = []
+
+
+def _no_root_once() -> None:
+    """A worker without SIDECAR_ROOT cannot read datums' files: said once per process."""
+    if not _warned_no_root:
+        _warned_no_root.append(True)
+        log.warning(
+            "checksums skipped: this worker has no SIDECAR_ROOT, so datums' size and checksums stay "
+            "null (every worker must see the executions' root for them to be read)"
+        )
+
+
+def _send_checksums(app: Celery, execution: str) -> None:
+    """After an execution's datums were applied. A failed send leaves their checksums null until
+    the execution's next apply (a late line) sends it again."""
+    try:
+        app.send_task(CHECKSUM_TASK, args=[execution], queue=app.conf.task_default_queue)
+    except Exception as exc:
+        log.warning("could not send the checksums of %s (%s)", execution, exc)
 
 
 def _outcome(result: ApplyResult) -> str:

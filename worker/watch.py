@@ -344,11 +344,7 @@ class Watcher:
 
     def _subscribe(self) -> redis.client.PubSub | None:
         try:
-            pubsub: redis.client.PubSub = self.staging.redis.pubsub(  # type: ignore[no-untyped-call]
-                ignore_subscribe_messages=True
-            )
-            pubsub.subscribe(self.staging.keys.events)
-            return pubsub
+            return self.staging.completions()
         except redis.RedisError as exc:
             log.warning("cannot subscribe to completions (%s); relying on the periodic scan", exc)
             return None

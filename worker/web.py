@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from .api_models import OwnerId
 from .errors import NotFound
 from .staging import Staging
-from .store import queries
+from .store import datums, queries
 from .store.models import Watermark
 from .uris import Target
 
@@ -77,7 +77,8 @@ def staged_after_watermark(engine: Engine, staging: Staging, target: Target, cap
 
 
 def mount_web(app: FastAPI, engine: Engine, staging: Staging) -> None:
-    """Register the pages (`/`, `/dataset-versions/`, `/datasets/<id>/`, `/dataset-versions/<id>/`),
+    """Register the pages (`/`, `/dataset-versions/`, `/datasets/<id>/`, `/dataset-versions/<id>/`,
+    `/data/<datum id>/`),
     `/static/...` and `/api/web/<datasets|dataset-versions>/<id>/staged/` on `app`."""
     templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.globals["static"] = _static_urls()
@@ -119,6 +120,17 @@ def mount_web(app: FastAPI, engine: Engine, staging: Staging) -> None:
             return not_found(request, f"dataset version {version_id[:100]}")
         context = {"title": "Dataset version", "kind": "dataset-versions", "owner_id": uid}
         return page(request, "detail.html", context)
+
+    @app.get("/data/{datum_id}/", response_class=HTMLResponse, include_in_schema=False)
+    def datum_page(request: Request, datum_id: str) -> HTMLResponse:
+        """One datum (a file of an execution): size, checksums, tags, alias, properties, history.
+        `datum_id` is its public id (what `/api/v0/data/` answers as `id`)."""
+        try:
+            with Session(engine) as session:
+                uid = datums.get_datum(session, datum_id).uid
+        except NotFound:
+            return not_found(request, f"datum {datum_id[:100]}")
+        return page(request, "datum.html", {"title": "File", "owner_id": uid})
 
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _staged_route(app, engine, staging, kind, base)

@@ -834,6 +834,78 @@
     loadHistory(true);
   }
 
+  // -- one datum (a file of an execution): read-only ----------------------------------------------
+
+  function datumPage() {
+    const base = `/api/v0/data/${body.dataset.id}/`;
+    const text = (id, value) => {
+      $(id).textContent = value === null || value === undefined || value === "" ? "—" : String(value);
+    };
+
+    function propRow(key, value) {
+      const type = typeOf(value);
+      const structured = type === "object" || type === "array";
+      return h(
+        "tr",
+        {},
+        h("td", { text: key }),
+        h("td", { class: structured ? "value-json" : null, text: structured ? JSON.stringify(value, null, 2) : show(value) }),
+        h("td", { text: type }),
+      );
+    }
+
+    async function loadRecord() {
+      let datum;
+      try {
+        datum = (await api(base)).data;
+      } catch (error) {
+        notice($("load-error"), `Could not load: ${problem(error)}.`, "error");
+        $("title").textContent = "Not available";
+        return;
+      }
+      $("title").textContent = datum.name;
+      document.title = `${datum.name} · Dataset properties`;
+      $("uri").textContent = datum.alias ? `datum://${datum.alias}` : datum.id;
+      $("execution").replaceChildren(h("code", { text: datum.output_execution ? datum.output_execution.id : "—" }));
+      text("size", datum.size === null ? null : `${datum.size.toLocaleString()} bytes`);
+      $("created").replaceChildren(when(datum.ctime));
+      $("modified").replaceChildren(when(datum.mtime));
+      text("alias", datum.alias);
+      $("tags").replaceChildren(...(datum.tags.length ? datum.tags.map((t) => h("span", { class: "chip", text: t })) : ["—"]));
+      const sums = ["md5", "sha1", "sha256"].map((name) =>
+        h("tr", {}, h("td", { text: name }), h("td", {}, datum[name] ? h("code", { text: datum[name] }) : h("span", { class: "muted", text: "—" }))),
+      );
+      $("checksums-table").tBodies[0].replaceChildren(...sums);
+      const keys = Object.keys(datum.properties).sort(byKey);
+      $("props-table").tBodies[0].replaceChildren(...keys.map((k) => propRow(k, datum.properties[k])));
+      $("props-table").hidden = !keys.length;
+      $("props-empty").hidden = Boolean(keys.length);
+    }
+
+    async function loadHistory() {
+      let changes;
+      try {
+        const first = (await api(`${base}history/?limit=100`)).data;
+        changes = first.count > 100 ? (await api(`${base}history/?limit=100&offset=${first.count - 100}`)).data.results : first.results;
+      } catch (error) {
+        notice($("load-error"), `Could not load the history: ${problem(error)}.`, "error");
+        return;
+      }
+      const rows = [...changes].reverse().map((c) => {
+        const what = c.old === null ? `set ${show(c.new)}` : c.new === null ? `removed ${show(c.old)}` : `${show(c.old)} → ${show(c.new)}`;
+        const src = c.source || {};
+        const from = src.origin === "sidecar" ? `${src.file} line ${src.line}` : src.origin === "api" ? "API" : String(src.origin);
+        return h("tr", {}, h("td", {}, when(c.changed_at)), h("td", {}, h("code", { text: c.key })), h("td", { text: what }), h("td", { class: "source", text: from }));
+      });
+      $("history-table").tBodies[0].replaceChildren(...rows);
+      $("history-table").hidden = !rows.length;
+      $("history-empty").hidden = Boolean(rows.length);
+    }
+
+    loadRecord();
+    loadHistory();
+  }
+
   // -- the properties editor ----------------------------------------------------------------------
 
   const TYPES = [
@@ -1193,4 +1265,5 @@
 
   if (body.dataset.page === "list") listPage();
   else if (body.dataset.page === "detail") detailPage();
+  else if (body.dataset.page === "datum") datumPage();
 })();

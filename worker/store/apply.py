@@ -20,16 +20,18 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
+from ..datum_keys import ALIAS_KEY
 from ..definitions import Definition, split
 from ..membership import Spec, file_list, fold_spec
-from ..merge import merge_into
-from ..records import Entry, Source
-from ..staging import Reject, Staging
+from ..merge import Change, merge_into
+from ..records import Entry, Reject, Source
+from ..staging import Staging
 from ..uris import Target, parse_uri
 from . import aliases, definitions
+from .datum_aliases import point_aliases
 from .db import writer
-from .index import bulk_insert, reindex
-from .models import Dataset, DatasetVersion, Datum, PropertyChange, VersionFile, Watermark
+from .index import bulk_insert, index_rows, reindex
+from .models import Dataset, DatasetVersion, Datum, PropertyChange, PropertyIndex, VersionFile, Watermark
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,8 @@ class Applier:
     working: dict[tuple[str, int], _Working] = field(default_factory=dict)
     changes: list[dict[str, Any]] = field(default_factory=list)  # history rows, inserted by `flush`
     members: dict[tuple[int, int], None] = field(default_factory=dict)  # version files, likewise
+    # Datum aliases claimed by `valohai.alias` (name -> datum id, source; the last claim wins).
+    datum_aliases: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     # Member entries, settled by `flush`: the files of a version completing in this transaction,
     # or late files of a completed one (see `_settle_members`).
     joining: dict[Target, list[Entry]] = field(default_factory=dict)
@@ -209,6 +213,8 @@ class Applier:
         for violation in broken:  # a `reject` definition drops that key's change, not the entry's
             self.reject(entry, violation.reason())
         changes = merge_into(work.properties, metadata)
+        if owner.kind == "datum" and ALIAS_KEY in metadata:
+            self._claim_alias(owner, entry, changes)
         if not changes:
             return
         owner.updates["updated_at"] = self.now
@@ -227,18 +233,33 @@ class Applier:
                 }
             )
 
+    def _claim_alias(self, owner: Owner, entry: Entry, changes: list[Change]) -> None:
+        """`valohai.alias` set on a datum points the alias at it (moved at `flush`). A line read
+        again that sets the alias the datum already had moves nothing (the alias may have moved
+        on to another datum since); an API write points it whatever the datum held."""
+        name = entry.metadata[ALIAS_KEY]
+        if not isinstance(name, str):
+            return  # null: the key is removed; the alias stays where it points
+        if entry.source.origin == "api" or any(c.key == ALIAS_KEY for c in changes):
+            self.datum_aliases[name] = (owner.id, _source_json(entry.source))
+
     def flush(self) -> None:
         """Write the folded property sets and changed columns back, refresh the search index of
         the keys that changed (once per owner), and insert the history rows and version files."""
         self._settle_members()
+        fresh: list[dict[str, Any]] = []  # index rows of owners that had none yet
         for work in self.working.values():
             if not work.changed:
                 continue  # every entry was a no-op: the stored set and its index are current
             owner = work.owner
             owner.properties = owner.updates["properties"] = work.properties
-            if owner.kind != "datum":
-                keys, had_rows = work.changed.keys(), not work.was_empty
-                reindex(self.conn, owner.kind, owner.id, work.properties, keys, had_rows=had_rows)
+            if work.was_empty:
+                # Nothing to delete: gathered, and inserted in one go below (an execution's
+                # completion creates thousands of datums; one COPY each cost a third of its apply).
+                fresh += index_rows(owner.kind, owner.id, work.properties)
+            else:
+                reindex(self.conn, owner.kind, owner.id, work.properties, work.changed.keys())
+        bulk_insert(self.conn, _INDEX, fresh)
         self.working.clear()
         for owner in self.owners.values():
             if owner.updates:
@@ -255,6 +276,9 @@ class Applier:
         if self.changes:
             bulk_insert(self.conn, _CHANGES, self.changes)
             self.changes = []
+        if self.datum_aliases:
+            point_aliases(self.conn, self.datum_aliases, self.now)
+            self.datum_aliases = {}
 
     def definitions(self) -> Mapping[str, Definition]:
         if self.defined is None:
@@ -430,6 +454,7 @@ _DATUMS = cast(Table, Datum.__table__)
 _FILES = cast(Table, VersionFile.__table__)
 _MARKS = cast(Table, Watermark.__table__)
 _CHANGES = cast(Table, PropertyChange.__table__)
+_INDEX = cast(Table, PropertyIndex.__table__)
 
 _SELECT_MARK = select(_MARKS.c.stream_id).where(_MARKS.c.target == bindparam("target"))
 _LOCK_MARK = _SELECT_MARK.with_for_update()

@@ -403,6 +403,7 @@ def datum_json(row: Datum, alias: str | None = None) -> dict[str, Any]:
         "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
         "alias": alias,
         "properties": {k: v for k, v in properties.items() if k not in DATUM_FIELD_KEYS},
+        "violations": list(row.violations or []),
     }
 
 

@@ -46,16 +46,16 @@ from sqlalchemy.sql.elements import KeyedColumnElement
 from ..limits import path_text
 from ..query import And, Compare, Exists, FilterError, In, Key, Like, Node, Not, Or, Value, Violates, parse
 from .index import STR_KEY_LENGTH, lower
-from .models import Dataset, DatasetVersion, PropertyIndex
+from .models import Dataset, DatasetVersion, Datum, PropertyIndex
 
-OwnerKind = Literal["dataset", "version"]
+OwnerKind = Literal["dataset", "version", "datum"]
 Atom = Compare | In | Like | Exists
 
 # Candidate sets are kept to at most this many owners: an atom matching more is "not selective"
 # and is only probed on the candidates of the others (10,000 ids read or passed back cost a few ms).
 # Atoms are read with growing limits, so a small one is found without reading much of a large one.
 CAP = 10_000
-_OWNERS: dict[str, Any] = {"dataset": Dataset, "version": DatasetVersion}
+_OWNERS: dict[str, Any] = {"dataset": Dataset, "version": DatasetVersion, "datum": Datum}
 _LIMITS = (100, 300, 1_000, 3_000)
 
 _OPS = {

@@ -8,11 +8,9 @@ a batch and moved its offset, or did neither. The database, not Redis, decides w
 
 from __future__ import annotations
 
-import hashlib
 import struct
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -20,279 +18,18 @@ import orjson
 import redis
 from redis.exceptions import NoScriptError
 
-from .keys import Keys
-from .records import Entry
-from .uris import Target
+from ..keys import Keys
+from ..records import Entry, LineOutcome, Reject
+from ..uris import Target
+from . import scripts
+from .clock import now_iso, now_ms
+from .health import Health
 
-Enqueue = Callable[[str], None]
 REJECTS_KEPT = 10_000
 READ_BATCH = 1000
 
-# KEYS: 1 offsets, 2 due, 3 rejects, 4 line digests of the file, 5 the execution's target set,
-#       6 known versions, 7 the execution's file set, 8 executions, 9 stream floor, 10.. streams
-#       and done flags, referenced by index from the records.
-# ARGV: 1 file, 2 state JSON ("" = leave), 3 now (ms), 4 "1" = skip the digest check (replay),
-#       5 ISO time, 6 rejects kept, 7 number of the batch's first line, 8 one 8-byte digest per
-#       line of the batch (consecutive lines), 9 index of the execution's done flag in KEYS,
-#       10 the records (struct '>IIIIII' each: line - first line, op, stream, version-done flag,
-#       member, payload length), 11 the payloads, one after the other, 12 the checkpoint the batch
-#       was read from ("" = no check; "=" + state JSON, "=" alone: none), 13 execution, 14 root
-#       it was read under ("" = leave), 15 M, 16..15+M the distinct members ('<op>:<target>' of
-#       the execution's target set).
-# The per-batch constants (done flags, members, known versions) are looked up once per batch, and
-# the records and payloads are packed into two arguments: encoding one argument per entry in
-# redis-py, not Redis, was the cost (a seventh of ingest).
-_STAGE = """
-local now, force, iso, kept = ARGV[3], ARGV[4] == '1', ARGV[5], tonumber(ARGV[6])
-local first_line, digests, xi, records = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
-local payloads = ARGV[11]
-
--- The checkpoint the batch was read from must still be the file's: retention may have taken the
--- execution's state out of Redis between the watcher's read of the checkpoint and this call (the
--- batch would land without the execution's done flag and digests). The reader then reads again.
--- A batch whose reply was lost and that is sent again finds its own checkpoint: it already ran.
-if ARGV[12] ~= '' then
-  local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-  if cur ~= string.sub(ARGV[12], 2) then
-    if ARGV[2] ~= '' and cur == ARGV[2] then return {} end
-    return redis.error_reply('STALE the checkpoint of ' .. ARGV[1] .. ' moved since it was read')
-  end
-end
-
--- A stream that retention deleted and a late line creates again must go on above the watermark
--- applied from it (XADD '*' in a new stream takes Redis's clock, which may have gone back).
-local checked = {}
-local function xadd(si, payload)
-  if checked[si] == nil then
-    checked[si] = true
-    if redis.call('EXISTS', KEYS[si]) == 0 then
-      local floor = redis.call('GET', KEYS[9])
-      if floor then
-        local fm = tonumber(string.match(floor, '^(%d+)'))
-        local t = redis.call('TIME')
-        if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) <= fm then
-          redis.call('XADD', KEYS[si], string.format('%d-*', fm + 1), 'e', payload)
-          return
-        end
-      end
-    end
-  end
-  redis.call('XADD', KEYS[si], '*', 'e', payload)
-end
-
-local due = {}
-local function mark(target) due[target] = true end
-
--- A line already staged at this number with the same bytes is the same line read again after a
--- rewrite (valohai-utils rewrites the whole file): stage it once only. That holds for the unchanged
--- start of the file only: from the first line that differs, every later line is new in order too
--- (else an old value staged earlier would win over the change), so the digests after it are
--- dropped and those lines are staged.
-local lines = #digests / 8
-local pos0 = (first_line - 1) * 8
-local fresh = nil  -- offset in the batch of the first line to stage; nil: all seen before
-if lines > 0 then
-  if force then
-    fresh = 0
-  else
-    local seen = redis.call('GETRANGE', KEYS[4], pos0, pos0 + #digests - 1)
-    for k = 0, lines - 1 do
-      if string.sub(seen, k * 8 + 1, k * 8 + 8) ~= string.sub(digests, k * 8 + 1, k * 8 + 8) then
-        fresh = k
-        break
-      end
-    end
-  end
-end
-if fresh ~= nil then
-  local pos = pos0 + fresh * 8
-  if redis.call('STRLEN', KEYS[4]) > pos then
-    if pos == 0 then
-      redis.call('DEL', KEYS[4])
-    else
-      redis.call('SET', KEYS[4], redis.call('GETRANGE', KEYS[4], 0, pos - 1))
-    end
-  end
-  redis.call('SETRANGE', KEYS[4], pos, string.sub(digests, fresh * 8 + 1))
-end
-
-local exec_done = redis.call('EXISTS', KEYS[xi]) == 1
-local version_done = {}
-local function is_done(vi)
-  if version_done[vi] == nil then version_done[vi] = redis.call('EXISTS', KEYS[vi]) == 1 end
-  return version_done[vi]
-end
-local members, seen_member = {}, {}
-local at, pat = 1, 1
-for r = 1, #records / 24 do
-  local k, op, si, vi, mi, length
-  k, op, si, vi, mi, length, at = struct.unpack('>IIIIII', records, at)
-  local payload = string.sub(payloads, pat, pat + length - 1)
-  pat = pat + length
-  if fresh ~= nil and k >= fresh then
-    if op == 2 then
-      redis.call('LPUSH', KEYS[3], payload)
-    else
-      xadd(si, payload)
-      local member = ARGV[15 + mi]
-      if not seen_member[mi] then
-        seen_member[mi] = true
-        members[#members + 1] = member
-        -- A version seen for the first time: hand it out so an apply registers it as building.
-        if vi > 0 and redis.call('SADD', KEYS[6], string.sub(member, 3)) == 1 then
-          mark(string.sub(member, 3))
-        end
-      end
-      local target = string.sub(member, 3)
-      local is_due
-      if op == 1 then
-        -- The execution completed before this late datum line arrived: the version it feeds
-        -- is complete too (execution_completed completes the versions its datums name).
-        if exec_done and not is_done(vi) then
-          redis.call('SET', KEYS[vi], iso)
-          version_done[vi] = true
-          local ds = string.match(target, '^(dataset://[^/]+)/')
-          redis.call('ZADD', KEYS[2], 'NX', now, ds)
-          mark(ds)
-        end
-        is_due = is_done(vi)
-      elseif vi > 0 then
-        is_due = is_done(vi)
-      else
-        is_due = exec_done
-      end
-      if is_due then
-        redis.call('ZADD', KEYS[2], 'NX', now, target)
-        mark(target)
-      end
-    end
-  end
-end
-for i = 1, #members, 1000 do
-  redis.call('SADD', KEYS[5], unpack(members, i, math.min(i + 999, #members)))
-end
-redis.call('LTRIM', KEYS[3], 0, kept - 1)
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('SADD', KEYS[7], ARGV[1])
-  if ARGV[14] ~= '' then redis.call('HSET', KEYS[8], ARGV[13], ARGV[14]) end
-end
-local out = {}
-for target, _ in pairs(due) do out[#out + 1] = target end
-return out
-"""
 _OPS = {"set": 0, "member": 1}
 _REJECT = 2
-
-# Drop a target from the due set only if nothing newer than the applied watermark was staged
-# meanwhile (a line staged during the apply keeps the target due), then trim what was applied.
-_FINISH = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local function newer(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
-end
--- With no watermark (nothing applied yet), only an empty stream means nothing is left.
-if #last == 0 or (ARGV[2] ~= '' and not newer(last[1][1], ARGV[2])) then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  if ARGV[2] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[2]) end
-  return 1
-end
-return 0
-"""
-
-
-# Keep a quarantined target out of the due set, unless `release` put it back meanwhile: the mark
-# and the removal go together, so a retry racing with a held apply still leaves the target due.
-_HOLD = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"""
-
-
-# Retention: take one execution's staging state out of Redis, once the database holds what must
-# outlive it (see worker/retention.py). Nothing is deleted if a file's checkpoint moved since it
-# was read (a batch of this execution staged meanwhile); the targets it fed go too if they are
-# not due and hold nothing past their applied watermark.
-# KEYS: 1 offsets, 2 the execution's file set, 3 its target set, 4 its done flag, 5 completed,
-#       6 executions, 7 due, 8 known versions, 9 stream floor, 10..9+N the files' line digests,
-#       then per target its stream and its done flag.
-# ARGV: 1 execution, 2 "1" = everything (completed) / "0" = the files only (folder deleted before
-#       completion: its staged entries wait for its completion), 3 N, then N (file, checkpoint)
-#       pairs, then per target (target, applied watermark or "", "1" if a version).
-_FORGET = """
-local function newer(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
-end
-local whole, n = ARGV[2] == '1', tonumber(ARGV[3])
-for i = 0, n - 1 do
-  if (redis.call('HGET', KEYS[1], ARGV[4 + 2 * i]) or '') ~= ARGV[5 + 2 * i] then return 0 end
-end
-local lasts = {}
-for i = 0, n - 1 do
-  redis.call('HDEL', KEYS[1], ARGV[4 + 2 * i])
-  redis.call('DEL', KEYS[10 + i])
-end
-redis.call('DEL', KEYS[2])
-redis.call('HDEL', KEYS[6], ARGV[1])
-if whole then
-  -- A target whose every entry is applied and that is not due goes with its stream, flag and
-  -- known-version entry. One that another execution's entries (or an apply) still hold stays:
-  -- this execution's own entries in it are applied (checked before, and a line of this execution
-  -- staged since moved a checkpoint above).
-  local a, k = 4 + 2 * n, 10 + n
-  while a <= #ARGV do
-    local last = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
-    local applied = #last == 0 or (ARGV[a + 1] ~= '' and not newer(last[1][1], ARGV[a + 1]))
-    if applied and not redis.call('ZSCORE', KEYS[7], ARGV[a]) then
-      if #last > 0 then lasts[#lasts + 1] = last[1][1] end
-      redis.call('DEL', KEYS[k], KEYS[k + 1])
-      if ARGV[a + 2] == '1' then redis.call('SREM', KEYS[8], ARGV[a]) end
-    end
-    a, k = a + 3, k + 2
-  end
-  redis.call('DEL', KEYS[3], KEYS[4])
-  redis.call('ZREM', KEYS[5], ARGV[1])
-end
--- The floor exists once retention ever forgot something: until then no file can have a record
--- in the database, and readers need not ask it (a watcher may have no database to ask).
-local floor = redis.call('GET', KEYS[9]) or '0-0'
-for _, id in ipairs(lasts) do
-  if newer(id, floor) then floor = id end
-end
-redis.call('SET', KEYS[9], floor)
-return 1
-"""
-
-# Put a finished file's state back from the database record, before a new line of it is staged
-# (an append or rewrite after retention). Only what is missing is written (NX everywhere): a
-# watcher that restored it first, or a completion since, wins.
-# KEYS: 1 offsets, 2 the file's line digests, 3 the execution's file set, 4 executions, 5 the
-#       execution's done flag, 6 completed, 7.. the done flags of the versions it fed.
-# ARGV: 1 file, 2 checkpoint ("" = none: a new file), 3 digests, 4 execution, 5 root,
-#       6 completion ISO time ("" = not completed), 7 completion time (ms), 8.. the versions'
-#       flag values (as KEYS 7..).
-_RESTORE = """
-if ARGV[2] ~= '' and redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 and #ARGV[3] > 0 then
-  redis.call('SET', KEYS[2], ARGV[3], 'NX')
-end
-redis.call('SADD', KEYS[3], ARGV[1])
-if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[4], ARGV[4], ARGV[5]) end
-if ARGV[6] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[6], 'NX')
-  redis.call('ZADD', KEYS[6], 'NX', ARGV[7], ARGV[4])
-end
-for i = 7, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'NX') end
-return redis.call('HGET', KEYS[1], ARGV[1])
-"""
 
 
 @dataclass
@@ -305,40 +42,6 @@ class Held:
     digests: dict[str, bytes]  # file -> its line digests
     targets: list[str]  # the targets its lines staged for
     flags: dict[str, str]  # completed version it fed -> its done flag's value
-
-
-@dataclass(frozen=True)
-class Reject:
-    """A line that could not be staged, and why; never holds the line's content (it may hold secrets)."""
-
-    file: str
-    line: int
-    offset: int
-    reason: str
-    execution: str = ""
-    at: str = ""
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(self.__dict__)
-
-
-@dataclass(slots=True)
-class LineOutcome:
-    """What one line of a file became: entries to stage, or a reject."""
-
-    number: int
-    digest: bytes
-    entries: list[Entry] = field(default_factory=list)
-    reject: Reject | None = None
-
-
-def line_digest(data: bytes | None) -> bytes:
-    """8-byte digest of a line's bytes (an over-long line, whose bytes were not kept, has a fixed one)."""
-    return hashlib.blake2b(b"\x00over-long" if data is None else data, digest_size=8).digest()
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 class Sent:
@@ -393,20 +96,24 @@ class Sent:
         self.staging.redis.connection_pool.release(conn)
 
 
-class Staging:
+class Staging(Health):
     """The staging area of one deployment: a Redis client and the key layout."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.redis = client
         self.keys = keys
         self._last_swept: dict[str, float] = {}
-        self._stage = client.register_script(_STAGE)
-        self._finish = client.register_script(_FINISH)
-        self._hold = client.register_script(_HOLD)
-        self._forget = client.register_script(_FORGET)
-        self._restore = client.register_script(_RESTORE)
+        self._stage = client.register_script(scripts.source("stage"))
+        self._finish = client.register_script(scripts.source("finish"))
+        self._hold = client.register_script(scripts.source("hold"))
+        self._forget = client.register_script(scripts.source("forget"))
+        self._restore = client.register_script(scripts.source("restore"))
 
     # -- the watcher's side ------------------------------------------------------------------
+
+    def line_digests(self, file: str) -> bytes | None:
+        """The digests of a file's staged lines, 8 bytes per line (None: none kept)."""
+        return cast(bytes | None, self.redis.get(self.keys.lines(file)))
 
     def load_state(self, file: str) -> str | None:
         """The checkpoint JSON of a tailed file, or None if never seen."""
@@ -545,7 +252,7 @@ class Staging:
         args: list[Any] = [
             file,
             state_json,
-            _now_ms(),
+            now_ms(),
             "1" if force else "0",
             now_iso(),
             REJECTS_KEPT,
@@ -577,7 +284,7 @@ class Staging:
         # Race: the version may complete between the XADD and this check. Either the completion's
         # apply reads our entry (it was added first), or we see the flag and make it due ourselves.
         if done:
-            self.redis.zadd(self.keys.due, {target.key: _now_ms()}, nx=True)
+            self.redis.zadd(self.keys.due, {target.key: now_ms()}, nx=True)
         return stream_id.decode(), bool(done)
 
     def withdraw(self, target: Target, stream_id: str) -> None:
@@ -615,7 +322,7 @@ class Staging:
         # before this point is read by the apply this completion triggers; one staged after it
         # sees the flag and makes the version due again by itself. Neither order strands it.
         dataset = target.dataset_target
-        now = _now_ms()
+        now = now_ms()
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.keys.done(target), now_iso(), nx=True)
         pipe.zadd(self.keys.due, {target.key: now, dataset.key: now}, nx=True)
@@ -632,7 +339,7 @@ class Staging:
         # counts, so a repeated event does not hold its state in Redis for longer).
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.keys.done(exe), now_iso(), nx=True)
-        pipe.zadd(self.keys.completed, {execution: _now_ms()}, nx=True)
+        pipe.zadd(self.keys.completed, {execution: now_ms()}, nx=True)
         pipe.execute()
         self.redis.publish(self.keys.events, execution)
         members = cast(set[bytes], self.redis.smembers(self.keys.execution_targets(execution)))
@@ -643,7 +350,7 @@ class Staging:
                 due.update(self.complete_version(Target.parse(key)))
             elif op == "d":
                 due.add(key)
-        now = _now_ms()
+        now = now_ms()
         self.redis.zadd(self.keys.due, dict.fromkeys(due, now), nx=True)
         return sorted(due)
 
@@ -651,7 +358,7 @@ class Staging:
 
     def completed_before(self, seconds_ago: float) -> list[str]:
         """Executions completed at least `seconds_ago` whose staging state is still in Redis."""
-        limit = _now_ms() - int(seconds_ago * 1000)
+        limit = now_ms() - int(seconds_ago * 1000)
         raw = cast(list[bytes], self.redis.zrangebyscore(self.keys.completed, "-inf", limit))
         return [r.decode() for r in raw]
 
@@ -770,7 +477,7 @@ class Staging:
         info = self.redis.info("memory")
         raw = self.redis.zrange(self.keys.completed, 0, 0, withscores=True)
         oldest = cast(list[tuple[bytes, float]], raw)
-        age = max(0.0, (_now_ms() - oldest[0][1]) / 1000) if oldest else None
+        age = max(0.0, (now_ms() - oldest[0][1]) / 1000) if oldest else None
         return {
             "used_memory": int(info.get("used_memory", 0)),
             "used_memory_human": str(info.get("used_memory_human", "")),
@@ -881,7 +588,7 @@ class Staging:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(self.keys.quarantine, target.key)
         pipe.hdel(self.keys.failures, target.key)
-        pipe.zadd(self.keys.due, {target.key: _now_ms()}, nx=True)
+        pipe.zadd(self.keys.due, {target.key: now_ms()}, nx=True)
         pipe.execute()
 
     def quarantined(self) -> dict[str, dict[str, Any]]:
@@ -891,49 +598,6 @@ class Staging:
 
     def quarantined_count(self) -> int:
         return int(self.redis.hlen(self.keys.quarantine))
-
-    def due_targets(self, older_than: float) -> list[str]:
-        """Targets due for longer than `older_than` seconds (their apply was lost or is slow)."""
-        limit = _now_ms() - int(older_than * 1000)
-        raw = cast(list[bytes], self.redis.zrangebyscore(self.keys.due, "-inf", limit))
-        return [r.decode() for r in raw]
-
-    def backlog(self) -> tuple[int, float]:
-        """(targets due for an apply, seconds the oldest of them has been due)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(self.keys.due)
-        pipe.zrange(self.keys.due, 0, 0, withscores=True)
-        count, oldest = pipe.execute()
-        age = max(0.0, (_now_ms() - oldest[0][1]) / 1000) if oldest else 0.0
-        return int(count), age
-
-    def beat(self, role: str, name: str, info: dict[str, Any], ttl: float) -> None:
-        """Announce that a watcher or worker is alive, with what it wants `sidecar status` to show."""
-        payload = {"role": role, "name": name, "at": now_iso(), **info}
-        self.redis.set(self.keys.heartbeat(role, name), orjson.dumps(payload), px=int(ttl * 1000))
-
-    def heartbeats(self) -> list[dict[str, Any]]:
-        """Every live heartbeat (expired ones are gone by themselves)."""
-        keys = sorted(self.redis.scan_iter(match=self.keys.heartbeat_pattern, count=1000))
-        values = cast(list[bytes | None], self.redis.mget(keys)) if keys else []
-        return [orjson.loads(v) for v in values if v is not None]
-
-    def sweep(self, enqueue: Enqueue, older_than: float) -> list[str]:
-        """Enqueue an apply for every target due for too long: the backstop for a lost task.
-
-        A target is sent again at most every `older_than` seconds by this process. The due
-        score is left alone: it says since when the target has waited (`sidecar status`).
-        """
-        now = time.monotonic()
-        targets = [
-            t for t in self.due_targets(older_than) if now - self._last_swept.get(t, -1e9) >= older_than
-        ]
-        for key in targets:
-            self._last_swept[key] = now
-            enqueue(key)
-        if len(self._last_swept) > 100_000:
-            self._last_swept.clear()
-        return targets
 
 
 @dataclass(frozen=True)
@@ -973,7 +637,3 @@ def _member(entry: Entry) -> str:
 
 def _decoded(reply: Any) -> list[str]:
     return [d.decode() if isinstance(d, bytes) else d for d in reply]
-
-
-def _now_ms() -> int:
-    return int(datetime.now(UTC).timestamp() * 1000)

@@ -1,0 +1,94 @@
+"""Liveness and backlog in Redis: heartbeats of watchers and workers, the due set's size and age,
+and the sweep that re-sends applies lost on the way (a mixin of `Staging`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import orjson
+import redis
+from redis.client import PubSub
+
+from ..keys import Keys
+from ..uris import Target
+from .clock import now_iso, now_ms
+
+Enqueue = Callable[[str], None]
+
+
+class Health:
+    """What `/readyz`, `sidecar status`, the metrics and the sweep read of the staging area."""
+
+    redis: redis.Redis
+    keys: Keys
+    _last_swept: dict[str, float]
+
+    def due_targets(self, older_than: float) -> list[str]:
+        """Targets due for longer than `older_than` seconds (their apply was lost or is slow)."""
+        limit = now_ms() - int(older_than * 1000)
+        raw = cast(list[bytes], self.redis.zrangebyscore(self.keys.due, "-inf", limit))
+        return [r.decode() for r in raw]
+
+    def backlog(self) -> tuple[int, float]:
+        """(targets due for an apply, seconds the oldest of them has been due)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.keys.due)
+        pipe.zrange(self.keys.due, 0, 0, withscores=True)
+        count, oldest = pipe.execute()
+        age = max(0.0, (now_ms() - oldest[0][1]) / 1000) if oldest else 0.0
+        return int(count), age
+
+    def ping(self) -> None:
+        """Raise if Redis does not answer."""
+        self.redis.ping()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def building_versions(self) -> list[tuple[str, int]]:
+        """(version, entries staged) of every version seen and not completed, by name."""
+        known = sorted(m.decode() for m in cast(set[bytes], self.redis.smembers(self.keys.known_versions)))
+        pipe = self.redis.pipeline(transaction=False)
+        for key in known:
+            target = Target.parse(key)
+            pipe.exists(self.keys.done(target))
+            pipe.xlen(self.keys.stream(target))
+        answers = pipe.execute()
+        return [(key, int(answers[2 * i + 1])) for i, key in enumerate(known) if not answers[2 * i]]
+
+    def completions(self) -> PubSub:
+        """A subscription to the executions completed from now on (a hint: the periodic scan is
+        what guarantees a late last line is read)."""
+        pubsub: PubSub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(self.keys.events)
+        return pubsub
+
+    def beat(self, role: str, name: str, info: dict[str, Any], ttl: float) -> None:
+        """Announce that a watcher or worker is alive, with what it wants `sidecar status` to show."""
+        payload = {"role": role, "name": name, "at": now_iso(), **info}
+        self.redis.set(self.keys.heartbeat(role, name), orjson.dumps(payload), px=int(ttl * 1000))
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        """Every live heartbeat (expired ones are gone by themselves)."""
+        keys = sorted(self.redis.scan_iter(match=self.keys.heartbeat_pattern, count=1000))
+        values = cast(list[bytes | None], self.redis.mget(keys)) if keys else []
+        return [orjson.loads(v) for v in values if v is not None]
+
+    def sweep(self, enqueue: Enqueue, older_than: float) -> list[str]:
+        """Enqueue an apply for every target due for too long: the backstop for a lost task.
+
+        A target is sent again at most every `older_than` seconds by this process. The due
+        score is left alone: it says since when the target has waited (`sidecar status`).
+        """
+        now = time.monotonic()
+        targets = [
+            t for t in self.due_targets(older_than) if now - self._last_swept.get(t, -1e9) >= older_than
+        ]
+        for key in targets:
+            self._last_swept[key] = now
+            enqueue(key)
+        if len(self._last_swept) > 100_000:
+            self._last_swept.clear()
+        return targets

@@ -1,0 +1,232 @@
+"""Datums (one file of one execution) for the API and the CLI: find, list, search, write, alias.
+
+A datum's properties come from its execution's datum lines and are applied with the execution
+target (`execution:<id>`) when the execution completes. An API write goes the same way: staged on
+the execution target while the execution runs (applied at completion, in order with its lines),
+applied at once, through that target's stream and apply, once it has completed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+from sqlalchemy import Engine, bindparam, func, select, text
+from sqlalchemy.orm import Session
+
+from .. import limits
+from ..datum_keys import ALIAS_KEY, TAGS_KEY, alias_problem
+from ..errors import InvalidEntry, NotFound, ReservedKey
+from ..records import RESERVED_PREFIX, Entry, Source, check_properties
+from ..staging import Staging
+from ..uris import Target
+from . import queries
+from .apply import Applier, apply_target, lock_watermark
+from .db import writer
+from .models import AliasChange, Datum, DatumAlias, Watermark
+from .queries import datum_json, iso
+from .writes import WriteResult
+
+log = logging.getLogger(__name__)
+
+DATUM_KEYS = (TAGS_KEY, ALIAS_KEY)  # the `valohai.` keys a user may write on a datum
+_OWNER_ID: Any = Datum.id  # the column the search compiles against
+
+
+@dataclass(frozen=True)
+class DatumQuery:
+    """What a datum list asks for: exact matches, a filter expression, an ordering, a page."""
+
+    execution: str | None = None
+    name: str | None = None
+    tag: str | None = None
+    filter: str | None = None
+    ordering: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def get_datum(session: Session, ident: str | int) -> Datum:
+    """A datum by its public id (or its integer id); NotFound for anything else."""
+    return queries.get_datum(session, ident)
+
+
+def list_datums(session: Session, ask: DatumQuery) -> tuple[int, list[Datum]]:
+    """Datums matching `ask`; FilterError if its filter or ordering does not parse. Ordered by
+    `id` (creation), `name` (path), `ctime`, `mtime`, or a property, as datasets and versions."""
+    dialect = session.get_bind().dialect.name
+    where: list[Any] = []
+    if ask.execution is not None:
+        where.append(Datum.execution == ask.execution)
+    if ask.name is not None:
+        where.append(Datum.path == ask.name)
+    if ask.tag is not None:
+        where.append(_has_tag(ask.tag, dialect))
+    query = select(Datum).where(*where)
+    ids = select(Datum.id).where(*where) if where else None
+    page = queries.ListQuery(filter=ask.filter, ordering=ask.ordering, limit=ask.limit, offset=ask.offset)
+    # The list machinery of datasets and versions (filter as id sets, field or property ordering).
+    fields = queries._fields(Datum, Datum.path)
+    count, rows = queries._run(session, query, ids, page, "datum", _OWNER_ID, fields)
+    return count, rows
+
+
+def _has_tag(tag: str, dialect: str) -> Any:
+    """The datum's `valohai.tags` list holds `tag` (bound parameter; both dialects alike)."""
+    if dialect == "postgresql":
+        clause = text("(datums.properties -> 'valohai.tags') @> CAST(:tag_json AS jsonb)")
+        return clause.bindparams(bindparam("tag_json", orjson.dumps([tag]).decode()))
+    clause = text(
+        "json_type(datums.properties, '$.\"valohai.tags\"') = 'array' AND EXISTS (SELECT 1 FROM "
+        "json_each(datums.properties, '$.\"valohai.tags\"') AS t WHERE t.type = 'text' AND t.value = :tag)"
+    )
+    return clause.bindparams(bindparam("tag", tag))
+
+
+def datums_json(session: Session, rows: list[Datum]) -> list[dict[str, Any]]:
+    """`datum_json` of each row, with its alias."""
+    aliases = queries.datum_aliases_of(session, [r.id for r in rows])
+    return [datum_json(r, aliases.get(r.id)) for r in rows]
+
+
+def one_json(session: Session, row: Datum) -> dict[str, Any]:
+    return datums_json(session, [row])[0]
+
+
+# -- aliases ---------------------------------------------------------------------------------
+
+
+def list_aliases(session: Session, *, limit: int, offset: int) -> tuple[int, list[dict[str, Any]]]:
+    """Datum aliases by name: `{id, name, ctime, mtime, datum}`."""
+    count = session.scalar(select(func.count()).select_from(DatumAlias)) or 0
+    rows = session.execute(
+        select(DatumAlias, Datum)
+        .join(Datum, Datum.id == DatumAlias.datum_id)
+        .order_by(DatumAlias.name)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return count, [alias_json(alias, datum) for alias, datum in rows]
+
+
+def alias_json(alias: DatumAlias, datum: Datum) -> dict[str, Any]:
+    return {
+        "id": alias.uid,
+        "name": alias.name,
+        "ctime": iso(alias.created_at),
+        "mtime": iso(alias.updated_at),
+        "datum": datum_json(datum, alias.name),
+    }
+
+
+def resolve_alias(session: Session, name: str) -> Datum:
+    """The datum `datum://<name>` points at now; NotFound if no alias has that name."""
+    row = session.scalar(
+        select(Datum).join(DatumAlias, DatumAlias.datum_id == Datum.id).where(DatumAlias.name == name)
+    )
+    if row is None:
+        raise NotFound(f"datum://{name[:300]}")
+    return row
+
+
+def alias_history(session: Session, name: str) -> list[dict[str, Any]]:
+    """Where an alias pointed, oldest first: `{old, new, source, changed_at}` with datum uids."""
+    alias = session.scalar(select(DatumAlias).where(DatumAlias.name == name))
+    if alias is None:
+        raise NotFound(f"datum://{name[:300]}")
+    rows = session.scalars(
+        select(AliasChange)
+        .where(AliasChange.alias_kind == "datum", AliasChange.alias_id == alias.id)
+        .order_by(AliasChange.id)
+    ).all()
+    ids = {r.new_id for r in rows} | {r.old_id for r in rows if r.old_id is not None}
+    uids = {r[0]: r[1] for r in session.execute(select(Datum.id, Datum.uid).where(Datum.id.in_(ids)))}
+    return [
+        {
+            "old": uids.get(r.old_id) if r.old_id is not None else None,
+            "new": uids.get(r.new_id),
+            "source": r.source,
+            "changed_at": iso(r.changed_at),
+        }
+        for r in rows
+    ]
+
+
+# -- writes ----------------------------------------------------------------------------------
+
+
+def check_datum_write(metadata: Any) -> dict[str, Any]:
+    """Validate a user's write of datum properties: other rules as for datasets, but
+    `valohai.tags` (a list of strings) and `valohai.alias` (an alias name) may be set."""
+    if not isinstance(metadata, dict):
+        raise InvalidEntry("expected a JSON object of properties")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key.startswith(RESERVED_PREFIX) or value is None:
+            continue
+        if key == TAGS_KEY:
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise InvalidEntry(f"{TAGS_KEY} must be a list of strings", key)
+        elif key == ALIAS_KEY:
+            problem = alias_problem(value)
+            if problem:
+                raise InvalidEntry(problem, key)
+        else:
+            raise ReservedKey(key)
+    check_properties(metadata, allow_reserved=True)
+    problem = limits.value_problem(metadata)
+    if problem:
+        raise InvalidEntry(problem)
+    return metadata
+
+
+def write_datum_properties(engine: Engine, staging: Staging, ident: str | int, metadata: Any) -> WriteResult:
+    """Apply a user's write (null deletes) to a datum's properties.
+
+    The write is an entry of the datum's execution target, like its datum lines. While the
+    execution runs it stays staged (answered `staged`) and is applied at completion, after the
+    lines staged before it. Once the execution has completed (its flag in Redis) it is applied at
+    once by the same apply the worker runs. An execution whose staging state retention took out
+    of Redis (completed, its target applied: a watermark row, no flag) has nothing staged left
+    to keep order with: the write is applied directly, in one transaction under the target's
+    watermark lock, and Redis is not touched.
+    """
+    with Session(engine) as session:
+        datum = get_datum(session, ident)  # an unknown id is a 404 whatever the body
+        datum_id, execution, path = datum.id, datum.execution, datum.path
+        target = Target.for_execution(execution)
+        applied_once = session.get(Watermark, target.key) is not None
+    check_datum_write(metadata)
+    entry = Entry(target, "set", Source("api"), metadata, path)
+    if applied_once and not staging.is_done(target):
+        _write_directly(engine, entry)
+        return WriteResult(current_datum_properties(engine, datum_id), staged=False)
+    stream_id, done = staging.stage_write(entry)
+    try:
+        if not done:
+            return WriteResult(current_datum_properties(engine, datum_id), staged=True)
+        apply_target(engine, staging, target)
+        return WriteResult(current_datum_properties(engine, datum_id), staged=False)
+    except Exception:
+        try:
+            staging.withdraw(target, stream_id)
+        except redis.RedisError as exc:
+            log.warning("could not take back the failed write on %s: %s", target.key, exc)
+        raise
+
+
+def _write_directly(engine: Engine, entry: Entry) -> None:
+    with writer(engine).begin() as conn:
+        lock_watermark(conn, entry.target.key)  # an apply of the same target waits, and we for it
+        applier = Applier(conn, datetime.now(UTC))
+        applier.apply(entry)
+        applier.flush()
+
+
+def current_datum_properties(engine: Engine, datum_id: int) -> dict[str, Any]:
+    with Session(engine) as session:
+        row = session.get(Datum, datum_id)
+        return dict(row.properties or {}) if row is not None else {}
