@@ -231,3 +231,29 @@ def test_recheck_brings_stored_violations_up_to_date(engine: Engine, staging: St
     assert stored.recheck(engine).changed == 0
     with Session(engine) as s:
         assert [r.violations for r in s.scalars(select(Datum))] == [[]]
+
+
+def test_datums_show_violations_are_searchable_and_api_writes_are_refused(
+    client: TestClient, engine: Engine, staging: Staging
+) -> None:
+    define(
+        engine,
+        {"key": "camera", "allowed_values": ["top"], "scopes": ["datum"]},
+        {"key": "lens", "type": "string", "scopes": ["datum"], "enforcement": "reject"},
+    )
+    stage(
+        staging,
+        b'{"file": "a.png", "metadata": {"camera": "side", "valohai.dataset-versions": ["dataset://press/v1"]}}',
+        b'{"file": "b.png", "metadata": {"camera": "top", "valohai.dataset-versions": ["dataset://press/v1"]}}',
+    )
+    complete(engine, staging)
+    found = client.get("/api/v0/data/", params={"filter": "violates camera"}).json()
+    assert [d["name"] for d in found["results"]] == ["a.png"]
+    assert found["results"][0]["violations"] == [{"key": "camera", "rule": "allowed_values", "value": "side"}]
+    datum_id = found["results"][0]["id"]
+    refused = client.post(f"/api/v0/data/{datum_id}/metadata/", json={"lens": 35})
+    assert refused.status_code == 400 and refused.json()["key"] == "lens"
+    bulk = client.post("/api/v0/data/metadata/apply/", json={"datum_metadata": {datum_id: {"lens": 35}}})
+    assert bulk.status_code == 400 and bulk.json()["key"] == "lens"
+    assert client.post(f"/api/v0/data/{datum_id}/metadata/", json={"camera": "top"}).status_code == 200
+    assert client.get("/api/v0/data/", params={"filter": "violates"}).json()["count"] == 0

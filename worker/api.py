@@ -46,7 +46,7 @@ from .edge import MAX_BODY, WriteGuard, error_response
 from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
 from .staging import Staging
-from .store import datums, queries, writes
+from .store import datums, definitions, queries, writes
 from .store.platform import record_platform_ids
 from .store.queries import FILES_PAGE
 from .store.writes import current_properties, touch_last_used, write_properties
@@ -728,6 +728,7 @@ def _write_many(engine: Engine, staging: Staging, sets: dict[str, Any]) -> dict[
     for ident, metadata in sets.items():
         try:
             datums.check_datum_write(metadata)
+            definitions.refuse_rejected(engine, "datum", metadata)
         except InvalidEntry as exc:
             raise InvalidEntry(f"datum {ident[:100]!r}: {exc}", exc.key) from None
     answer: dict[str, Any] = {"datum_metadata": {}, "staged": []}
