@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -39,6 +40,10 @@ class _JSON(JSON):
 
 
 JsonType = _JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+# Raw inserts (bench/search.py, migrations) need not name `violations`.
+_EMPTY = text("'[]'")
 
 
 class Base(DeclarativeBase):
@@ -67,7 +72,7 @@ class Dataset(Base):
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)  # from the platform's events
     # What the properties break of their definitions (`warn` ones): [{"key", "rule", "value"}].
-    violations: Mapped[list[Any]] = mapped_column(default=list)
+    violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -90,7 +95,7 @@ class DatasetVersion(Base):
     status: Mapped[str] = mapped_column(String(16), default="building")
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)
-    violations: Mapped[list[Any]] = mapped_column(default=list)  # as Dataset.violations
+    violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)  # as Dataset
     # Membership as the datums asked for it (`from`, `exclude`, `start_fresh`, `targeting_aliases`,
     # `packaging`), folded from their `valohai.dataset-versions` items; acted on at completion.
     spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -117,7 +122,7 @@ class Datum(Base):
     execution: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(Text)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    violations: Mapped[list[Any]] = mapped_column(default=list)  # as Dataset.violations
+    violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)  # as Dataset
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The file as it was on disk when its execution completed (None: not read yet, or gone).
