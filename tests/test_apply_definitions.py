@@ -257,3 +257,52 @@ def test_datums_show_violations_are_searchable_and_api_writes_are_refused(
     assert bulk.status_code == 400 and bulk.json()["key"] == "lens"
     assert client.post(f"/api/v0/data/{datum_id}/metadata/", json={"camera": "top"}).status_code == 200
     assert client.get("/api/v0/data/", params={"filter": "violates"}).json()["count"] == 0
+
+
+def _expected(lines: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]], list[int]]:
+    """An oracle independent of worker/definitions.py: `a` is an integer (reject), `b` one of
+    "x", "y" (warn), `c` free. (properties, violations, rejected line numbers)."""
+    state: dict[str, Any] = {}
+    rejected = []
+    for number, meta in enumerate(lines, 1):
+        for key, value in meta.items():
+            if key == "a" and value is not None and (type(value) is not int):
+                rejected.append(number)
+                continue
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+    broken = (
+        []
+        if "b" not in state or state["b"] in ("x", "y")
+        else [{"key": "b", "rule": "allowed_values", "value": state["b"]}]
+    )
+    return state, broken, rejected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_lines_against_the_enforcement_oracle(engine: Engine, staging: Staging, seed: int) -> None:
+    import json
+    import random
+
+    rng = random.Random(seed)
+    define(
+        engine,
+        {"key": "a", "type": "integer", "enforcement": "reject"},
+        {"key": "b", "allowed_values": ["x", "y"]},
+    )
+    choices: list[Any] = [None, 1, 2, "1", 1.5, True, "x", "y", "z", [1], {"k": 1}]
+    lines = [
+        {k: rng.choice(choices) for k in rng.sample(["a", "b", "c"], rng.randint(1, 3))}
+        for _ in range(rng.randint(1, 12))
+    ]
+    raws = [
+        b'{"dataset-version": "dataset://press/v1", "metadata": %s}' % json.dumps(m).encode() for m in lines
+    ]
+    stage(staging, *raws)
+    complete(engine, staging)
+    properties, broken, rejected = _expected(lines)
+    row = version(engine)
+    assert (row.properties, row.violations) == (properties, broken), lines
+    assert sorted(r.line for r in staging.rejects(100)) == rejected
