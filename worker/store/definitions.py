@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
+import sqlalchemy.exc
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
@@ -115,7 +116,10 @@ def get(engine: Engine, key: str) -> dict[str, Any]:
 
 def put(engine: Engine, definition: Definition) -> tuple[dict[str, Any], bool]:
     """Create or replace one definition: (it as shown, whether it is new)."""
-    (planned,) = apply_definitions(engine, [definition])
+    try:
+        (planned,) = apply_definitions(engine, [definition])
+    except sqlalchemy.exc.IntegrityError:  # a PUT of the same new key committed first: replace it
+        (planned,) = apply_definitions(engine, [definition])
     return get(engine, definition.key), planned.action == "added"
 
 
