@@ -226,6 +226,17 @@ def wait_version(up: Up, dataset: str, version: str, check: Any) -> dict[str, An
 # -- 1 and 2: the reference example, completion by webhook, then a late append ---------------
 
 
+def test_start_up_is_one_line_per_part_without_celery_banners(up: Up) -> None:
+    """A person reads the log of `sidecar up`: no Celery banner, no root SecurityWarning (CI runs
+    as root), one line saying the worker is ready with its pool and concurrency."""
+    wait_until(lambda: "ready: pool" in up.log(), what="the worker's ready line")
+    log = up.log()
+    assert "SecurityWarning" not in log and "superuser privileges" not in log
+    assert "-------------- [queues]" not in log and "[tasks]" not in log
+    (ready,) = [line for line in log.splitlines() if "ready: pool" in line]
+    assert "pool threads, concurrency 2" in ready and "broker redis" in ready and "**" not in ready
+
+
 def test_reference_example_is_applied_on_completion_and_late_lines_follow(up: Up) -> None:
     dataset_metadata = {
         "dataset://e2e-ref": {

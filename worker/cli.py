@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,20 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         connections.staging(settings), name, {"concurrency": args.concurrency, "pool": args.pool}
     )
     _freeze_startup_objects()  # before Celery forks a prefork pool, too (see its docstring)
+    _quiet_celery(settings.log_level)
+    from celery.signals import worker_ready
+
+    @worker_ready.connect
+    def _ready(**_: Any) -> None:
+        log.info(
+            "worker %s ready: pool %s, concurrency %d, queue %s, broker %s",
+            name,
+            args.pool,
+            args.concurrency,
+            app.conf.task_default_queue,
+            _scheme(app.conf.broker_url),
+        )
+
     # The threads pool by default: applies wait on the database and Redis, not on the CPU, and
     # one process keeps the metrics in one registry. SIGTERM is Celery's warm shutdown: running
     # applies finish; unacknowledged ones are redelivered (acks_late) or swept.
@@ -128,9 +143,26 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             name,
             "--without-gossip",
             "--without-mingle",
+            "--quiet",  # no banner: the one line above says what a person needs
         ]
     )
     return 0
+
+
+def _quiet_celery(level: str) -> None:
+    """Celery's root-user SecurityWarning is for prefork pools run as root by accident; in a
+    container the sidecar is often root on purpose, and the warning (a multi-line message on
+    stderr at every start) tells a person nothing they can act on here. Its per-task
+    "received"/"succeeded" lines double our own apply log line: kept only at DEBUG."""
+    warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
+    if level.upper() != "DEBUG":
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _scheme(url: Any) -> str:
+    """A broker URL without its credentials: its scheme only."""
+    return str(url).split("://", 1)[0] if url else "?"
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -318,6 +350,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, help="HTTP port [SIDECAR_PORT, 8000]")
 
     up = command("up", cmd_up, "run everything on one machine: Redis, watcher, worker, HTTP server")
+    up.description = (
+        "Run everything on one machine, as child processes of this one: a private Redis (staging and "
+        "the apply queue; its append-only files in --data-dir), `sidecar watch` on --root (reads "
+        "sidecar files, stages their lines), `sidecar worker` (a Celery worker that applies completed "
+        "versions; with --root, reads datums' checksums) and `sidecar serve` (the API, webhooks and "
+        "pages on --host:--port). The database is SQLite at <data-dir>/sidecar.db unless "
+        "SIDECAR_DATABASE_URL says otherwise; metrics of every part are at /metrics. Ctrl-C stops all."
+    )
     watching(up)
     serving(up)
     up.add_argument("--concurrency", type=int, default=2, help="applies at once [2]")

@@ -102,7 +102,7 @@ def _datum_props(settings: Settings, engine: Engine, args: argparse.Namespace, a
     try:
         result = datums.write_datum_properties(engine, staging, datum_id, changes)
     finally:
-        staging.redis.close()
+        staging.close()
     _print_json(result.properties)
     if result.staged:
         print("(its execution is still running: the change is staged and applied at completion)")
