@@ -39,6 +39,8 @@ def test_a_full_definition_parses_and_round_trips() -> None:
         ({"key": "k", "type": "integer", "allowed_values": [1, "two"]}, "allowed_values[1]"),
         ({"key": "k", "description": None}, "description"),
         ({"key": "k", "allowed_values": [None]}, "allowed_values[0]"),
+        ({"key": "k", "allowed_values": ["a", {"a": 1}]}, "allowed_values[1]"),
+        ({"key": "k", "type": "array", "allowed_values": [[1]]}, "allowed_values[0]"),
         ({"key": "k", "type": "date", "allowed_values": ["yesterday"]}, "allowed_values[0]"),
         ({"key": "k", "allowed_values": "a"}, "allowed_values"),
         ({"key": "k", "enforcement": "block"}, "enforcement"),
@@ -87,9 +89,10 @@ def test_allowed_values_and_null() -> None:
     assert [v.rule for v in check(d, 3)] == ["allowed_values"]
     assert [v.rule for v in check(d, "1")] == ["type"]  # the type first, and only it
     assert check(d, None) == []  # a delete breaks nothing but `required`
-    free = parse({"key": "tag", "allowed_values": [{"a": 1}, "x"]})
-    assert check(free, {"a": 1}) == [] and check(free, "x") == []
-    assert [v.rule for v in check(free, True)] == ["allowed_values"]
+    free = parse({"key": "tag", "allowed_values": [1, "x", True]})
+    assert check(free, 1.0) == [] and check(free, "x") == [] and check(free, True) == []
+    assert [v.rule for v in check(free, False)] == ["allowed_values"]
+    assert [v.rule for v in check(free, {"a": 1})] == ["allowed_values"]
     (broke,) = check(d, 3)
     assert "'n'" in broke.reason() and "allowed_values" in broke.reason()
 

@@ -33,11 +33,12 @@ def _value_schema(kind: str | None) -> dict[str, Any]:
         "number": {"type": "number", **bounded},
         "integer": {"type": "integer", **bounded},
         "boolean": {"type": "boolean"},
-        "object": {"type": "object"},
-        "array": {"type": "array"},
+        "object": {"not": {}},  # no value of these types can be an allowed value
+        "array": {"not": {}},
         "date": {"type": "string", "anyOf": [{"format": "date"}, {"format": "date-time"}]},
     }
-    return schemas.get(kind or "", {"not": {"type": "null"}})
+    scalar = {"anyOf": [schemas["string"], schemas["number"], schemas["boolean"]]}
+    return schemas.get(kind or "", scalar)
 
 
 def _allowed_schema(kind: str | None) -> dict[str, Any]:

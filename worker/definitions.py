@@ -139,7 +139,7 @@ def _allowed(value: Any, kind: str | None) -> tuple[AllowedValue, ...]:
             allowed = AllowedValue(item["value"], _text(item.get("description", ""), f"{where}.description"))
         else:
             allowed = AllowedValue(item)
-        problem = "null is no value" if allowed.value is None else value_problem(allowed.value)
+        problem = _scalar_problem(allowed.value)
         if problem is None and kind is not None and not type_ok(kind, allowed.value):
             problem = f"not of the definition's type {kind}"
         if problem:
@@ -147,6 +147,12 @@ def _allowed(value: Any, kind: str | None) -> tuple[AllowedValue, ...]:
         if not any(_same(a.value, allowed.value) for a in found):  # a value listed twice: the first
             found.append(allowed)
     return tuple(found)
+
+
+def _scalar_problem(value: Any) -> str | None:
+    if value is None or isinstance(value, dict | list):
+        return "an allowed value is a string, number or boolean"
+    return value_problem(value)
 
 
 def _flag(value: Any, name: str) -> bool:
