@@ -111,7 +111,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         connections.staging(settings), name, {"concurrency": args.concurrency, "pool": args.pool}
     )
     _freeze_startup_objects()  # before Celery forks a prefork pool, too (see its docstring)
-    _quiet_celery(settings.log_level)
+    _quiet_celery()
     from celery.signals import worker_ready
 
     @worker_ready.connect
@@ -130,6 +130,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     # applies finish; unacknowledged ones are redelivered (acks_late) or swept.
     app.worker_main(
         [
+            "--quiet",  # celery's own option, before the sub-command: no banner (see `_ready`)
             "worker",
             "--loglevel",
             settings.log_level,
@@ -143,21 +144,16 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             name,
             "--without-gossip",
             "--without-mingle",
-            "--quiet",  # no banner: the one line above says what a person needs
         ]
     )
     return 0
 
 
-def _quiet_celery(level: str) -> None:
+def _quiet_celery() -> None:
     """Celery's root-user SecurityWarning is for prefork pools run as root by accident; in a
     container the sidecar is often root on purpose, and the warning (a multi-line message on
-    stderr at every start) tells a person nothing they can act on here. Its per-task
-    "received"/"succeeded" lines double our own apply log line: kept only at DEBUG."""
+    stderr at every start) tells a person nothing they can act on here."""
     warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
-    if level.upper() != "DEBUG":
-        for name in ("celery.worker.strategy", "celery.app.trace"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _scheme(url: Any) -> str:
