@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from . import __version__, metrics
+from .api_definitions import definition_routes
 from .api_explore import explore_routes, saved_routes
 from .api_models import (
     Change,
@@ -45,7 +46,7 @@ from .edge import MAX_BODY, WriteGuard, error_response
 from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
 from .staging import Staging
-from .store import datums, queries, writes
+from .store import datums, definitions, queries, writes
 from .store.platform import record_platform_ids
 from .store.queries import FILES_PAGE
 from .store.writes import current_properties, touch_last_used, write_properties
@@ -96,6 +97,7 @@ def create_app(
     _resolve_route(app, engine)  # before /dataset-versions/{id}/, which would match "resolve"
     explore_routes(app, engine)  # before /{id}/ routes too: "facets" is no id
     saved_routes(app, engine)
+    definition_routes(app, engine)
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _metadata_routes(app, engine, staging, kind, base)
@@ -726,6 +728,7 @@ def _write_many(engine: Engine, staging: Staging, sets: dict[str, Any]) -> dict[
     for ident, metadata in sets.items():
         try:
             datums.check_datum_write(metadata)
+            definitions.refuse_rejected(engine, "datum", metadata)
         except InvalidEntry as exc:
             raise InvalidEntry(f"datum {ident[:100]!r}: {exc}", exc.key) from None
     answer: dict[str, Any] = {"datum_metadata": {}, "staged": []}

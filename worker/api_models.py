@@ -34,6 +34,17 @@ class Error(BaseModel):
 Id = Annotated[str, Field(description="Public id: UUID form, time-ordered (the first 48 bits are ms)")]
 
 
+class Violation(BaseModel):
+    """A value (null: missing) that breaks its key's property definition (`warn` enforcement)."""
+
+    key: str
+    rule: Literal["type", "allowed_values", "required"]
+    value: Any
+
+
+Violations = Annotated[list[Violation], Field(description="What the properties break of their definitions")]
+
+
 class DatasetRef(BaseModel):
     id: Id
     name: str
@@ -51,6 +62,7 @@ class Dataset(BaseModel):
     uri: str
     properties: dict[str, Any]
     tags: list[str]
+    violations: Violations
     latest_version: VersionRef | None = Field(description="The newest completed version, or null")
     platform_id: str | None = Field(description="The platform's id for it, when an event carried one")
     ctime: str | None
@@ -79,6 +91,7 @@ class Datum(BaseModel):
     tags: list[str]
     alias: str | None
     properties: dict[str, Any]
+    violations: Violations
 
 
 class File(BaseModel):
@@ -96,6 +109,7 @@ class Version(BaseModel):
     status: Literal["building", "completed"]
     properties: dict[str, Any]
     tags: list[str]
+    violations: Violations
     aliases: list[str]
     previous_version: str | None = Field(description="The id of the version its `from` named, or null")
     files: list[File] = Field(description="A list carries the first 100; the detail a page of `files_limit`")

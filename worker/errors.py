@@ -76,3 +76,15 @@ class ServiceUnavailable(SidecarError):
 
     def __str__(self) -> str:
         return f"{self.service} unavailable: {self.detail}"
+
+
+class BadDefinition(InvalidEntry):
+    """Raised when a property definition does not parse or contradicts itself; names the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}", field)
+        self.field = field
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[type[BadDefinition], tuple[str, str]]:
+        return (BadDefinition, (self.field, self.problem))

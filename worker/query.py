@@ -14,6 +14,7 @@ Grammar (EBNF)::
     not_expr   = "not" , not_expr | primary ;
     primary    = "(" , expr , ")"
                | "exists" , key
+               | "violates" , [ key ]                    (* the owner breaks a definition *)
                | key , comp_op , literal
                | key , "in" , "(" , literal , { "," , literal } , ")"
                | key , ( "like" | "ilike" ) , string ;
@@ -28,7 +29,7 @@ Grammar (EBNF)::
     number     = [ "-" ] , digits , [ "." , digits ] , [ ( "e" | "E" ) , [ "+" | "-" ] , digits ] ;
     digits     = digit , { digit } ;                    (* ASCII 0-9 *)
 
-Keywords (``and or not in like ilike exists true false``) are case-insensitive and are never bare
+Keywords (``and or not in like ilike exists violates true false``) are case-insensitive and are never bare
 key segments, not even after a dot: write ```in``` or ``a.`or``` instead. A backticked segment is
 one segment whatever it holds, so ```valohai.last-used``` is the single key ``valohai.last-used``;
 a key containing a backtick cannot be written. Whitespace (ASCII: space, tab, CR, LF, FF, VT)
@@ -52,6 +53,8 @@ Semantics (see `matches`):
   there is no escape character. ``ilike`` applies ``str.lower()`` to both sides (simple ASCII and
   Unicode lowercasing, not casefold; the SQL side should use ``lower()`` to agree).
 * ``exists k`` holds when k resolves, whatever the value (objects, arrays and null included).
+* ``violates`` holds when the owner carries any violation of a property definition (its
+  `violations`, worker/definitions.py); ``violates k`` when one of them is of the top-level key k.
 
 Errors: `parse` raises only `FilterError`, carrying the 0-based character ``position`` and what
 was ``expected``. Filters longer than `MAX_LENGTH` characters or nested (parentheses and ``not``)
@@ -64,7 +67,7 @@ import math
 import operator
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeAlias, assert_never
 
@@ -87,6 +90,7 @@ __all__ = [
     "Not",
     "Or",
     "Value",
+    "Violates",
     "keys_of",
     "like",
     "matches",
@@ -96,7 +100,7 @@ __all__ = [
 
 MAX_LENGTH = 4096
 MAX_DEPTH = 64
-KEYWORDS = frozenset({"and", "or", "not", "in", "like", "ilike", "exists", "true", "false"})
+KEYWORDS = frozenset({"and", "or", "not", "in", "like", "ilike", "exists", "violates", "true", "false"})
 
 CompareOp: TypeAlias = Literal["=", "!=", "<", "<=", ">", ">="]
 Value: TypeAlias = str | int | float | bool
@@ -216,6 +220,13 @@ class Exists:
 
 
 @dataclass(frozen=True)
+class Violates:
+    """``violates`` or ``violates key``: the owner breaks a property definition (of `key`)."""
+
+    key: Key | None = None
+
+
+@dataclass(frozen=True)
 class And:
     """All of `items` (two or more; a chain ``a and b and c`` is one node)."""
 
@@ -245,7 +256,7 @@ class Not:
     expr: Node
 
 
-Node: TypeAlias = Compare | In | Like | Exists | And | Or | Not
+Node: TypeAlias = Compare | In | Like | Exists | Violates | And | Or | Not
 
 
 # --- lexer -----------------------------------------------------------------------------------
@@ -454,6 +465,9 @@ class _Parser:
         if self.at_keyword("exists"):
             self.lexer.take()
             return Exists(self.key())
+        if self.at_keyword("violates"):
+            self.lexer.take()
+            return Violates(self.key() if self.lexer.peek().kind == "key" else None)
         return self.condition(self.key())
 
     def key(self) -> Key:
@@ -569,6 +583,8 @@ def render(node: Node) -> str:
             return f"{_render_key(key)} {word} {_render_string(pattern)}"
         case Exists(key):
             return f"exists {_render_key(key)}"
+        case Violates(key):
+            return "violates" if key is None else f"violates {_render_key(key)}"
         case And(items):
             return " and ".join(_render_child(item, And) for item in items)
         case Or(items):
@@ -655,8 +671,9 @@ def _like(stored: Any, node: Like) -> bool:
     return like(stored, node.pattern)
 
 
-def matches(node: Node, properties: Mapping[str, Any]) -> bool:
-    """Whether a property set satisfies the filter; the reference semantics for every backend."""
+def matches(node: Node, properties: Mapping[str, Any], violations: Sequence[Mapping[str, Any]] = ()) -> bool:
+    """Whether a property set (whose owner carries `violations`) satisfies the filter; the
+    reference semantics for every backend."""
     match node:
         case Compare(key, op, value):
             return _compare(_resolve(key, properties), op, value)
@@ -667,12 +684,14 @@ def matches(node: Node, properties: Mapping[str, Any]) -> bool:
             return _like(_resolve(key, properties), node)
         case Exists(key):
             return _resolve(key, properties) is not _MISSING
+        case Violates(key):
+            return any(key is None or key.path == (v.get("key"),) for v in violations)
         case And(items):
-            return all(matches(item, properties) for item in items)
+            return all(matches(item, properties, violations) for item in items)
         case Or(items):
-            return any(matches(item, properties) for item in items)
+            return any(matches(item, properties, violations) for item in items)
         case Not(expr):
-            return not matches(expr, properties)
+            return not matches(expr, properties, violations)
         case _:
             assert_never(node)
 
@@ -689,5 +708,7 @@ def keys_of(node: Node) -> set[Key]:
             return keys
         case Not(expr):
             return keys_of(expr)
+        case Violates():
+            return set()  # a definition's key, not a property path the filter reads
         case _:
             assert_never(node)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,12 +21,13 @@ except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None  # type: ignore[assignment]
 
 from ..datum_keys import ALIAS_KEY
+from ..definitions import Definition, split
 from ..membership import Spec, file_list, fold_spec
 from ..merge import Change, merge_into
 from ..records import Entry, Reject, Source
 from ..staging import Staging
 from ..uris import Target, parse_uri
-from . import aliases
+from . import aliases, definitions
 from .datum_aliases import point_aliases
 from .db import writer
 from .index import bulk_insert, index_rows, reindex
@@ -182,6 +183,8 @@ class Applier:
     joining: dict[Target, list[Entry]] = field(default_factory=dict)
     completing: dict[Target, None] = field(default_factory=dict)
     rejects: list[Reject] = field(default_factory=list)  # recorded by the caller after the commit
+    # Property definitions, read (from the process cache) at the first `set`: store/definitions.py.
+    defined: Mapping[str, Definition] | None = None
 
     def apply(self, entry: Entry) -> None:
         target = entry.target
@@ -206,8 +209,11 @@ class Applier:
         work = self.working.get(key)
         if work is None:
             work = self.working[key] = _Working(owner, dict(owner.properties), was_empty=not owner.properties)
-        changes = merge_into(work.properties, entry.metadata)
-        if owner.kind == "datum" and ALIAS_KEY in entry.metadata:
+        metadata, broken = split(self.definitions(), owner.kind, entry.metadata)
+        for violation in broken:  # a `reject` definition drops that key's change, not the entry's
+            self.reject(entry, violation.reason())
+        changes = merge_into(work.properties, metadata)
+        if owner.kind == "datum" and ALIAS_KEY in metadata:
             self._claim_alias(owner, entry, changes)
         if not changes:
             return
@@ -257,6 +263,10 @@ class Applier:
         self.working.clear()
         for owner in self.owners.values():
             if owner.updates:
+                found = self.definitions()
+                owner.updates["violations"] = definitions.owner_violations(
+                    found, owner.kind, owner.properties, owner.status
+                )
                 self.conn.execute(_UPDATE[owner.kind], {"owner": owner.id, **owner.updates})
                 owner.updates = {}
         if self.members:
@@ -269,6 +279,11 @@ class Applier:
         if self.datum_aliases:
             point_aliases(self.conn, self.datum_aliases, self.now)
             self.datum_aliases = {}
+
+    def definitions(self) -> Mapping[str, Definition]:
+        if self.defined is None:
+            self.defined = definitions.load(self.conn)
+        return self.defined
 
     def _settle_members(self) -> None:
         for target in self.completing:

@@ -24,7 +24,7 @@ from ..errors import InvalidEntry, NotFound, ReservedKey
 from ..records import RESERVED_PREFIX, Entry, Source, check_properties
 from ..staging import Staging
 from ..uris import Target
-from . import queries
+from . import definitions, queries
 from .apply import Applier, apply_target, lock_watermark
 from .db import writer
 from .models import AliasChange, Datum, DatumAlias, Watermark
@@ -200,6 +200,7 @@ def write_datum_properties(engine: Engine, staging: Staging, ident: str | int, m
         target = Target.for_execution(execution)
         applied_once = session.get(Watermark, target.key) is not None
     check_datum_write(metadata)
+    definitions.refuse_rejected(engine, "datum", metadata)  # a 400 before staging
     entry = Entry(target, "set", Source("api"), metadata, path)
     if applied_once and not staging.is_done(target):
         _write_directly(engine, entry)

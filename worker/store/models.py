@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -39,6 +40,10 @@ class _JSON(JSON):
 
 
 JsonType = _JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+# Raw inserts (bench/search.py, migrations) need not name `violations`.
+_EMPTY = text("'[]'")
 
 
 class Base(DeclarativeBase):
@@ -66,6 +71,8 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)  # from the platform's events
+    # What the properties break of their definitions (`warn` ones): [{"key", "rule", "value"}].
+    violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -88,6 +95,7 @@ class DatasetVersion(Base):
     status: Mapped[str] = mapped_column(String(16), default="building")
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)
+    violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)  # as Dataset
     # Membership as the datums asked for it (`from`, `exclude`, `start_fresh`, `targeting_aliases`,
     # `packaging`), folded from their `valohai.dataset-versions` items; acted on at completion.
     spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -114,6 +122,7 @@ class Datum(Base):
     execution: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(Text)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)  # as Dataset
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The file as it was on disk when its execution completed (None: not read yet, or gone).
@@ -190,6 +199,22 @@ class SavedSearch(Base):
     columns: Mapped[list[Any]] = mapped_column(default=list)
     ordering: Mapped[str] = mapped_column(String(600), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PropertyDefinition(Base):
+    """What one key's values must be (worker/definitions.py); a key without one is free-form."""
+
+    __tablename__ = "property_definitions"
+
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    scopes: Mapped[list[Any]]
+    type: Mapped[str | None] = mapped_column(String(16))
+    allowed_values: Mapped[list[Any]] = mapped_column(default=list)
+    required: Mapped[bool] = mapped_column(default=False)
+    description: Mapped[str] = mapped_column(Text, default="")
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    enforcement: Mapped[str] = mapped_column(String(8), default="warn")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

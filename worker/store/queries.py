@@ -224,6 +224,7 @@ def dataset_json(row: Dataset, latest: DatasetVersion | None = None) -> dict[str
         "uri": f"dataset://{row.name}",
         "properties": row.properties or {},
         "tags": list(row.tags or []),
+        "violations": list(row.violations or []),
         "latest_version": None if latest is None else _version_ref(latest, row.name),
         "platform_id": row.platform_id,
         "ctime": iso(row.created_at),
@@ -308,6 +309,7 @@ def versions_json(
                 "status": row.status,
                 "properties": row.properties or {},
                 "tags": list(row.tags or []),
+                "violations": list(row.violations or []),
                 "aliases": names.get(row.id, []),
                 "previous_version": None if base is None else base.uid,
                 "files": files.get(row.id, []),
@@ -401,6 +403,7 @@ def datum_json(row: Datum, alias: str | None = None) -> dict[str, Any]:
         "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
         "alias": alias,
         "properties": {k: v for k, v in properties.items() if k not in DATUM_FIELD_KEYS},
+        "violations": list(row.violations or []),
     }
 
 

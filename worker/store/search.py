@@ -24,15 +24,29 @@ from collections.abc import Collection
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import ColumnElement, Integer, and_, any_, case, exists, func, literal, not_, or_, select
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    and_,
+    any_,
+    case,
+    cast,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import KeyedColumnElement
 
 from ..limits import path_text
-from ..query import And, Compare, Exists, FilterError, In, Key, Like, Node, Not, Or, Value, parse
+from ..query import And, Compare, Exists, FilterError, In, Key, Like, Node, Not, Or, Value, Violates, parse
 from .index import STR_KEY_LENGTH, lower
-from .models import PropertyIndex
+from .models import Dataset, DatasetVersion, Datum, PropertyIndex
 
 OwnerKind = Literal["dataset", "version", "datum"]
 Atom = Compare | In | Like | Exists
@@ -41,6 +55,7 @@ Atom = Compare | In | Like | Exists
 # and is only probed on the candidates of the others (10,000 ids read or passed back cost a few ms).
 # Atoms are read with growing limits, so a small one is found without reading much of a large one.
 CAP = 10_000
+_OWNERS: dict[str, Any] = {"dataset": Dataset, "version": DatasetVersion, "datum": Datum}
 _LIMITS = (100, 300, 1_000, 3_000)
 
 _OPS = {
@@ -67,6 +82,9 @@ class Compiler:
             case Compare() | In() | Like() | Exists():
                 where = self.atom(node)
                 return exists(select(PropertyIndex.id).where(PropertyIndex.owner_id == self.owner_id, *where))
+            case Violates():
+                owner = aliased(_OWNERS[self.owner_kind])
+                return exists(select(owner.id).where(owner.id == self.owner_id, self.violates(node, owner)))
             case And(items):
                 return and_(*(self.condition(i) for i in items))
             case Or(items):
@@ -97,6 +115,34 @@ class Compiler:
         if condition is not None:
             where.append(condition)
         return where
+
+    def violates(self, node: Violates, owner: Any) -> ColumnElement[bool]:
+        """The rows of `owner` (the owner table, or an alias) whose `violations` hold one (of the
+        node's key). SQLite stores the column as JSON text, PostgreSQL as jsonb."""
+        column = owner.violations
+        postgres = self.dialect == "postgresql"
+        if node.key is None:
+            length = func.jsonb_array_length(column) if postgres else func.json_array_length(column)
+            return length > 0
+        if len(node.key.path) != 1:
+            return false()  # definitions are of top-level keys
+        name = node.key.path[0]
+        if postgres:
+            contains: ColumnElement[bool] = column.op("@>")(
+                cast(literal(orjson.dumps([{"key": name}]).decode()), JSONB)
+            )
+            return contains
+        items = func.json_each(column).table_valued("value")
+        return exists(
+            select(literal(1)).select_from(items).where(func.json_extract(items.c.value, "$.key") == name)
+        )
+
+    def ids(self, node: Atom | Violates) -> Any:
+        """The owner ids making an atom true, as a query."""
+        if isinstance(node, Violates):
+            owner = _OWNERS[self.owner_kind]
+            return select(owner.id).where(self.violates(node, owner))
+        return select(PropertyIndex.owner_id).where(*self.atom(node))
 
     def _like(self, column: Any, pattern: str) -> ColumnElement[bool]:
         # Our LIKE has no escape character and is case-sensitive. SQLite's LIKE ignores ASCII case,
@@ -133,7 +179,7 @@ class OwnerSets:
     def _superset(self, node: Node, limit: int) -> set[int] | None:
         """A set of at most `limit` owners holding every match of `node`, or None."""
         match node:
-            case Compare() | In() | Like() | Exists():
+            case Compare() | In() | Like() | Exists() | Violates():
                 return self._read(node, limit)
             case And(items):
                 # One bounded item bounds the whole; `_within` decides the others on it.
@@ -156,10 +202,10 @@ class OwnerSets:
                 return None  # the complement of anything is large
         raise TypeError(f"not a filter node: {node!r}")  # pragma: no cover
 
-    def _read(self, atom: Atom, limit: int) -> set[int] | None:
+    def _read(self, atom: Atom | Violates, limit: int) -> set[int] | None:
         """All owners matching an atom, when there are at most `limit`; else None."""
         if atom not in self._exact:
-            query = select(PropertyIndex.owner_id).where(*self.compiler.atom(atom))
+            query = self.compiler.ids(atom)
             rows = self.session.scalars(query.limit(limit + 1)).all()
             if len(rows) > limit:
                 return None
@@ -171,10 +217,14 @@ class OwnerSets:
         """Exactly the owners in `candidates` that match `node`."""
         if not candidates:
             return set()
+        if node in self._exact:
+            return self._exact[node] & candidates
         match node:
+            case Violates():
+                owner = _OWNERS[self.compiler.owner_kind]
+                probe = self.compiler.ids(node).where(ids_in(owner.id, candidates, self.compiler.dialect))
+                return set(self.session.scalars(probe)) & candidates
             case Compare() | In() | Like() | Exists():
-                if node in self._exact:
-                    return self._exact[node] & candidates
                 # Read the candidates' rows by owner, then test them: a cost bounded by the
                 # candidates, whatever the planner guesses of the atom (it can think 330,000
                 # `shift = "night"` rows are 30, and scan them all for the 1,000 owners asked).

@@ -15,6 +15,7 @@ from ..errors import BadURI
 from ..records import Entry, Source, user_write
 from ..staging import Staging
 from ..uris import Target, dataset_target
+from . import definitions
 from .apply import Applier, apply_target, lock_watermark, version_completed
 from .db import writer
 from .models import Dataset
@@ -52,6 +53,7 @@ def write_properties(
     with Session(engine) as session:
         target = target_of(session, kind, owner_id)
     entry: Entry = user_write(target, metadata, Source("api"))
+    definitions.refuse_rejected(engine, target.kind, entry.metadata)  # a 400 before staging
     stream_id, _ = staging.stage_write(entry)
     try:
         with Session(engine) as session:

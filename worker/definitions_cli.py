@@ -1,0 +1,106 @@
+"""`sidecar definitions apply FILE.yaml [--dry-run]` and `sidecar definitions export`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .definitions import Definition, parse
+from .errors import BadDefinition, InvalidEntry
+from .settings import Settings
+from .store import definitions as stored
+from .store.db import make_engine
+
+
+def read_file(path: str) -> list[Definition]:
+    """Every definition of a YAML (or JSON) file: a list, or `{definitions: [...]}`. InvalidEntry
+    naming the file, the item and the field of the first that is wrong."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InvalidEntry(f"{path}: cannot read it: {exc}") from None
+    items = loaded.get("definitions") if isinstance(loaded, dict) else loaded
+    if not isinstance(items, list):
+        raise InvalidEntry(f"{path}: expected a list of definitions (or `definitions:` holding one)")
+    found: dict[str, Definition] = {}
+    for i, item in enumerate(items):
+        try:
+            definition = parse(item)
+        except BadDefinition as exc:
+            raise InvalidEntry(f"{path}: definitions[{i}].{exc}", exc.field) from None
+        if definition.key in found:
+            raise InvalidEntry(f"{path}: definitions[{i}].key: {definition.key!r} is defined twice", "key")
+        found[definition.key] = definition
+    return list(found.values())
+
+
+def cmd_apply(settings: Settings, args: argparse.Namespace) -> int:
+    definitions = read_file(args.file)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        planned = stored.apply_definitions(engine, definitions, dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    counts = {"added": 0, "changed": 0, "unchanged": 0}
+    for step in planned:
+        counts[step.action] += 1
+        if step.action != "unchanged":
+            print(f"  {'+' if step.action == 'added' else '~'} {step.key}")
+    verb = "would be" if args.dry_run else "were"
+    print(f"{counts['added']} added, {counts['changed']} changed, {counts['unchanged']} unchanged ({verb})")
+    return 0
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings.effective_database_url)
+    try:
+        found = [_exported(d) for d in stored.listed(engine)]
+    finally:
+        engine.dispose()
+    text = yaml.safe_dump({"definitions": found}, sort_keys=False, allow_unicode=True)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"{len(found)} definitions written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _exported(shown: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in shown.items() if k != "updated_at"}
+
+
+def cmd_recheck(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings.effective_database_url)
+    try:
+        done = stored.recheck(engine, dry_run=args.dry_run)
+    finally:
+        engine.dispose()
+    verb = "would change" if args.dry_run else "changed"
+    print(f"{done.checked} checked, {done.changed} {verb}, {done.violating} with violations")
+    return 0
+
+
+def add_commands(sub: Any, common: Any) -> None:
+    """Register `definitions apply` and `definitions export` on the `sidecar` parser."""
+    group = sub.add_parser("definitions", help="property definitions: apply a file, export them")
+    commands = group.add_subparsers(title="definitions commands")
+    apply = commands.add_parser("apply", help="create or update the definitions of a YAML file")
+    common(apply)
+    apply.add_argument("file", help="a YAML file: a list of definitions (or `definitions:` holding one)")
+    apply.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
+    apply.set_defaults(run=cmd_apply)
+    export = commands.add_parser("export", help="write every definition as YAML (what `apply` reads)")
+    common(export)
+    export.add_argument("-o", "--output", help="a file to write [stdout]")
+    export.set_defaults(run=cmd_export)
+    recheck = commands.add_parser(
+        "recheck", help="check every dataset, version and datum against the definitions now"
+    )
+    common(recheck)
+    recheck.add_argument("--dry-run", action="store_true", help="count what would change; change nothing")
+    recheck.set_defaults(run=cmd_recheck)
