@@ -70,8 +70,8 @@ def list_datums(session: Session, ask: DatumQuery) -> tuple[int, list[Datum]]:
     ids = select(Datum.id).where(*where) if where else None
     page = queries.ListQuery(filter=ask.filter, ordering=ask.ordering, limit=ask.limit, offset=ask.offset)
     # The list machinery of datasets and versions (filter as id sets, field or property ordering).
-    fields = queries._fields(Datum, Datum.path)
-    count, rows = queries._run(session, query, ids, page, "datum", _OWNER_ID, fields)
+    fields = queries.list_fields(Datum, Datum.path)
+    count, rows = queries.list_page(session, query, ids, page, "datum", _OWNER_ID, fields)
     return count, rows
 
 

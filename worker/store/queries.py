@@ -37,7 +37,7 @@ def list_datasets(session: Session, ask: ListQuery) -> tuple[int, list[Dataset]]
     where = [] if ask.name is None else [Dataset.name == ask.name]
     query = select(Dataset).where(*where)
     ids = select(Dataset.id).where(*where) if where else None
-    return _run(session, query, ids, ask, "dataset", Dataset.id, _fields(Dataset, Dataset.name))
+    return list_page(session, query, ids, ask, "dataset", Dataset.id, list_fields(Dataset, Dataset.name))
 
 
 def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVersion]]:
@@ -45,8 +45,8 @@ def list_versions(session: Session, ask: ListQuery) -> tuple[int, list[DatasetVe
     where = version_names(ask)
     query = select(DatasetVersion).join(Dataset).where(*where).options(joinedload(DatasetVersion.dataset))
     ids = select(DatasetVersion.id).join(Dataset).where(*where) if where else None
-    fields = _fields(DatasetVersion, DatasetVersion.name)
-    return _run(session, query, ids, ask, "version", DatasetVersion.id, fields)
+    fields = list_fields(DatasetVersion, DatasetVersion.name)
+    return list_page(session, query, ids, ask, "version", DatasetVersion.id, fields)
 
 
 def version_names(ask: ListQuery) -> list[Any]:
@@ -62,7 +62,7 @@ def version_names(ask: ListQuery) -> list[Any]:
     return where
 
 
-def _fields(model: Any, name: Any) -> dict[str, Any]:
+def list_fields(model: Any, name: Any) -> dict[str, Any]:
     """The field names `ordering` takes besides properties: `id` sorts by creation, as the ids do."""
     return {"id": model.uid, "name": name, "ctime": model.created_at, "mtime": model.updated_at}
 
@@ -94,7 +94,7 @@ def _ordering(text: str, fields: dict[str, Any]) -> tuple[Any, bool]:
     return ordering_key(text)
 
 
-def _run(
+def list_page(
     session: Session,
     query: Any,
     ids: Any,
