@@ -22,8 +22,12 @@ demo: install
 run: install
 	$(BIN)/sidecar up --root $(ROOT)
 
+# Whole modules go to 3 processes (--dist loadfile keeps a module's shared servers in one):
+# most tests wait on Redis, PostgreSQL or a child process, so 3 beat 2 cores' worth. WORKERS=0
+# runs everything in this process.
+WORKERS ?= 3
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 
 # Benchmarks against the real Redis and PostgreSQL (see docs/benchmarks.md); QUICK=1 for a smoke run.
 bench: install
