@@ -3,7 +3,8 @@
 Every write that must go with another goes in one Lua script: a batch of lines is staged together
 with the checkpoint of the file they came from, so a watcher killed at any instant either staged
 a batch and moved its offset, or did neither. The database, not Redis, decides what was applied
-(see applying.py and store/apply.py); Redis only has to never lose an entry that its offset claims was handed on.
+(see applying.py and store/apply.py); Redis only has to never lose an entry that its offset
+claims was handed on.
 """
 
 from __future__ import annotations
