@@ -23,12 +23,12 @@ from typing import Any
 import redis
 from sqlalchemy import Engine, insert, select
 
+from worker.applying import apply_target
 from worker.ingest import Ingestor
 from worker.keys import Keys
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.db import make_engine
-from worker.store.index import STR_KEY_LENGTH, flatten
+from worker.store.index import index_rows
 from worker.store.models import Dataset, DatasetVersion, PropertyChange, PropertyIndex, Watermark
 from worker.uris import Target
 
@@ -224,20 +224,7 @@ def _floor(engine: Engine, count: int) -> float:
                     }
                     for k, v in props.items()
                 ]
-                index += [
-                    {
-                        "owner_kind": "version",
-                        "owner_id": owner,
-                        "path": r.path,
-                        "vtype": r.vtype,
-                        "num": r.num,
-                        "str_key": None if r.str_value is None else r.str_value[:STR_KEY_LENGTH],
-                        "str_value": r.str_value,
-                        "str_lower": None if r.str_value is None else r.str_value.lower(),
-                        "bool_value": r.bool_value,
-                    }
-                    for r in flatten(props)
-                ]
+                index += index_rows("version", owner, props)  # the apply's own rows
             conn.execute(insert(table(PropertyChange)), changes)
             conn.execute(insert(table(PropertyIndex)), index)
             conn.execute(

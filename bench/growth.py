@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worker.applying import apply_target
 from worker.ingest import Ingestor
 from worker.keys import Keys
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.uris import Target
 
 from .common import Context, Row, Section, fmt_int, new_engine, verdict

@@ -28,10 +28,10 @@ from sqlalchemy import func, select, text  # noqa: E402
 from bench.common import DEFAULT_POSTGRES, DEFAULT_REDIS, Context, new_engine  # noqa: E402
 from bench.search import build  # noqa: E402
 from bench.workload import JSONL, mixed_lines, version_lines, write_lines  # noqa: E402
+from worker.applying import apply_target  # noqa: E402
 from worker.ingest import Ingestor  # noqa: E402
 from worker.keys import Keys  # noqa: E402
 from worker.staging import Staging  # noqa: E402
-from worker.store.apply import apply_target  # noqa: E402
 from worker.store.models import Dataset, DatasetVersion  # noqa: E402
 from worker.store.search import filter_condition  # noqa: E402
 from worker.uris import Target  # noqa: E402

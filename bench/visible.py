@@ -28,7 +28,7 @@ from worker.ingest import Ingestor
 from worker.keys import Keys
 from worker.settings import Settings
 from worker.staging import Staging
-from worker.store.index import STR_KEY_LENGTH, flatten
+from worker.store.index import index_rows
 from worker.store.models import DatasetVersion, PropertyChange, PropertyIndex
 from worker.tasks import Enqueuer, make_app
 from worker.uris import Target
@@ -265,20 +265,7 @@ def _has_value(probe: Probe, dataset: str, value: int) -> bool:
 def _floor(engine: Engine, size: int) -> float:
     """Seconds for one transaction inserting the rows an apply of `size` properties writes (median of 3)."""
     properties = version_properties(random.Random(size), size)
-    index_rows = [
-        {
-            "owner_kind": "version",
-            "owner_id": -1,
-            "path": r.path,
-            "vtype": r.vtype,
-            "num": r.num,
-            "str_key": None if r.str_value is None else r.str_value[:STR_KEY_LENGTH],
-            "str_value": r.str_value,
-            "str_lower": None if r.str_value is None else r.str_value.lower(),
-            "bool_value": r.bool_value,
-        }
-        for r in flatten(properties)
-    ]
+    rows = index_rows("version", -1, properties)  # the apply's own rows
     source = {"origin": "sidecar", "execution": "exec-floor", "file": "f", "line": 1, "offset": 0}
     stamp = datetime.now(UTC)
     changes = [
@@ -298,7 +285,7 @@ def _floor(engine: Engine, size: int) -> float:
         start = time.perf_counter()
         with engine.begin() as conn:
             conn.execute(insert(table(PropertyChange)), changes)
-            conn.execute(insert(table(PropertyIndex)), index_rows)
+            conn.execute(insert(table(PropertyIndex)), rows)
             conn.execute(
                 update(table(DatasetVersion)).where(DatasetVersion.id == -1).values(properties=properties)
             )

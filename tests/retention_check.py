@@ -18,12 +18,12 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from tests.oracle import assert_matches_db, expected_state
+from worker.applying import apply_target
 from worker.ingest import Ingestor
 from worker.replay import replay
 from worker.retention import Retention
 from worker.staging import Staging
 from worker.store import finished
-from worker.store.apply import apply_target
 from worker.store.models import PropertyChange
 from worker.uris import Target
 

@@ -10,8 +10,8 @@ from sqlalchemy import Engine
 
 from tests.helpers import outcome
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis
@@ -383,14 +383,14 @@ def test_a_write_answered_503_is_never_applied_later(
 ) -> None:
     import sqlalchemy.exc
 
-    from worker.store import writes
+    from worker import applying
 
     url = dataset_url(client, engine, staging)
 
     def database_gone(*_args: object) -> None:
         raise sqlalchemy.exc.OperationalError("apply", {}, Exception("connection lost"))
 
-    monkeypatch.setattr(writes, "apply_target", database_gone)
+    monkeypatch.setattr(applying, "apply_target", database_gone)
     assert client.post(url, json={"ghost": 1}).status_code == 503
     monkeypatch.undo()
     # The database is back; the sweep (or any later line) applies the target again.

@@ -10,8 +10,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tests.helpers import fold, outcome
+from worker.applying import apply_target
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.models import Dataset, DatasetVersion, Datum, PropertyChange, Watermark
 from worker.uris import Target
 

@@ -12,10 +12,10 @@ from sqlalchemy.orm import Session
 
 from tests.helpers import outcome
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.definitions import parse
 from worker.staging import Staging
 from worker.store import definitions as stored
-from worker.store.apply import apply_target
 from worker.store.models import Dataset, DatasetVersion, Datum
 from worker.uris import Target
 

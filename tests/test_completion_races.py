@@ -26,10 +26,10 @@ from sqlalchemy.orm import Session
 
 from tests.oracle import assert_files_match_db, assert_matches_db, expected_files, expected_state
 from tests.retention_check import assert_retention_keeps_the_oracle
+from worker.applying import apply_target
 from worker.ingest import Ingestor
 from worker.records import Source, user_write
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.models import Dataset, DatasetVersion, PropertyChange, VersionFile
 from worker.uris import Target
 
@@ -113,7 +113,7 @@ def run_together(*functions: Callable[[], None], timeout: float = 60.0) -> None:
 
 
 def api_write(applier: Applier, target: Target, meta: dict[str, Any]) -> None:
-    """An API write, the way store/writes.py makes it: staged in the target's stream, applied at
+    """An API write, the way worker/applying.py makes it: staged in the target's stream, applied at
     once if the version is complete (else at completion, in order with the lines before it)."""
     done = applier.staging.stage_entry(user_write(target, meta, Source("api")))
     if done or applier.staging.is_done(target):

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from tests.helpers import outcome
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.models import AliasChange, Datum
 from worker.uris import Target
 

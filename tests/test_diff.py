@@ -15,8 +15,8 @@ from sqlalchemy import Engine, update
 
 from tests.helpers import outcome
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.db import writer
 from worker.store.models import Datum
 from worker.uris import Target

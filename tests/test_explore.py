@@ -15,10 +15,10 @@ from sqlalchemy import Engine
 from tests.helpers import outcome
 from worker.api import create_app
 from worker.api_explore import parse_keys
+from worker.applying import apply_target
 from worker.query import FilterError, Key
 from worker.staging import Staging
 from worker.store import export
-from worker.store.apply import apply_target
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis

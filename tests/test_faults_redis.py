@@ -43,10 +43,10 @@ from sqlalchemy import Engine
 from tests.e2e_helpers import clean_env, free_port, kill_group, stop_group, wait_until
 from tests.oracle import assert_matches_db, expected_state
 from tests.retention_check import assert_retention_keeps_the_oracle
+from worker.applying import apply_target
 from worker.keys import Keys
 from worker.settings import Settings
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.uris import Target
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]

@@ -251,3 +251,42 @@ def test_reading_pauses_the_cycle_collector_and_leaves_no_cycles_behind(
     with pytest.raises(OSError):
         ingestor.ingest(path)
     assert gc.isenabled()
+
+
+def test_an_unreadable_file_is_one_reject_naming_it_and_reads_once_fixed(
+    root: Path, ingestor: Ingestor, staging: Staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Permission denied (simulated: the tests run as root, which reads anything), a directory and
+    a link where the file was: each is a reject naming the file, recorded once, nothing staged;
+    once the file reads again its lines are staged."""
+    path = root / "exec-1" / "valohai.metadata.jsonl"
+    path.write_text(vline(a=1))
+    real_open = os.open
+
+    def denied(file: Any, flags: int, *args: Any) -> int:
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", denied)
+    assert ingestor.ingest(path).lines == 0
+    assert ingestor.ingest(path).lines == 0  # the next scan: no second reject
+    monkeypatch.undo()
+    rejects = staging.rejects()
+    assert [(r.file, r.line, r.execution) for r in rejects] == [(str(path.relative_to(root)), 0, "exec-1")]
+    assert "cannot be read: Permission denied" in rejects[0].reason
+    assert ingestor.ingest(path).lines == 1  # readable again
+    assert metas(staging) == [{"a": 1}]
+
+    other = root / "exec-2" / "valohai.metadata.jsonl"
+    other.mkdir(parents=True)  # a directory where the file was
+    assert ingestor.ingest(other).lines == 0
+    link = root / "exec-3" / "valohai.metadata.jsonl"
+    link.parent.mkdir()
+    link.symlink_to(path)
+    assert ingestor.ingest(link).lines == 0
+    assert ingestor.ingest(link).lines == 0
+    newest = staging.rejects()[:2]
+    assert [r.file for r in newest] == ["exec-3/valohai.metadata.jsonl", "exec-2/valohai.metadata.jsonl"]
+    assert "symbolic link" in newest[0].reason and "Is a directory" in newest[1].reason
+    assert len(staging.rejects()) == 3

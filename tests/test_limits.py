@@ -18,11 +18,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from worker import limits
+from worker.applying import apply_target
 from worker.errors import InvalidEntry
 from worker.ingest import Ingestor
 from worker.records import Source, user_write
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.index import flatten
 from worker.store.models import Dataset, DatasetVersion, Datum, PropertyIndex
 from worker.uris import Target

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from tests.oracle import assert_files_match_db, db_files, expected_files
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.cli import main
 from worker.errors import InvalidEntry
 from worker.ingest import Ingestor
@@ -29,7 +30,6 @@ from worker.settings import Settings
 from worker.staging import Staging
 from worker.status import _print, collect
 from worker.store import aliases
-from worker.store.apply import apply_target
 from worker.store.models import AliasChange, DatasetVersion, Datum, VersionAlias, VersionFile
 from worker.store.queries import find_by_uri
 from worker.uris import Target

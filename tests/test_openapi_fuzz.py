@@ -33,11 +33,11 @@ from sqlalchemy import Engine
 from tests.helpers import outcome
 from tests.test_query import keys, nodes
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.edge import MAX_REQUEST_HEAD
 from worker.keys import Keys
 from worker.query import Exists, key_text, render
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.db import make_engine
 from worker.store.models import Base
 from worker.uris import Target

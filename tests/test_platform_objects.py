@@ -14,9 +14,9 @@ from sqlalchemy import Engine, event
 
 from tests.helpers import outcome
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.ids import created_ms, looks_like_id, new_id
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis

@@ -8,11 +8,11 @@ import pytest
 from sqlalchemy import Engine
 
 from tests.helpers import outcome
+from worker.applying import apply_target
 from worker.cli import main
 from worker.props_cli import parse_assignment, parse_duration
 from worker.settings import Settings
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis

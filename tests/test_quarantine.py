@@ -23,12 +23,12 @@ from tests.e2e_helpers import clean_env, wait_until
 from tests.oracle import assert_matches_db, db_state, expected_state
 from tests.test_worker_process import Worker, start_worker, workers  # noqa: F401 - fixture
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.ingest import Ingestor
 from worker.settings import Settings
 from worker.staging import Staging
 from worker.status import collect
 from worker.store import quarantine
-from worker.store.apply import apply_target
 from worker.tasks import Enqueuer, make_app
 from worker.uris import Target
 

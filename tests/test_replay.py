@@ -10,12 +10,12 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tests.helpers import fold
+from worker.applying import apply_target
 from worker.cli import main
 from worker.ingest import Ingestor
 from worker.replay import replay, sidecar_files
 from worker.settings import Settings
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.models import DatasetVersion, PropertyChange
 from worker.uris import Target
 

@@ -42,10 +42,10 @@ from tests.test_worker_process import (
     version_history,
     version_row,
 )
+from worker.applying import apply_target
 from worker.records import Entry, LineOutcome, Source, line_digest
 from worker.settings import Settings
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.store.models import Dataset, DatasetVersion, Watermark
 from worker.tail import FileState
 from worker.tasks import Enqueuer, make_app

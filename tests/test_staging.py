@@ -47,9 +47,6 @@ def test_same_line_read_again_after_a_rewrite_is_staged_once(staging: Staging) -
     # A different line at the same number is new content and is staged.
     staging.stage_lines(FILE, "exec-1", [outcome(version_line('{"a": 3}'))], "s3")
     assert len(list(staging.read_after(V1, None))) == 3
-    # Replay forces re-staging.
-    staging.stage_lines(FILE, "exec-1", [line], "s4", force=True)
-    assert len(list(staging.read_after(V1, None))) == 4
 
 
 def test_entry_staged_before_completion_is_read_by_the_completion_apply(staging: Staging) -> None:

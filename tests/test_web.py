@@ -12,9 +12,9 @@ from sqlalchemy import Engine
 
 from tests.helpers import outcome
 from worker.api import create_app
+from worker.applying import apply_target
 from worker.records import Entry, Source
 from worker.staging import Staging
-from worker.store.apply import apply_target
 from worker.uris import Target
 from worker.web import STATIC, staged_after_watermark
 

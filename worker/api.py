@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
 import orjson
-import redis
 import sqlalchemy.exc
 from fastapi import FastAPI, Query, Request, Response
 from fastapi import Path as FastAPIPath
@@ -42,14 +41,15 @@ from .api_models import (
     errors,
 )
 from .api_params import Filter, Limit, Offset, Ordering, VersionURI
+from .applying import write_datum_properties, write_properties
 from .edge import MAX_BODY, WriteGuard, error_response
 from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
-from .staging import Staging
+from .staging import RedisError, Staging
 from .store import datums, definitions, queries, writes
 from .store.platform import record_platform_ids
 from .store.queries import FILES_PAGE
-from .store.writes import current_properties, touch_last_used, write_properties
+from .store.writes import current_properties, touch_last_used
 from .uris import Target
 from .web import mount_web
 from .webhooks import Action, parse_event, signature_problem
@@ -117,10 +117,10 @@ def _error_handlers(app: FastAPI) -> None:
         body = {"error": "bad_filter", "detail": str(exc), "position": exc.position, "expected": exc.expected}
         return JSONResponse(body, status_code=400)
 
-    @app.exception_handler(redis.RedisError)
+    @app.exception_handler(RedisError)
     @app.exception_handler(sqlalchemy.exc.OperationalError)
     def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-        service = "redis" if isinstance(exc, redis.RedisError) else "database"
+        service = "redis" if isinstance(exc, RedisError) else "database"
         log.warning("%s unavailable during %s %s: %s", service, request.method, request.url.path, exc)
         return _error(503, "unavailable", f"{service} unavailable; try again later")
 
@@ -200,7 +200,7 @@ def _health_routes(app: FastAPI, engine: Engine, staging: Staging, watcher_max_a
 def _quarantined(staging: Staging) -> dict[str, Any]:
     try:
         held = staging.quarantined()
-    except redis.RedisError:
+    except RedisError:
         return {"count": None, "targets": []}
     return {"count": len(held), "targets": sorted(held)[:20]}
 
@@ -681,7 +681,7 @@ def _datum_write_routes(app: FastAPI, engine: Engine, staging: Staging) -> None:
         body = await request.body()
         try:
             payload = orjson.loads(body)
-            write = datums.write_datum_properties
+            write = write_datum_properties
             result = await run_in_threadpool(write, engine, staging, datum_id, payload)
         except orjson.JSONDecodeError as exc:
             return _error(400, "bad_request", f"not JSON: {exc}")
@@ -733,7 +733,7 @@ def _write_many(engine: Engine, staging: Staging, sets: dict[str, Any]) -> dict[
             raise InvalidEntry(f"datum {ident[:100]!r}: {exc}", exc.key) from None
     answer: dict[str, Any] = {"datum_metadata": {}, "staged": []}
     for ident, metadata in sets.items():
-        result = datums.write_datum_properties(engine, staging, ident, metadata)
+        result = write_datum_properties(engine, staging, ident, metadata)
         answer["datum_metadata"][ident] = result.properties
         if result.staged:
             answer["staged"].append(ident)

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis
 import sqlalchemy.exc
 
 from . import __version__, connections, definitions_cli, explore_cli
@@ -25,7 +24,7 @@ from .edge import MAX_REQUEST_HEAD, exposure_warning
 from .errors import ConfigError, SidecarError
 from .props_cli import add_commands
 from .settings import Settings
-from .staging import Staging
+from .staging import RedisConnectionError, RedisError, Staging
 from .status import cmd_status
 from .store.migrate import upgrade
 from .tasks import Enqueuer, make_app
@@ -49,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 1
-    except redis.ConnectionError as exc:
+    except RedisConnectionError as exc:
         print(f"sidecar: cannot reach Redis: {exc}", file=sys.stderr)
         return 1
     except sqlalchemy.exc.OperationalError as exc:
@@ -424,7 +423,7 @@ def _heartbeat_thread(staging: Staging, name: str, info: dict[str, Any]) -> None
         while True:
             try:
                 staging.beat("worker", name, info, ttl=30)
-            except redis.RedisError as exc:
+            except RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(5)
 

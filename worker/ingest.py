@@ -7,6 +7,7 @@ reading resumes, and the checkpoint moves only in the same Redis script that sta
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -35,6 +36,8 @@ JSONL_NAMES = ("valohai.metadata.jsonl", "outputs.metadata.jsonl")
 # client, the Celery broker on the same Redis included). With the next batch parsed while Redis
 # runs this one, 128 KiB was faster than 64, 256 or 512 KiB (75-78k against 69-74k lines/s here).
 DEFAULT_BATCH_BYTES = 128 << 10
+# A sidecar file that is there but cannot be read: a reject naming it (`Ingestor._unreadable`).
+UNREADABLE = (PermissionError, IsADirectoryError)
 PER_OUTPUT_SUFFIX = ".metadata.json"
 # The database's record of a file whose staging state retention took out of Redis (None: none).
 FindFinished = Callable[[str], FinishedRecord | None]
@@ -140,6 +143,7 @@ class Ingestor:
         self.root_id = f"{socket.gethostname()}:{self.root}"
         self._carried: _InFlight | None = None  # see `ingest(carry=True)`
         self._bad_names: set[str] = set()  # paths refused by `_utf8_name`, rejected once
+        self._unreadable_seen: dict[str, int | None] = {}  # file -> errno of its recorded reject
         self._forgot = False  # retention has forgotten something (see Staging.ever_forgot)
 
     def _utf8_name(self, path: Path) -> bool:
@@ -158,9 +162,25 @@ class Ingestor:
             shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
             reason = "the file's path is not valid UTF-8, so it is not read (rename it)"
             log.warning("rejected %s: %s", shown, reason)
-            self.staging.record_reject(Reject(shown, 0, 0, reason, shown.split("/")[0], now_iso()))
+            self.staging.record_rejects([Reject(shown, 0, 0, reason, shown.split("/")[0], now_iso())])
             metrics.LINES_REJECTED.labels("bad_path").inc()
         return False
+
+    def _unreadable(self, path: Path, exc: OSError) -> None:
+        """A sidecar file that cannot be opened or read (permission denied, a directory or a link
+        where a file was): a reject naming the file, recorded once per cause per process (not at
+        every scan), and nothing staged. Once the file reads again its lines are staged as usual."""
+        rel = str(path.relative_to(self.root))
+        if rel in self._unreadable_seen and self._unreadable_seen[rel] == exc.errno:
+            return
+        self._unreadable_seen[rel] = exc.errno
+        what = {errno.ELOOP: "a symbolic link (links are not followed)"}.get(exc.errno or 0, exc.strerror)
+        reason = f"the file cannot be read: {what}"
+        log.warning("rejected %s: %s", rel, reason)
+        self.staging.record_rejects(
+            [Reject(rel, 0, 0, reason, path.relative_to(self.root).parts[0], now_iso())]
+        )
+        metrics.LINES_REJECTED.labels("unreadable").inc()
 
     def settle(self) -> IngestStats:
         """Wait for a batch carried over by `ingest(carry=True)`: its lines and due targets."""
@@ -172,13 +192,12 @@ class Ingestor:
         self,
         path: Path,
         *,
-        force: bool = False,
         from_start: bool = False,
         budget: int | None = None,
         stop: Callable[[], bool] | None = None,
         carry: bool = False,
     ) -> IngestStats:
-        """Stage whatever is new in one sidecar file. `force`/`from_start` are for replay.
+        """Stage whatever is new in one sidecar file. `from_start` is for replay.
 
         With a `budget` (bytes) or a `stop` callable, reading may end early, between two staged
         batches; `stats.unread` then says the file has more to read from its checkpoint.
@@ -198,13 +217,23 @@ class Ingestor:
             if kind == "jsonl":
                 with gc_paused():
                     self._ingest_jsonl(
-                        path, stats, force=force, from_start=from_start, budget=budget, stop=stop, carry=carry
+                        path, stats, from_start=from_start, budget=budget, stop=stop, carry=carry
                     )
             else:
                 self._settle_carried(stats)
-                self._ingest_per_output(path, stats, force=force)
+                self._ingest_per_output(path, stats)
         except FileNotFoundError:
             return stats  # removed between the event and the read: nothing to stage
+        except UNREADABLE as exc:
+            self._unreadable(path, exc)
+            return stats
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:  # O_NOFOLLOW refused a link where the file was
+                raise
+            self._unreadable(path, exc)
+            return stats
+        if self._unreadable_seen:
+            self._unreadable_seen.pop(str(path.relative_to(self.root)), None)
         stats.files = 1
         return stats
 
@@ -215,7 +244,6 @@ class Ingestor:
         path: Path,
         stats: IngestStats,
         *,
-        force: bool,
         from_start: bool,
         budget: int | None,
         stop: Callable[[], bool] | None,
@@ -265,7 +293,6 @@ class Ingestor:
                             execution,
                             outcomes,
                             state_json,
-                            force=force,
                             expect=expect,
                             root=self.root_id,
                         )
@@ -370,7 +397,7 @@ class Ingestor:
 
     # -- <output>.metadata.json ------------------------------------------------------------
 
-    def _ingest_per_output(self, path: Path, stats: IngestStats, *, force: bool) -> None:
+    def _ingest_per_output(self, path: Path, stats: IngestStats) -> None:
         rel_path = path.relative_to(self.root)
         rel, execution = str(rel_path), rel_path.parts[0]
         output = str(Path(*rel_path.parts[1:]))[: -len(PER_OUTPUT_SUFFIX)]
@@ -379,7 +406,7 @@ class Ingestor:
             st = os.fstat(f.fileno())
             signature = orjson.dumps([st.st_ino, st.st_size, st.st_mtime_ns]).decode()
             current, record = self._checkpoint(rel)
-            if not force and current == signature:
+            if current == signature:
                 return
             data = f.read(self.line_limit + 1)
         stats.read_bytes = len(data)
@@ -403,10 +430,8 @@ class Ingestor:
                 outcome.reject = self._reject(source, "; ".join(problems))
         if record is not None:
             self._restore(record)
-        expect = None if force else (current or "")
-        due = self.staging.stage_lines(
-            rel, execution, [outcome], signature, force=force, expect=expect, root=self.root_id
-        )
+        expect = current or ""
+        due = self.staging.stage_lines(rel, execution, [outcome], signature, expect=expect, root=self.root_id)
         stats.due.update(due)
         self._count([outcome], stats)
 

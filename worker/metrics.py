@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .staging import Staging
+from .staging import RedisError, Staging
 
 LINES_INGESTED = Counter("sidecar_lines_ingested_total", "Sidecar lines read and staged")
 LINES_REJECTED = Counter("sidecar_lines_rejected_total", "Sidecar lines rejected", ["reason"])
@@ -78,7 +77,7 @@ class BacklogCollector(Collector):
         try:
             count, age = self.staging.backlog()
             quarantined = self.staging.quarantined_count()
-        except redis.RedisError:
+        except RedisError:
             return
         due.add_metric([], count)
         oldest.add_metric([], age)

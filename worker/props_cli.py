@@ -18,11 +18,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from . import connections
+from .applying import write_datum_properties, write_properties
 from .datum_keys import alias_name
 from .errors import ConfigError, InvalidEntry
 from .settings import Settings
 from .store import datums, queries
-from .store.writes import write_properties
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -100,7 +100,7 @@ def _datum_props(settings: Settings, engine: Engine, args: argparse.Namespace, a
     changes = _changes(args)
     staging = connections.staging(settings)
     try:
-        result = datums.write_datum_properties(engine, staging, datum_id, changes)
+        result = write_datum_properties(engine, staging, datum_id, changes)
     finally:
         staging.close()
     _print_json(result.properties)

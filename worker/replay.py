@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from .applying import apply_target, version_completed
 from .checksums import check_execution
 from .errors import ConfigError, NotFound
 from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, inside_root, sidecar_kind
@@ -26,7 +27,6 @@ from .merge import merge
 from .records import Entry, LineOutcome
 from .staging import Staging
 from .store import finished, queries
-from .store.apply import apply_target, version_completed
 from .tail import read_new
 from .uris import Target
 

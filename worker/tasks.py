@@ -18,18 +18,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 import sqlalchemy.exc
 from celery import Celery, Task
 from sqlalchemy import Engine
 
 from . import connections, metrics
+from .applying import ApplyResult, apply_target
 from .checksums import check_execution
 from .keys import Keys
 from .settings import Settings
-from .staging import Staging
+from .staging import REDIS_TRANSIENT, Staging
 from .store import quarantine
-from .store.apply import ApplyResult, apply_target
 from .uris import Target
 
 log = logging.getLogger(__name__)
@@ -39,11 +38,10 @@ CHECKSUM_TASK = "sidecar.checksums"
 Enqueue = Callable[[str], None]
 
 # Errors worth a retry: the database or Redis is down or locked for now.
-TRANSIENT = (
+TRANSIENT: tuple[type[Exception], ...] = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
-    redis.ConnectionError,
-    redis.TimeoutError,
+    *REDIS_TRANSIENT,
 )
 
 

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 from typing import IO
 
-import redis
-
 from . import connections
 from .edge import exposure_warning
 from .errors import ConfigError, ServiceUnavailable
 from .settings import Settings
+from .staging import RedisConnectionError, connect
 from .store.migrate import upgrade
 
 log = logging.getLogger("sidecar.up")
@@ -145,13 +144,13 @@ def _start_private_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
         start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
+    client = connect(url, timeout=None, health_check_interval=0)
     for _ in range(100):
         try:
             client.ping()
             log.info("private Redis on %s (append-only files in %s)", url, data)
             return proc, url
-        except redis.ConnectionError:
+        except RedisConnectionError:
             if proc.poll() is not None:
                 break
             time.sleep(0.1)

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import redis
 import sqlalchemy.exc
 from sqlalchemy import Engine
 from watchdog.events import (
@@ -38,7 +37,7 @@ from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, IngestStats, sidec
 from .readqueue import ReadQueue
 from .retention import Retention
 from .settings import Settings
-from .staging import Staging
+from .staging import RedisError, Staging, Subscription
 from .store import finished
 from .store.finished import FinishedRecord
 
@@ -242,7 +241,7 @@ class Watcher:
         except OSError as exc:
             log.warning("cannot read %s: %s", path, exc)
             return None
-        except redis.RedisError as exc:
+        except RedisError as exc:
             # Nothing was checkpointed: the next scan reads the same lines again. (The batch that
             # failed may be the one carried over from the file read before; a batch refused as
             # STALE was read from a checkpoint that retention took out meanwhile.)
@@ -264,7 +263,7 @@ class Watcher:
         """Wait for the batch carried over from the last turn (nothing else to overlap it with)."""
         try:
             self._counted(self.ingestor.settle())
-        except redis.RedisError as exc:
+        except RedisError as exc:
             log.warning("staging failed (%s); will retry at the next scan", exc)
 
     def _counted(self, stats: IngestStats) -> None:
@@ -290,7 +289,7 @@ class Watcher:
         """A retention pass (worker/retention.py), beside each full scan."""
         try:
             self.retention.run()
-        except (redis.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        except (RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
             log.warning("retention pass failed (%s); will retry after the next scan", exc)
 
     def _beat(self) -> None:
@@ -307,7 +306,7 @@ class Watcher:
         ttl = max(30.0, 3 * self.settings.rescan_interval)
         try:
             self.staging.beat("watcher", self.name, info, ttl)
-        except redis.RedisError as exc:
+        except RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
 
     def _enqueue(self, target: str) -> None:
@@ -319,13 +318,13 @@ class Watcher:
     def _sweep(self) -> None:
         try:
             swept = self.staging.sweep(self._enqueue, older_than=self.settings.sweep_after)
-        except redis.RedisError as exc:
+        except RedisError as exc:
             log.warning("sweep failed: %s", exc)
             return
         if swept:
             log.info("re-enqueued %d due targets", len(swept))
 
-    def _completions(self, pubsub: redis.client.PubSub | None) -> None:
+    def _completions(self, pubsub: Subscription | None) -> None:
         """Executions that just completed: re-read their files so a held last line is flushed now."""
         if pubsub is None:
             return
@@ -339,13 +338,13 @@ class Watcher:
                     for name in JSONL_NAMES:
                         self.dirty.add(folder / name)
                     self.dirty.add_folder(folder)
-        except redis.RedisError as exc:
+        except RedisError as exc:
             log.warning("completion channel failed (%s); the periodic scan covers it", exc)
 
-    def _subscribe(self) -> redis.client.PubSub | None:
+    def _subscribe(self) -> Subscription | None:
         try:
             return self.staging.completions()
-        except redis.RedisError as exc:
+        except RedisError as exc:
             log.warning("cannot subscribe to completions (%s); relying on the periodic scan", exc)
             return None
 

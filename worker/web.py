@@ -19,7 +19,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from .api_models import OwnerId
 from .errors import NotFound
-from .staging import Staging
+from .staging import RedisError, Staging
 from .store import datums, queries
 from .store.models import Watermark
 from .uris import Target
@@ -145,7 +144,7 @@ def _staged_route(app: FastAPI, engine: Engine, staging: Staging, kind: str, bas
         try:
             found = staged_after_watermark(engine, staging, target)
             held = staging.quarantined().get(target.key)
-        except redis.RedisError as exc:  # Redis down: the page says "unknown", the rest still works
+        except RedisError as exc:  # Redis down: the page says "unknown", the rest still works
             log.warning("staged count of %s: redis unavailable: %s", target.key, exc)
             return JSONResponse({"error": "unavailable", "detail": "staging area (redis) unavailable"}, 503)
         return JSONResponse({**found.to_json(), "quarantined": held})

@@ -3,7 +3,8 @@
 Every write that must go with another goes in one Lua script: a batch of lines is staged together
 with the checkpoint of the file they came from, so a watcher killed at any instant either staged
 a batch and moved its offset, or did neither. The database, not Redis, decides what was applied
-(see store/apply.py); Redis only has to never lose an entry that its offset claims was handed on.
+(see applying.py and store/apply.py); Redis only has to never lose an entry that its offset
+claims was handed on.
 """
 
 from __future__ import annotations
@@ -127,7 +128,6 @@ class Staging(Health):
         outcomes: Iterable[LineOutcome],
         state_json: str,
         *,
-        force: bool = False,
         expect: str | None = None,
         root: str = "",
     ) -> list[str]:
@@ -148,7 +148,6 @@ class Staging(Health):
                 execution,
                 run,
                 state_json if last else "",
-                force,
                 expect if i == 0 else None,
                 root if last else "",
             )
@@ -162,7 +161,6 @@ class Staging(Health):
         outcomes: list[LineOutcome],
         state_json: str,
         *,
-        force: bool = False,
         expect: str | None = None,
         root: str = "",
     ) -> Sent:
@@ -173,11 +171,9 @@ class Staging(Health):
         if this batch failed, a later one must not move the checkpoint past its lines.
         """
         if len(_consecutive_runs(outcomes)) > 1:  # a gap (replay of a range): the plain way
-            due = self.stage_lines(
-                file, execution, outcomes, state_json, force=force, expect=expect, root=root
-            )
+            due = self.stage_lines(file, execution, outcomes, state_json, expect=expect, root=root)
             return Sent(self, due=due)
-        keys, args = self._stage_args(file, execution, outcomes, state_json, force, expect, root)
+        keys, args = self._stage_args(file, execution, outcomes, state_json, expect, root)
         conn: Any = self.redis.connection_pool.get_connection()
         sent = Sent(self, conn=conn, keys=keys, args=args)
         try:
@@ -201,7 +197,6 @@ class Staging(Health):
         execution: str,
         outcomes: list[LineOutcome],
         state_json: str,
-        force: bool,
         expect: str | None = None,
         root: str = "",
     ) -> tuple[list[str], list[Any]]:
@@ -253,7 +248,6 @@ class Staging(Health):
             file,
             state_json,
             now_ms(),
-            "1" if force else "0",
             now_iso(),
             REJECTS_KEPT,
             first,
@@ -291,12 +285,9 @@ class Staging(Health):
         """Take back one staged entry that has not been applied (an API write answered with an error)."""
         self.redis.xdel(self.keys.stream(target), stream_id)
 
-    def record_reject(self, reject: Reject) -> None:
-        """Record a reject that belongs to no staged batch (e.g. an unreadable file)."""
-        self.record_rejects([reject])
-
     def record_rejects(self, rejects: list[Reject]) -> None:
-        """Record rejects found after staging (an apply refusing a member entry), in one round trip."""
+        """Record rejects that belong to no staged batch (an apply refusing a member entry, a file
+        that cannot be read), in one round trip."""
         if not rejects:
             return
         pipe = self.redis.pipeline(transaction=True)

@@ -1,19 +1,22 @@
-"""The apply transaction: a target's staged entries, in order, plus its watermark, in one commit."""
+"""The apply's SQL work: a target's staged entries, in order, plus its watermark, in one commit.
+
+The entries come already read from staging (`worker/applying.py` reads them, opens the
+transaction, and finishes in Redis after the commit); nothing here speaks to Redis.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
 
 try:
     import fcntl
@@ -25,76 +28,17 @@ from ..definitions import Definition, split
 from ..membership import Spec, file_list, fold_spec
 from ..merge import Change, merge_into
 from ..records import Entry, Reject, Source
-from ..staging import Staging
 from ..uris import Target, parse_uri
 from . import aliases, definitions
 from .datum_aliases import point_aliases
-from .db import writer
 from .index import bulk_insert, index_rows, reindex
 from .models import Dataset, DatasetVersion, Datum, PropertyChange, PropertyIndex, VersionFile, Watermark
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ApplyResult:
-    """What one apply did."""
-
-    target: str
-    applied: int = 0
-    watermark: str | None = None
-    skipped: str = ""  # why nothing was done (e.g. the version is still building)
-
-
-def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResult:
-    """Apply every staged entry of `target` after its watermark, in one transaction.
-
-    Safe to run any number of times, concurrently too: the watermark row is locked first
-    (SELECT ... FOR UPDATE on PostgreSQL; BEGIN IMMEDIATE holds SQLite's write lock), and
-    entries after it are taken only once the lock is held, so a second apply of the same target
-    waits, then sees the new watermark and finds nothing left to do.
-    """
-    result = ApplyResult(target.key)
-    snapshot = staging.snapshot(target)  # before the lock: see Staging.snapshot
-    if snapshot.quarantined:
-        # Held after too many failed applies: its entries stay staged until `sidecar retry`.
-        staging.hold(target)
-        result.skipped = "quarantined"
-        return result
-    with _sqlite_queue(engine), writer(engine).begin() as conn:
-        mark = lock_watermark(conn, target.key)
-        result.watermark = mark
-        applier = Applier(conn, datetime.now(UTC))
-        if target.kind == "version" and not version_completed(conn, staging, target, snapshot.done):
-            # Register it, so the API can show a building version; its entries stay staged.
-            applier.version(target)
-            result.skipped = "version is still building"
-            return result
-        if target.kind == "version":
-            applier.complete_version(target)
-        for stream_id, entry in staging.read_after(target, mark, snapshot):
-            applier.apply(entry)
-            mark = stream_id
-            result.applied += 1
-        applier.flush()
-        save_watermark(conn, target.key, mark, applier.now)
-        result.watermark = mark
-    # After the commit: a rolled-back apply runs again and finds the same problems.
-    for reject in applier.rejects:
-        log.warning("rejected %s:%d (offset %d): %s", reject.file, reject.line, reject.offset, reject.reason)
-    if applier.rejects:
-        staging.record_rejects(applier.rejects)
-    # A version's flag may have been lost by Redis (AOF everysec); the database knows better, and
-    # `finish` puts it back so that late lines for this version keep being applied by themselves.
-    completed_at = applier.now.isoformat() if target.kind == "version" else None
-    staging.finish(target, result.watermark, completed_at)
-    if snapshot.failed:
-        staging.clear_failures(target)
-    return result
-
-
 @contextmanager
-def _sqlite_queue(engine: Engine) -> Iterator[None]:
+def sqlite_queue(engine: Engine) -> Iterator[None]:
     """On a SQLite file, queue the applies on a file lock (`<database>.apply-lock`) first.
 
     SQLite's busy handler polls with growing sleeps (up to 100 ms), so an apply waiting for the
@@ -129,14 +73,27 @@ def save_watermark(conn: Connection, target: str, stream_id: str | None, now: da
     conn.execute(_statements(conn).save_mark, {"target": target, "stream_id": stream_id, "applied_at": now})
 
 
-def version_completed(
-    session: Session | Connection, staging: Staging, target: Target, done: bool = False
-) -> bool:
-    """Whether a version is completed: `done` (its flag, as read before), Redis, or the database."""
-    if done or staging.is_done(target):
-        return True
-    row = session.execute(_SELECT_VERSION, {"dataset": target.dataset, "name": target.version}).first()
+def version_is_completed(conn: Connection, target: Target) -> bool:
+    """Whether the database has the version `target` completed."""
+    row = conn.execute(_SELECT_VERSION, {"dataset": target.dataset, "name": target.version}).first()
     return row is not None and row.status == "completed"
+
+
+def apply_entries(
+    applier: Applier, target: Target, mark: str | None, entries: Iterable[tuple[str, Entry]]
+) -> tuple[int, str | None]:
+    """The SQL work of one target's apply, in the caller's transaction with the target's
+    watermark locked (`lock_watermark`): a version completes, then `entries` (as read from
+    staging, after `mark`, in stream order) are folded. Returns (entries applied, the new
+    watermark); `Applier.flush` and `save_watermark` write it all."""
+    if target.kind == "version":
+        applier.complete_version(target)
+    applied = 0
+    for stream_id, entry in entries:
+        applier.apply(entry)
+        mark = stream_id
+        applied += 1
+    return applied, mark
 
 
 @dataclass

@@ -14,22 +14,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import redis
 from sqlalchemy import Engine, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from .. import limits
 from ..datum_keys import ALIAS_KEY, TAGS_KEY, alias_problem
 from ..errors import InvalidEntry, NotFound, ReservedKey
-from ..records import RESERVED_PREFIX, Entry, Source, check_properties
-from ..staging import Staging
+from ..records import RESERVED_PREFIX, Entry, check_properties
 from ..uris import Target
-from . import definitions, queries
-from .apply import Applier, apply_target, lock_watermark
+from . import queries
+from .apply import Applier, lock_watermark
 from .db import writer
 from .models import AliasChange, Datum, DatumAlias, Watermark
 from .queries import datum_json, iso
-from .writes import WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -183,43 +180,28 @@ def check_datum_write(metadata: Any) -> dict[str, Any]:
     return metadata
 
 
-def write_datum_properties(engine: Engine, staging: Staging, ident: str | int, metadata: Any) -> WriteResult:
-    """Apply a user's write (null deletes) to a datum's properties.
+@dataclass(frozen=True)
+class DatumWrite:
+    """What an API write of a datum needs to know of it before staging (`write_target`)."""
 
-    The write is an entry of the datum's execution target, like its datum lines. While the
-    execution runs it stays staged (answered `staged`) and is applied at completion, after the
-    lines staged before it. Once the execution has completed (its flag in Redis) it is applied at
-    once by the same apply the worker runs. An execution whose staging state retention took out
-    of Redis (completed, its target applied: a watermark row, no flag) has nothing staged left
-    to keep order with: the write is applied directly, in one transaction under the target's
-    watermark lock, and Redis is not touched.
-    """
+    datum_id: int
+    target: Target  # its execution's target
+    path: str
+    applied_once: bool  # the execution target has a watermark row
+
+
+def write_target(engine: Engine, ident: str | int) -> DatumWrite:
+    """The datum an API write names (NotFound if none) and its execution target."""
     with Session(engine) as session:
-        datum = get_datum(session, ident)  # an unknown id is a 404 whatever the body
-        datum_id, execution, path = datum.id, datum.execution, datum.path
-        target = Target.for_execution(execution)
+        datum = get_datum(session, ident)
+        target = Target.for_execution(datum.execution)
         applied_once = session.get(Watermark, target.key) is not None
-    check_datum_write(metadata)
-    definitions.refuse_rejected(engine, "datum", metadata)  # a 400 before staging
-    entry = Entry(target, "set", Source("api"), metadata, path)
-    if applied_once and not staging.is_done(target):
-        _write_directly(engine, entry)
-        return WriteResult(current_datum_properties(engine, datum_id), staged=False)
-    stream_id, done = staging.stage_write(entry)
-    try:
-        if not done:
-            return WriteResult(current_datum_properties(engine, datum_id), staged=True)
-        apply_target(engine, staging, target)
-        return WriteResult(current_datum_properties(engine, datum_id), staged=False)
-    except Exception:
-        try:
-            staging.withdraw(target, stream_id)
-        except redis.RedisError as exc:
-            log.warning("could not take back the failed write on %s: %s", target.key, exc)
-        raise
+        return DatumWrite(datum.id, target, datum.path, applied_once)
 
 
-def _write_directly(engine: Engine, entry: Entry) -> None:
+def write_directly(engine: Engine, entry: Entry) -> None:
+    """Apply one API write of a datum in its own transaction, under its target's watermark lock
+    (the execution's staging state left Redis: see `applying.write_datum_properties`)."""
     with writer(engine).begin() as conn:
         lock_watermark(conn, entry.target.key)  # an apply of the same target waits, and we for it
         applier = Applier(conn, datetime.now(UTC))

@@ -1,4 +1,7 @@
-"""Writes that do not come from a sidecar file: API calls (user) and `valohai.last-used` (platform)."""
+"""Writes that do not come from a sidecar file: API calls (user) and `valohai.last-used` (platform).
+
+The staged half of a user's write (stage, then apply, or take it back) is `worker/applying.py`'s.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +10,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from ..errors import BadURI
-from ..records import Entry, Source, user_write
-from ..staging import Staging
+from ..records import Entry, Source
 from ..uris import Target, dataset_target
-from . import definitions
-from .apply import Applier, apply_target, lock_watermark, version_completed
+from .apply import Applier, lock_watermark
 from .db import writer
 from .models import Dataset
 from .queries import Ref, get_dataset, get_version
@@ -41,32 +41,6 @@ def target_of(session: Session, kind: str, owner_id: Ref) -> Target:
     return Target("version", version.dataset.name, version.name)
 
 
-def write_properties(
-    engine: Engine, staging: Staging, kind: str, owner_id: Ref, metadata: Any
-) -> WriteResult:
-    """Apply a user's property write (null deletes) to a dataset or version.
-
-    The write goes through the same stream as sidecar lines, so it is ordered after every line
-    staged before it. On a completed target it is applied at once (the same apply the worker
-    runs); on a version still building it stays staged and is applied at completion.
-    """
-    with Session(engine) as session:
-        target = target_of(session, kind, owner_id)
-    entry: Entry = user_write(target, metadata, Source("api"))
-    definitions.refuse_rejected(engine, target.kind, entry.metadata)  # a 400 before staging
-    stream_id, _ = staging.stage_write(entry)
-    try:
-        with Session(engine) as session:
-            building = target.kind == "version" and not version_completed(session, staging, target)
-        if building:
-            return WriteResult(current_properties(engine, kind, owner_id), staged=True)
-        apply_target(engine, staging, target)
-        return WriteResult(current_properties(engine, kind, owner_id), staged=False)
-    except Exception:
-        _withdraw(staging, entry, stream_id)
-        raise
-
-
 def create_dataset(engine: Engine, name: Any) -> tuple[int, bool]:
     """Create the dataset `name` (as a line naming it would): (its id, whether it is new).
     BadURI if the name cannot be a dataset name."""
@@ -80,20 +54,6 @@ def create_dataset(engine: Engine, name: Any) -> tuple[int, bool]:
     with writer(engine).begin() as conn:
         row_id = Applier(conn, datetime.now(UTC)).dataset(name).id
     return row_id, True
-
-
-def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
-    """Take back a staged write whose request is answered with an error (the database failed).
-
-    Left in the stream, the sweep or the target's next apply would apply it later, after the
-    client was told it failed. Taken back by its own stream id, so an identical earlier write
-    stays. Left open: an apply that reads it between the XADD and this XDEL (a sweep of the same
-    target in that instant), and an error after the apply committed (then it stays applied).
-    """
-    try:
-        staging.withdraw(entry.target, stream_id)
-    except redis.RedisError as exc:
-        log.warning("could not take back the failed write on %s: %s", entry.target.key, exc)
 
 
 def current_properties(engine: Engine, kind: str, owner_id: Ref) -> dict[str, Any]:

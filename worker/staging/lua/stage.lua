@@ -2,29 +2,28 @@
 -- KEYS: 1 offsets, 2 due, 3 rejects, 4 line digests of the file, 5 the execution's target set,
 --       6 known versions, 7 the execution's file set, 8 executions, 9 stream floor, 10.. streams
 --       and done flags, referenced by index from the records.
--- ARGV: 1 file, 2 state JSON ("" = leave), 3 now (ms), 4 "1" = skip the digest check (replay),
---       5 ISO time, 6 rejects kept, 7 number of the batch's first line, 8 one 8-byte digest per
---       line of the batch (consecutive lines), 9 index of the execution's done flag in KEYS,
---       10 the records (struct '>IIIIII' each: line - first line, op, stream, version-done flag,
---       member, payload length), 11 the payloads, one after the other, 12 the checkpoint the batch
---       was read from ("" = no check; "=" + state JSON, "=" alone: none), 13 execution, 14 root
---       it was read under ("" = leave), 15 M, 16..15+M the distinct members ('<op>:<target>' of
---       the execution's target set).
--- Returns the targets that became due; or an error reply STALE when ARGV 12 no longer matches.
+-- ARGV: 1 file, 2 state JSON ("" = leave), 3 now (ms), 4 ISO time, 5 rejects kept, 6 number of
+--       the batch's first line, 7 one 8-byte digest per line of the batch (consecutive lines),
+--       8 index of the execution's done flag in KEYS, 9 the records (struct '>IIIIII' each:
+--       line - first line, op, stream, version-done flag, member, payload length), 10 the
+--       payloads, one after the other, 11 the checkpoint the batch was read from ("" = no check;
+--       "=" + state JSON, "=" alone: none), 12 execution, 13 root it was read under ("" = leave),
+--       14 M, 15..14+M the distinct members ('<op>:<target>' of the execution's target set).
+-- Returns the targets that became due; or an error reply STALE when ARGV 11 no longer matches.
 -- The per-batch constants (done flags, members, known versions) are looked up once per batch, and
 -- the records and payloads are packed into two arguments: encoding one argument per entry in
 -- redis-py, not Redis, was the cost (a seventh of ingest).
-local now, force, iso, kept = ARGV[3], ARGV[4] == '1', ARGV[5], tonumber(ARGV[6])
-local first_line, digests, xi, records = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9]), ARGV[10]
-local payloads = ARGV[11]
+local now, iso, kept = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local first_line, digests, xi, records = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local payloads = ARGV[10]
 
 -- The checkpoint the batch was read from must still be the file's: retention may have taken the
 -- execution's state out of Redis between the watcher's read of the checkpoint and this call (the
 -- batch would land without the execution's done flag and digests). The reader then reads again.
 -- A batch whose reply was lost and that is sent again finds its own checkpoint: it already ran.
-if ARGV[12] ~= '' then
+if ARGV[11] ~= '' then
   local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-  if cur ~= string.sub(ARGV[12], 2) then
+  if cur ~= string.sub(ARGV[11], 2) then
     if ARGV[2] ~= '' and cur == ARGV[2] then return {} end
     return redis.error_reply('STALE the checkpoint of ' .. ARGV[1] .. ' moved since it was read')
   end
@@ -63,15 +62,11 @@ local lines = #digests / 8
 local pos0 = (first_line - 1) * 8
 local fresh = nil  -- offset in the batch of the first line to stage; nil: all seen before
 if lines > 0 then
-  if force then
-    fresh = 0
-  else
-    local seen = redis.call('GETRANGE', KEYS[4], pos0, pos0 + #digests - 1)
-    for k = 0, lines - 1 do
-      if string.sub(seen, k * 8 + 1, k * 8 + 8) ~= string.sub(digests, k * 8 + 1, k * 8 + 8) then
-        fresh = k
-        break
-      end
+  local seen = redis.call('GETRANGE', KEYS[4], pos0, pos0 + #digests - 1)
+  for k = 0, lines - 1 do
+    if string.sub(seen, k * 8 + 1, k * 8 + 8) ~= string.sub(digests, k * 8 + 1, k * 8 + 8) then
+      fresh = k
+      break
     end
   end
 end
@@ -105,7 +100,7 @@ for r = 1, #records / 24 do
       redis.call('LPUSH', KEYS[3], payload)
     else
       xadd(si, payload)
-      local member = ARGV[15 + mi]
+      local member = ARGV[14 + mi]
       if not seen_member[mi] then
         seen_member[mi] = true
         members[#members + 1] = member
@@ -146,7 +141,7 @@ redis.call('LTRIM', KEYS[3], 0, kept - 1)
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('SADD', KEYS[7], ARGV[1])
-  if ARGV[14] ~= '' then redis.call('HSET', KEYS[8], ARGV[13], ARGV[14]) end
+  if ARGV[13] ~= '' then redis.call('HSET', KEYS[8], ARGV[12], ARGV[13]) end
 end
 local out = {}
 for target, _ in pairs(due) do out[#out + 1] = target end

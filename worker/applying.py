@@ -1,0 +1,175 @@
+"""The apply, end to end: a snapshot read from staging, one database transaction, then the
+finish (leave the due set, trim) in staging.
+
+This module sits above both `staging/` (Redis) and `store/` (SQL): the store's part is the SQL
+work given entries already read (`store/apply.py`), staging's part is the Redis reads and
+writes; the order between them, which the races below depend on, is kept here. API writes that
+go through a target's stream (a dataset's, a version's, or a datum's execution) are here too:
+they stage, then apply as the worker does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import Session
+
+from .records import Entry, Source, user_write
+from .staging import RedisError, Staging
+from .store import datums, definitions
+from .store.apply import (
+    Applier,
+    apply_entries,
+    lock_watermark,
+    save_watermark,
+    sqlite_queue,
+    version_is_completed,
+)
+from .store.db import writer
+from .store.queries import Ref
+from .store.writes import WriteResult, current_properties, target_of
+from .uris import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyResult:
+    """What one apply did."""
+
+    target: str
+    applied: int = 0
+    watermark: str | None = None
+    skipped: str = ""  # why nothing was done (e.g. the version is still building)
+
+
+def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResult:
+    """Apply every staged entry of `target` after its watermark, in one transaction.
+
+    Safe to run any number of times, concurrently too: the watermark row is locked first
+    (SELECT ... FOR UPDATE on PostgreSQL; BEGIN IMMEDIATE holds SQLite's write lock), and
+    entries after it are taken only once the lock is held, so a second apply of the same target
+    waits, then sees the new watermark and finds nothing left to do.
+    """
+    result = ApplyResult(target.key)
+    snapshot = staging.snapshot(target)  # before the lock: see Staging.snapshot
+    if snapshot.quarantined:
+        # Held after too many failed applies: its entries stay staged until `sidecar retry`.
+        staging.hold(target)
+        result.skipped = "quarantined"
+        return result
+    with sqlite_queue(engine), writer(engine).begin() as conn:
+        mark = lock_watermark(conn, target.key)
+        result.watermark = mark
+        applier = Applier(conn, datetime.now(UTC))
+        if target.kind == "version" and not version_completed(conn, staging, target, snapshot.done):
+            # Register it, so the API can show a building version; its entries stay staged.
+            applier.version(target)
+            result.skipped = "version is still building"
+            return result
+        # The entries after the watermark the lock revealed: the snapshot's, then (for a long
+        # stream) read on from Redis under the lock.
+        entries = staging.read_after(target, mark, snapshot)
+        result.applied, mark = apply_entries(applier, target, mark, entries)
+        applier.flush()
+        save_watermark(conn, target.key, mark, applier.now)
+        result.watermark = mark
+    # After the commit: a rolled-back apply runs again and finds the same problems.
+    for reject in applier.rejects:
+        log.warning("rejected %s:%d (offset %d): %s", reject.file, reject.line, reject.offset, reject.reason)
+    if applier.rejects:
+        staging.record_rejects(applier.rejects)
+    # A version's flag may have been lost by Redis (AOF everysec); the database knows better, and
+    # `finish` puts it back so that late lines for this version keep being applied by themselves.
+    completed_at = applier.now.isoformat() if target.kind == "version" else None
+    staging.finish(target, result.watermark, completed_at)
+    if snapshot.failed:
+        staging.clear_failures(target)
+    return result
+
+
+def version_completed(
+    conn: Session | Connection, staging: Staging, target: Target, done: bool = False
+) -> bool:
+    """Whether a version is completed: `done` (its flag, as read before), Redis, or the database."""
+    if done or staging.is_done(target):
+        return True
+    if isinstance(conn, Session):
+        return version_is_completed(conn.connection(), target)
+    return version_is_completed(conn, target)
+
+
+# -- API writes: staged on the target's stream, then applied as the worker does -------------------
+
+
+def write_properties(
+    engine: Engine, staging: Staging, kind: str, owner_id: Ref, metadata: Any
+) -> WriteResult:
+    """Apply a user's property write (null deletes) to a dataset or version.
+
+    The write goes through the same stream as sidecar lines, so it is ordered after every line
+    staged before it. On a completed target it is applied at once (the same apply the worker
+    runs); on a version still building it stays staged and is applied at completion.
+    """
+    with Session(engine) as session:
+        target = target_of(session, kind, owner_id)
+    entry: Entry = user_write(target, metadata, Source("api"))
+    definitions.refuse_rejected(engine, target.kind, entry.metadata)  # a 400 before staging
+    stream_id, _ = staging.stage_write(entry)
+    try:
+        with Session(engine) as session:
+            building = target.kind == "version" and not version_completed(session, staging, target)
+        if building:
+            return WriteResult(current_properties(engine, kind, owner_id), staged=True)
+        apply_target(engine, staging, target)
+        return WriteResult(current_properties(engine, kind, owner_id), staged=False)
+    except Exception:
+        _withdraw(staging, entry, stream_id)
+        raise
+
+
+def write_datum_properties(engine: Engine, staging: Staging, ident: str | int, metadata: Any) -> WriteResult:
+    """Apply a user's write (null deletes) to a datum's properties.
+
+    The write is an entry of the datum's execution target, like its datum lines. While the
+    execution runs it stays staged (answered `staged`) and is applied at completion, after the
+    lines staged before it. Once the execution has completed (its flag in Redis) it is applied at
+    once by the same apply the worker runs. An execution whose staging state retention took out
+    of Redis (completed, its target applied: a watermark row, no flag) has nothing staged left
+    to keep order with: the write is applied directly, in one transaction under the target's
+    watermark lock, and Redis is not touched.
+    """
+    found = datums.write_target(engine, ident)  # an unknown id is a 404 whatever the body
+    datums.check_datum_write(metadata)
+    definitions.refuse_rejected(engine, "datum", metadata)  # a 400 before staging
+    entry = Entry(found.target, "set", Source("api"), metadata, found.path)
+    if found.applied_once and not staging.is_done(found.target):
+        datums.write_directly(engine, entry)
+        return WriteResult(datums.current_datum_properties(engine, found.datum_id), staged=False)
+    stream_id, done = staging.stage_write(entry)
+    try:
+        if not done:
+            return WriteResult(datums.current_datum_properties(engine, found.datum_id), staged=True)
+        apply_target(engine, staging, found.target)
+        return WriteResult(datums.current_datum_properties(engine, found.datum_id), staged=False)
+    except Exception:
+        _withdraw(staging, entry, stream_id)
+        raise
+
+
+def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
+    """Take back a staged write whose request is answered with an error (the database failed).
+
+    Left in the stream, the sweep or the target's next apply would apply it later, after the
+    client was told it failed. Taken back by its own stream id, so an identical earlier write
+    stays. Left open: an apply that reads it between the XADD and this XDEL (a sweep of the same
+    target in that instant), and an error after the apply committed (then it stays applied).
+    """
+    try:
+        staging.withdraw(entry.target, stream_id)
+    except RedisError as exc:
+        log.warning("could not take back the failed write on %s: %s", entry.target.key, exc)
