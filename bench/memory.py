@@ -113,7 +113,7 @@ def _watch(
     marker = procs.write_marker(root)
     timeline: list[tuple[float, float]] = []
     start = time.perf_counter()
-    watcher = procs.Child(["watch"], settings, ctx.workdir / f"memory-{name}.log")
+    watcher = procs.Child(["watch"], procs.child_env(settings), ctx.workdir / f"memory-{name}.log")
     try:
         while not (client.hexists(Keys(prefix).offsets, marker) and done(client, prefix, root)):
             watcher.check()

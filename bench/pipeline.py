@@ -38,16 +38,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import redis
@@ -57,7 +54,7 @@ from worker.tail import FileState
 
 from .common import Context, Row, Section, fmt_int, fmt_lat, fmt_ms, fmt_rate, summary, verdict
 from .ingest import floor_ingest
-from .procs import write_marker
+from .procs import Child, write_marker
 from .workload import JSONL, dumps, version_line, version_properties
 
 PREFIX = "sidecar"  # `sidecar up`'s default Redis prefix
@@ -289,7 +286,7 @@ def _load(up: Stack, plan: Plan, dataset: str, execution: str, data: bytes, time
                 f.write(data[at : at + (1 << 20)])
         if plan.kind == "lines" and not plan.completion_first:
             while up.staged(rel) < len(data):  # staged first, then completed
-                up.check()
+                up.process.check()
                 if time.perf_counter() - start > timeout:
                     return result
                 time.sleep(0.005)
@@ -323,7 +320,7 @@ def _watch(
     last_seen = False
     wait = 0.01
     while True:
-        up.check()
+        up.process.check()
         now = time.perf_counter()
         if result.staged_s is None and up.staged(rel) >= size:
             result.staged_s = now - start
@@ -424,15 +421,8 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         if database_url:
             env["SIDECAR_DATABASE_URL"] = database_url
-        self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         args = ["up", "--root", str(self.root), "--data-dir", str(self.data), "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", *args],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.process = Child(args, env, self.log_path)
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
         self.keys = Keys(PREFIX)
         self.redis: redis.Redis = redis.Redis()  # replaced once `sidecar up` wrote its URL
@@ -452,7 +442,7 @@ class Stack:
         self.wait_for(url_file.exists, START_TIMEOUT, "private Redis")
         self.redis = redis.Redis.from_url(url_file.read_text().strip())
         self.wait_for(self._healthy, START_TIMEOUT, "API")
-        self.wait_for(lambda: b" ready." in self.log_path.read_bytes(), START_TIMEOUT, "worker")
+        self.wait_for(lambda: " ready." in self.process.log(), START_TIMEOUT, "worker")
         marker = write_marker(self.root)  # the watcher's first scan is done once it is staged
         self.wait_for(lambda: bool(self.redis.hexists(self.keys.offsets, marker)), START_TIMEOUT, "watcher")
 
@@ -466,30 +456,13 @@ class Stack:
         """Another client of the API (one per thread)."""
         return httpx.Client(base_url=str(self.http.base_url), timeout=60)
 
-    def check(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"sidecar up exited with {self.proc.returncode}:\n{tail}")
-
-    def wait_for(self, ready: Any, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            self.check()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} not reached within {timeout:.0f} s (log: {self.log_path})")
-            time.sleep(0.02)
+    def wait_for(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        self.process.wait_for(ready, timeout, what)
 
     def stop(self) -> None:
         self.http.close()
         self.redis.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
+        self.process.stop(timeout=30)
 
     # -- what the platform sends --
 

@@ -34,14 +34,14 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 
 class Child:
-    """One `python -m worker.cli <args>` subprocess."""
+    """One `python -m worker.cli <args>` subprocess, in the environment `env` (see `child_env`)."""
 
-    def __init__(self, args: list[str], settings: Settings, log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", *args],
-            env=child_env(settings),
+            env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -80,7 +80,7 @@ class Child:
 
 def start_worker(settings: Settings, log_path: Path, concurrency: int = 2) -> Child:
     """`sidecar worker` (the default pool), ready to take tasks when this returns."""
-    child = Child(["worker", "--concurrency", str(concurrency)], settings, log_path)
+    child = Child(["worker", "--concurrency", str(concurrency)], child_env(settings), log_path)
     child.wait_for(lambda: " ready." in child.log(), timeout=60, what="worker ready")
     return child
 
@@ -94,7 +94,7 @@ def start_watcher(settings: Settings, log_path: Path, client: redis.Redis) -> Ch
     """
     rel = write_marker(settings.require_root())
     offsets = Keys(settings.redis_prefix).offsets
-    child = Child(["watch"], settings, log_path)
+    child = Child(["watch"], child_env(settings), log_path)
     child.wait_for(lambda: client.hexists(offsets, rel), timeout=300, what="watcher's first scan")
     return child
 
