@@ -175,7 +175,7 @@ def converged(
     SIGKILLed worker would come back only after Celery's 900 s visibility timeout)."""
     for proc in processes:
         assert proc.alive(), f"{proc.args} exited with {proc.proc.returncode}:\n{proc.log()[-5000:]}"
-    staging.sweep(enqueue, older_than=1.0)
+    staging.sweep(enqueue.drain, older_than=1.0)
     missing = unstaged(staging, roots)
     assert not missing, f"not staged yet: {missing[:3]}"
     problems = differences(oracle, db_state(engine))

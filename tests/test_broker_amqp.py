@@ -410,7 +410,7 @@ def test_rabbitmq_restarted_loses_no_apply(
     files: list[Path] = []
 
     def apply_all() -> None:
-        staging.sweep(enqueue, older_than=-1)  # every due target, as the watcher's sweep would
+        staging.sweep(enqueue.drain, older_than=-1)  # every due target, as the watcher's sweep would
 
     def converged(what: str, worker: Worker) -> None:
         wait_until(
@@ -509,7 +509,7 @@ def test_an_apply_held_past_the_consumer_timeout_is_applied_once(
         )
         assert first.proc.poll() is None  # still inside its apply: Celery waits for running tasks
     wait_until(lambda: first.proc.poll() is not None, timeout=DEADLINE, what="the first worker to exit")
-    staging.sweep(enqueue, older_than=-1)  # the dataset target, which nothing else sent
+    staging.sweep(enqueue.drain, older_than=-1)  # the dataset target, which nothing else sent
     wait_until(
         lambda: _applied(engine, staging, [path]),
         timeout=DEADLINE,

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from tests.oracle import assert_files_match_db, assert_matches_db, expected_files, expected_state
 from tests.retention_check import assert_retention_keeps_the_oracle
-from worker.applying import apply_target
+from worker.applying import apply_target, apply_targets
 from worker.ingest import Ingestor
 from worker.records import Source, user_write
 from worker.staging import Staging
@@ -81,12 +81,20 @@ class Applier:
         for key in sorted(set(keys)):
             self(key)
 
+    def drain(self, older_than: float) -> None:
+        """What the drain task does: every target due too long, applied in one batch."""
+        try:
+            due = [Target.parse(k) for k in self.staging.due_targets(older_than)]
+            apply_targets(self.engine, self.staging, due)
+        finally:
+            self.staging.drain_done()
+
     def settle(self) -> None:
         """The sweep, until nothing is due (bounded); then nothing may be left due."""
         for _ in range(20):
             if not self.staging.due_targets(older_than=-1):
                 return
-            self.staging.sweep(self, older_than=0)
+            self.staging.sweep(self.drain, older_than=0)
         assert not self.staging.due_targets(older_than=-1), "targets still due after 20 sweeps"
 
 

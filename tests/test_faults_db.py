@@ -201,7 +201,7 @@ class Pipeline:
 
     def converged(self, engine: Engine, expected: dict[str, dict[str, Any]], completed: list[str]) -> bool:
         """The watcher's sweep (re-sends what waits too long), then the oracle."""
-        self.staging.sweep(self.enqueue, older_than=3.0)
+        self.staging.sweep(self.enqueue.drain, older_than=3.0)
         assert_matches_db(engine, expected, completed=completed)
         assert not self.staging.due_targets(older_than=-1), "targets still due"
         return True

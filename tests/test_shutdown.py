@@ -323,7 +323,7 @@ def test_sigterm_mid_apply_finishes_or_requeues_and_nothing_is_applied_twice(
 
         def converged() -> bool:
             assert second.proc.poll() is None, f"second worker died:\n{second.log()[-5000:]}"
-            staging.sweep(enqueue, older_than=1.0)
+            staging.sweep(enqueue.drain, older_than=1.0)
             applied = version_row(engine, big) == ("completed", expected)
             return applied and not staging.due_targets(older_than=-1)
 

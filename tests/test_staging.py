@@ -152,17 +152,36 @@ def test_rejects_are_recorded_with_where_and_why(staging: Staging) -> None:
     assert (reject.file, reject.line, reject.offset, reject.reason) == (FILE, 3, 120, "not JSON")
 
 
-def test_sweep_enqueues_targets_due_too_long(staging: Staging) -> None:
+def test_sweep_sends_one_drain_for_targets_due_too_long(staging: Staging) -> None:
     staging.complete_version(V1)
-    sent: list[str] = []
-    assert staging.sweep(sent.append, older_than=0.2) == []  # not due for long enough yet
+    sent: list[float] = []
+    assert staging.sweep(sent.append, older_than=0.2) is False  # not due for long enough yet
     time.sleep(0.3)
-    assert set(staging.sweep(sent.append, older_than=0.2)) == {V1.key, DS.key}
-    assert set(sent) == {V1.key, DS.key}
-    # Still due, but this process sent them a moment ago: not again yet.
-    assert staging.sweep(sent.append, older_than=0.2) == []
+    assert staging.sweep(sent.append, older_than=0.2) is True
+    assert sent == [0.2]
+    # However many targets wait and however often it runs: no second drain while one is out.
+    staging.complete_version(Target("version", "press", "v2"))
+    assert staging.sweep(sent.append, older_than=0.0) is False
+    assert sent == [0.2]
+    staging.drain_alive(0.2)  # the drain, working, keeps it so
+    assert staging.sweep(sent.append, older_than=0.0) is False
+    staging.drain_done()  # it ended: the next sweep sends again, as the targets are still due
+    assert staging.sweep(sent.append, older_than=0.0) is True
+    assert sent == [0.2, 0.0]
     count, age = staging.backlog()
-    assert count == 2 and age >= 0.3  # the due score keeps the time it first became due
+    assert count == 3 and age >= 0.3  # the due score keeps the time it first became due
+
+
+def test_a_drain_that_could_not_be_sent_leaves_the_next_sweep_free(staging: Staging) -> None:
+    staging.complete_version(V1)
+
+    def broker_down(older_than: float) -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        staging.sweep(broker_down, older_than=0.0)
+    sent: list[float] = []
+    assert staging.sweep(sent.append, older_than=0.0) is True
 
 
 def test_a_changed_line_restages_every_line_after_it(staging: Staging) -> None:

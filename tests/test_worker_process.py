@@ -291,7 +291,7 @@ def test_sigkill_mid_apply_then_a_new_worker_converges_without_duplicates(
     second.wait_ready()
 
     def converged() -> bool:
-        staging.sweep(enqueue, older_than=3.0)
+        staging.sweep(enqueue.drain, older_than=3.0)
         return not staging.due_targets(older_than=-1) and version_row(engine, big) == ("completed", expected)
 
     wait_until(

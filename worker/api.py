@@ -43,6 +43,7 @@ from .api_models import (
 from .api_params import Filter, Limit, Offset, Ordering, VersionURI
 from .applying import write_datum_properties, write_properties
 from .edge import MAX_BODY, WriteGuard, error_response
+from .enqueue import Enqueue, Sender, sender
 from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
 from .staging import RedisError, Staging
@@ -56,7 +57,6 @@ from .webhooks import Action, parse_event, signature_problem
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[[str], None]
 DatumOrdering = Annotated[
     str | None,
     Query(
@@ -73,7 +73,7 @@ WRITE_ERRORS = (*API_ERRORS, 400, 403, 404, 415)
 def create_app(
     engine: Engine,
     staging: Staging,
-    enqueue: Enqueue,
+    enqueue: Enqueue | Sender,
     *,
     webhook_secret: str | None = None,
     api_token: str | None = None,
@@ -93,7 +93,7 @@ def create_app(
     # the cap or a refused write never reaches the token check, the limiter or a handler.
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY)
     app.add_middleware(WriteGuard, allowed_origins=allowed_origins, max_body=MAX_BODY)
-    _webhook_routes(app, engine, staging, enqueue, webhook_secret)
+    _webhook_routes(app, engine, staging, sender(enqueue), webhook_secret)
     _resolve_route(app, engine)  # before /dataset-versions/{id}/, which would match "resolve"
     explore_routes(app, engine)  # before /{id}/ routes too: "facets" is no id
     saved_routes(app, engine)
@@ -368,7 +368,7 @@ def _mark_used(engine: Engine, uris: tuple[str, ...]) -> None:
 
 
 def _webhook_routes(
-    app: FastAPI, engine: Engine, staging: Staging, enqueue: Enqueue, secret: str | None
+    app: FastAPI, engine: Engine, staging: Staging, enqueue: Sender, secret: str | None
 ) -> None:
     @app.post(
         "/webhooks/events",
@@ -442,18 +442,17 @@ def _record_platform_ids_or_log(engine: Engine, action: Action) -> None:
         log.warning("could not keep the platform ids of %s: %s", action.target.key, exc)
 
 
-def _complete(staging: Staging, enqueue: Enqueue, action: Action) -> list[str]:
+def _complete(staging: Staging, enqueue: Sender, action: Action) -> list[str]:
     """Mark the version or execution complete and send the applies (the due set keeps them if not)."""
     if action.target is not None:
         due = staging.complete_version(action.target)
     else:
         due = staging.complete_execution(action.execution)
     metrics.VERSIONS_COMPLETED.labels(action.kind).inc()
-    for key in due:
-        try:
-            enqueue(key)
-        except Exception as exc:  # the broker is down: the watcher's sweep re-enqueues
-            log.warning("could not enqueue apply of %s (%s); the sweep will retry", key, exc)
+    try:
+        enqueue.many(due)  # an execution's completion may make thousands due: sent in batches
+    except Exception as exc:  # the broker is down: the watcher's sweep sends a drain
+        log.warning("could not enqueue applies of %d targets (%s); the sweep will retry", len(due), exc)
     return due
 
 

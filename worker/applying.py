@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from .records import Entry, Source, user_write
-from .staging import RedisError, Staging
+from .staging import RedisError, Snapshot, Staging
 from .store import datums, definitions
 from .store.apply import (
     Applier,
     apply_entries,
-    lock_watermark,
-    save_watermark,
+    lock_watermarks,
+    save_watermarks,
     sqlite_queue,
     version_is_completed,
 )
@@ -48,36 +48,70 @@ class ApplyResult:
 
 
 def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResult:
-    """Apply every staged entry of `target` after its watermark, in one transaction.
+    """Apply every staged entry of `target` after its watermark, in one transaction
+    (`apply_targets` of one target)."""
+    return apply_targets(engine, staging, [target])[0]
 
-    Safe to run any number of times, concurrently too: the watermark row is locked first
-    (SELECT ... FOR UPDATE on PostgreSQL; BEGIN IMMEDIATE holds SQLite's write lock), and
-    entries after it are taken only once the lock is held, so a second apply of the same target
-    waits, then sees the new watermark and finds nothing left to do.
+
+# Entries read per target before the lock in a batch (the rest is read under the lock): a
+# batch of 500 targets with long streams must not read half a million entries in one reply.
+BATCH_SNAPSHOT = 100
+
+
+def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> list[ApplyResult]:
+    """Apply every staged entry of each target after its watermark, all in one transaction.
+
+    Safe to run any number of times, concurrently too: the watermark rows are locked first
+    (SELECT ... FOR UPDATE on PostgreSQL, in target order so two batches cannot deadlock;
+    BEGIN IMMEDIATE holds SQLite's write lock), and entries after them are taken only once the
+    locks are held, so a second apply of a target waits, then sees the new watermark and finds
+    nothing left to do. Each target's watermark is saved in the same transaction as its
+    entries: the batch commits as a whole or not at all, and a redelivered batch changes
+    nothing that was committed.
+
+    The targets are applied in key order, each with its own clock reading, its member entries
+    settled before the next starts: the batch equals the same applies run one by one in that
+    order (tests/test_batch_apply.py). An error fails the whole batch; the task then applies
+    each target alone (`tasks.py`), so one bad target cannot hold back the others.
     """
-    result = ApplyResult(target.key)
-    snapshot = staging.snapshot(target)  # before the lock: see Staging.snapshot
-    if snapshot.quarantined:
-        # Held after too many failed applies: its entries stay staged until `sidecar retry`.
-        staging.hold(target)
-        result.skipped = "quarantined"
-        return result
+    ordered = sorted({t.key: t for t in targets}.values(), key=lambda t: t.key)
+    snapshots = staging.snapshots(ordered, None if len(ordered) == 1 else BATCH_SNAPSHOT)
+    results = {t.key: ApplyResult(t.key) for t in ordered}
+    work: list[tuple[Target, Snapshot]] = []
+    for target, snapshot in zip(ordered, snapshots, strict=True):
+        if snapshot.quarantined:
+            # Held after too many failed applies: its entries stay staged until `sidecar retry`.
+            staging.hold(target)
+            results[target.key].skipped = "quarantined"
+        else:
+            work.append((target, snapshot))
+    if not work:
+        return [results[t.key] for t in targets if t.key in results]
+    finished: list[tuple[Target, str | None, str | None]] = []
     with sqlite_queue(engine), writer(engine).begin() as conn:
-        mark = lock_watermark(conn, target.key)
-        result.watermark = mark
-        applier = Applier(conn, datetime.now(UTC))
-        if target.kind == "version" and not version_completed(conn, staging, target, snapshot.done):
-            # Register it, so the API can show a building version; its entries stay staged.
-            applier.version(target)
-            result.skipped = "version is still building"
-            return result
-        # The entries after the watermark the lock revealed: the snapshot's, then (for a long
-        # stream) read on from Redis under the lock.
-        entries = staging.read_after(target, mark, snapshot)
-        result.applied, mark = apply_entries(applier, target, mark, entries)
-        applier.flush()
-        save_watermark(conn, target.key, mark, applier.now)
-        result.watermark = mark
+        marks = lock_watermarks(conn, [t.key for t, _ in work])
+        applier = Applier(conn, _tick(None))
+        saved: dict[str, tuple[str | None, datetime]] = {}
+        for target, snapshot in work:
+            result = results[target.key]
+            mark = result.watermark = marks[target.key]
+            applier.now = _tick(applier.now)
+            if target.kind == "version" and not version_completed(conn, staging, target, snapshot.done):
+                # Register it, so the API can show a building version; its entries stay staged.
+                applier.version(target)
+                result.skipped = "version is still building"
+                continue
+            # The entries after the watermark the lock revealed: the snapshot's, then (for a
+            # long stream) read on from Redis under the lock.
+            entries = staging.read_after(target, mark, snapshot)
+            result.applied, mark = apply_entries(applier, target, mark, entries)
+            applier.settle()
+            saved[target.key] = (mark, applier.now)
+            result.watermark = mark
+            completed_at = applier.now.isoformat() if target.kind == "version" else None
+            finished.append((target, mark, completed_at))
+        applier.write()
+        save_watermarks(conn, saved)
     # After the commit: a rolled-back apply runs again and finds the same problems.
     for reject in applier.rejects:
         log.warning("rejected %s:%d (offset %d): %s", reject.file, reject.line, reject.offset, reject.reason)
@@ -85,11 +119,16 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
         staging.record_rejects(applier.rejects)
     # A version's flag may have been lost by Redis (AOF everysec); the database knows better, and
     # `finish` puts it back so that late lines for this version keep being applied by themselves.
-    completed_at = applier.now.isoformat() if target.kind == "version" else None
-    staging.finish(target, result.watermark, completed_at)
-    if snapshot.failed:
-        staging.clear_failures(target)
-    return result
+    staging.finish_many(finished)
+    staging.clear_failures(*(t for t, snapshot in work if snapshot.failed and results[t.key].skipped == ""))
+    return [results[t.key] for t in targets if t.key in results]
+
+
+def _tick(last: datetime | None) -> datetime:
+    """The clock for the next target of a batch: now, and always after the one before, so that
+    `latest` and the history order the batch's targets as one-by-one applies would."""
+    now = datetime.now(UTC)
+    return now if last is None or now > last else last + timedelta(microseconds=1)
 
 
 def version_completed(

@@ -213,8 +213,7 @@ def cmd_complete(settings: Settings, args: argparse.Namespace) -> int:
     staging = connections.staging(settings)
     enqueue = Enqueuer(make_app(settings))
     due = staging.complete_version(target)
-    for key in due:
-        enqueue(key)
+    enqueue.many(due)
     print(f"completed {target.key}; apply enqueued for {', '.join(due)}")
     return 0
 

@@ -87,6 +87,12 @@ class Keys:
         return f"{self.tag}:failures"
 
     @property
+    def drain(self) -> str:
+        """String, set while a `sidecar.drain` sent by a sweep is queued or running (it expires,
+        so a lost drain does not stop the next sweep for long)."""
+        return f"{self.tag}:drain"
+
+    @property
     def quarantine(self) -> str:
         """Hash: target -> JSON (error, attempts, at) of a target held after too many failures."""
         return f"{self.tag}:quarantine"

@@ -47,6 +47,8 @@ class Settings:
     # apply_retry_backoff, 2x, 4x ... seconds, at most 60), then its target is quarantined.
     apply_retries: int = 5
     apply_retry_backoff: float = 1.0
+    # Targets applied per transaction when many are due at once (a completion, the sweep).
+    apply_batch: int = 250
     retention_seconds: float = 86400.0
     log_level: str = "INFO"
     log_format: str = "text"
@@ -71,18 +73,18 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that cannot work."""
-        if self.line_limit < 1024:
-            raise ConfigError("SIDECAR_LINE_LIMIT", "must be at least 1024 bytes")
-        if not 0 < self.port < 65536:
-            raise ConfigError("SIDECAR_PORT", f"{self.port} is not a TCP port")
-        if self.rescan_interval <= 0:
-            raise ConfigError("SIDECAR_RESCAN_INTERVAL", "must be positive")
-        if self.apply_retries < 0:
-            raise ConfigError("SIDECAR_APPLY_RETRIES", "must be 0 or more")
-        if self.apply_retry_backoff < 0:
-            raise ConfigError("SIDECAR_APPLY_RETRY_BACKOFF", "must be 0 or more seconds")
-        if self.retention_seconds < 0:
-            raise ConfigError("SIDECAR_RETENTION_SECONDS", "must be 0 or more")
+        ranges = (  # (broken, variable, what it must be)
+            (self.line_limit < 1024, "LINE_LIMIT", "must be at least 1024 bytes"),
+            (not 0 < self.port < 65536, "PORT", f"{self.port} is not a TCP port"),
+            (self.rescan_interval <= 0, "RESCAN_INTERVAL", "must be positive"),
+            (self.apply_retries < 0, "APPLY_RETRIES", "must be 0 or more"),
+            (self.apply_retry_backoff < 0, "APPLY_RETRY_BACKOFF", "must be 0 or more seconds"),
+            (not 1 <= self.apply_batch <= 10_000, "APPLY_BATCH", "must be between 1 and 10000 targets"),
+            (self.retention_seconds < 0, "RETENTION_SECONDS", "must be 0 or more"),
+        )
+        for broken, name, message in ranges:
+            if broken:
+                raise ConfigError("SIDECAR_" + name, message)
         if self.log_format not in ("text", "json"):
             raise ConfigError("SIDECAR_LOG_FORMAT", "must be text or json")
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{} "):
@@ -188,6 +190,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "visibility_timeout": int,
     "apply_retries": int,
     "apply_retry_backoff": float,
+    "apply_batch": int,
     "retention_seconds": float,
 }
 

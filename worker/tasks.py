@@ -1,19 +1,22 @@
-"""The Celery side: `sidecar.apply`, which runs the apply transaction for a target, and
-`sidecar.checksums`, which reads the files of an execution whose datums were just applied.
+"""The Celery side: `sidecar.apply` (one target) and `sidecar.apply_batch` (many, in one
+transaction), which run the apply; `sidecar.drain`, which the watcher's sweep sends to apply
+every target due for too long; `sidecar.checksums`, which reads the files of an execution whose
+datums were just applied.
 
 Delivery is at-least-once (acks_late + reject_on_worker_lost: a worker killed mid-apply leaves
-the task to be redelivered); the watermark in the database makes the second run a no-op. If a
-task is lost anyway (broker restart, visibility timeout), the target stays in the due set and
-the watcher's sweep enqueues it again.
+the task to be redelivered); the watermarks in the database make the second run a no-op. If a
+task is lost anyway (broker restart, visibility timeout), its targets stay in the due set and
+the watcher's sweep sends a drain for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +26,7 @@ from celery import Celery, Task
 from sqlalchemy import Engine
 
 from . import connections, metrics
-from .applying import ApplyResult, apply_target
+from .applying import ApplyResult, apply_target, apply_targets
 from .checksums import check_execution
 from .keys import Keys
 from .settings import Settings
@@ -34,8 +37,9 @@ from .uris import Target
 log = logging.getLogger(__name__)
 
 APPLY_TASK = "sidecar.apply"
+BATCH_TASK = "sidecar.apply_batch"
+DRAIN_TASK = "sidecar.drain"
 CHECKSUM_TASK = "sidecar.checksums"
-Enqueue = Callable[[str], None]
 
 # Errors worth a retry: the database or Redis is down or locked for now.
 TRANSIENT: tuple[type[Exception], ...] = (
@@ -83,6 +87,7 @@ def make_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        sidecar_apply_batch=settings.apply_batch,  # ours: what `Enqueuer.many` puts in a task
     )
     resources = _Resources(settings)
 
@@ -106,23 +111,41 @@ def make_app(settings: Settings) -> Celery:
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
         except Exception as exc:  # not transient: retried a bounded number of times, then held
             return _failed(self, settings, engine, staging, target, exc)
-        if target.kind == "execution" and not result.skipped:
-            # Even when this apply found nothing new: an API write may have applied the
-            # execution's lines inline (it does not send this), and the task is cheap when
-            # every datum is checked already (one indexed SELECT).
-            _send_checksums(app, target.execution)
+        _applied(app, result)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
-        metrics.APPLIES.labels(_outcome(result)).inc()
-        metrics.ENTRIES_APPLIED.inc(result.applied)
-        if result.applied or result.skipped:
-            log.info(
-                "apply %s: %d entries, watermark %s%s",
-                target_key,
-                result.applied,
-                result.watermark,
-                f" ({result.skipped})" if result.skipped else "",
-            )
         return {"applied": result.applied, "watermark": result.watermark, "skipped": result.skipped}
+
+    @app.task(name=BATCH_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    def apply_batch(self: Task[Any, Any], target_keys: list[str]) -> dict[str, Any]:
+        """Many targets in one transaction (what `Enqueuer.many` sends when many are due)."""
+        engine, staging = resources.get()
+        try:
+            return _run_batch(app, settings, engine, staging, [Target.parse(k) for k in target_keys])
+        except TRANSIENT as exc:  # the database or Redis is away: the whole batch, later
+            metrics.APPLIES.labels("retry").inc()
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+
+    @app.task(name=DRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=0)
+    def drain(self: Task[Any, Any], older_than: float) -> dict[str, Any]:
+        """Apply every target due for longer than `older_than` seconds, in batches (see
+        `Health.sweep`). A transient error ends the drain; the next sweep sends another."""
+        engine, staging = resources.get()
+        done = 0
+        try:
+            keys = staging.due_targets(older_than)
+            for start in range(0, len(keys), settings.apply_batch):
+                batch = [Target.parse(k) for k in keys[start : start + settings.apply_batch]]
+                _run_batch(app, settings, engine, staging, batch)
+                done += len(batch)
+                staging.drain_alive(older_than)
+        except TRANSIENT as exc:
+            log.warning("drain stopped after %d targets: %s (the next sweep goes on)", done, exc)
+        finally:
+            with contextlib.suppress(*REDIS_TRANSIENT):
+                staging.drain_done()
+        if done:
+            log.info("drain applied %d targets due for over %.1f s", done, older_than)
+        return {"targets": done}
 
     @app.task(name=CHECKSUM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def checksums(self: Task[Any, Any], execution: str) -> dict[str, Any]:
@@ -133,6 +156,66 @@ def make_app(settings: Settings) -> Celery:
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
 
     return app
+
+
+def _run_batch(
+    app: Celery, settings: Settings, engine: Engine, staging: Staging, targets: list[Target]
+) -> dict[str, Any]:
+    """Apply `targets` in one transaction. If the batch fails with an error that is not
+    transient, it is split in halves, each applied again, down to the target that fails alone:
+    that one goes the way of a failing single apply (`_failed_alone`: retried by itself later,
+    then quarantined), and the rest of the batch is applied now. A half that fails transiently
+    is sent again as its own batch, later. Transient errors of the whole batch are raised."""
+    started = time.perf_counter()
+    try:
+        results = apply_targets(engine, staging, targets)
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        if len(targets) == 1:
+            _failed_alone(app, settings, engine, staging, targets[0], exc)
+            return {"applied": 0, "failed": 1}
+        log.warning("a batch of %d targets failed (%s); applying it in halves", len(targets), describe(exc))
+        half = len(targets) // 2
+        out: dict[str, Any] = {"applied": 0, "failed": 0}
+        for part in (targets[:half], targets[half:]):
+            try:
+                got = _run_batch(app, settings, engine, staging, part)
+            except TRANSIENT as again:
+                log.warning("%d targets of a split batch will be tried again: %s", len(part), again)
+                _send(app, BATCH_TASK, [[t.key for t in part]], _backoff(settings, 0))
+                continue
+            out["applied"] += got["applied"]
+            out["failed"] += got["failed"]
+        return out
+    metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+    for result in results:
+        _applied(app, result)
+    return {"applied": sum(r.applied for r in results), "failed": 0}
+
+
+def _applied(app: Celery, result: ApplyResult) -> None:
+    """Count, log and follow up one target's successful apply."""
+    target = Target.parse(result.target)
+    if target.kind == "execution" and not result.skipped:
+        # Even when this apply found nothing new: an API write may have applied the
+        # execution's lines inline (it does not send this), and the task is cheap when
+        # every datum is checked already (one indexed SELECT).
+        _send_checksums(app, target.execution)
+    metrics.APPLIES.labels(_outcome(result)).inc()
+    metrics.ENTRIES_APPLIED.inc(result.applied)
+    if result.applied or result.skipped:
+        log.info(
+            "apply %s: %d entries, watermark %s%s",
+            result.target,
+            result.applied,
+            result.watermark,
+            f" ({result.skipped})" if result.skipped else "",
+        )
+
+
+def _send(app: Celery, task: str, args: list[Any], countdown: float | None = None) -> None:
+    app.send_task(task, args=args, queue=app.conf.task_default_queue, countdown=countdown)
 
 
 def run_checksums(settings: Settings, engine: Callable[[], Engine], execution: str) -> dict[str, Any]:
@@ -183,12 +266,35 @@ def _backoff(settings: Settings, retries: int) -> float:
 def _failed(
     task: Task[Any, Any], settings: Settings, engine: Engine, staging: Staging, target: Target, exc: Exception
 ) -> dict[str, Any]:
+    """A single apply failed with an error that is not transient: retried by this task with
+    backoff (`_count_failure`), then quarantined."""
+    attempts = _count_failure(settings, engine, staging, target, exc)
+    if attempts is not None:
+        raise task.retry(exc=exc, countdown=_backoff(settings, attempts - 1), max_retries=None) from exc
+    return {"applied": 0, "quarantined": describe(exc)}
+
+
+def _failed_alone(
+    app: Celery, settings: Settings, engine: Engine, staging: Staging, target: Target, exc: Exception
+) -> None:
+    """A target split out of a batch failed alone: its retry is a single apply sent with
+    backoff (so it no longer holds a batch back), until it is quarantined."""
+    attempts = _count_failure(settings, engine, staging, target, exc)
+    if attempts is not None:
+        _send(app, APPLY_TASK, [target.key], _backoff(settings, attempts - 1))
+
+
+def _count_failure(
+    settings: Settings, engine: Engine, staging: Staging, target: Target, exc: Exception
+) -> int | None:
     """An apply failed with an error that is not transient (a bug, or a limit nothing checked).
 
-    Retried `apply_retries` times with backoff, then the target is quarantined: recorded in the
-    database first (durable), then held in Redis, which takes it out of the due set. Nothing is
-    dropped: its entries, and those staged later, wait in Redis until `sidecar retry`. A crash
-    between the two steps leaves the target due; its next failure quarantines it again.
+    Counted per target in Redis: the attempts so far when another try is due (retried
+    `apply_retries` times with backoff), or None once the target is quarantined: recorded in
+    the database first (durable), then held in Redis, which takes it out of the due set.
+    Nothing is dropped: its entries, and those staged later, wait in Redis until `sidecar
+    retry`. A crash between the two steps leaves the target due; its next failure quarantines
+    it again.
     """
     attempts = staging.note_failure(target)
     error = describe(exc)
@@ -197,13 +303,13 @@ def _failed(
         log.warning(
             "apply %s failed (try %d of %d): %s", target.key, attempts, settings.apply_retries + 1, error
         )
-        raise task.retry(exc=exc, countdown=_backoff(settings, attempts - 1), max_retries=None) from exc
+        return attempts
     now = datetime.now(UTC)
     quarantine.record(engine, target.key, error, attempts, now)
     staging.quarantine(target, error, attempts, now.isoformat())
     metrics.APPLIES.labels("quarantined").inc()
     log.error("apply %s quarantined after %d failed tries: %s", target.key, attempts, error)
-    return {"applied": 0, "quarantined": error}
+    return None
 
 
 def describe(exc: BaseException) -> str:
@@ -215,7 +321,9 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= 500 else text[:500] + "..."
 
 
-def retry_targets(engine: Engine, staging: Staging, enqueue: Enqueue, targets: list[str]) -> list[str]:
+def retry_targets(
+    engine: Engine, staging: Staging, enqueue: Callable[[str], None], targets: list[str]
+) -> list[str]:
     """`sidecar retry`: forget the quarantine of `targets` and enqueue an apply of each.
 
     The database row goes first: if Redis then fails, the target is still held and shown, and
@@ -224,7 +332,7 @@ def retry_targets(engine: Engine, staging: Staging, enqueue: Enqueue, targets: l
     quarantine.remove(engine, targets)
     for key in targets:
         staging.release(Target.parse(key))
-        enqueue(key)
+        enqueue(key)  # each alone: one of them may fail again
     return targets
 
 
@@ -233,6 +341,23 @@ class Enqueuer:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self.batch: int = app.conf.sidecar_apply_batch
 
     def __call__(self, target_key: str) -> None:
-        self.app.send_task(APPLY_TASK, args=[target_key], queue=self.app.conf.task_default_queue)
+        """An apply of one target."""
+        _send(self.app, APPLY_TASK, [target_key])
+
+    def many(self, target_keys: Iterable[str]) -> None:
+        """Applies of many targets due at once (an execution's completion makes every version it
+        fed due): one task per `batch` of them, so the work grows with the number of
+        transactions, not of targets. A single target goes as `sidecar.apply`."""
+        keys = sorted(set(target_keys))
+        if len(keys) == 1:
+            self(keys[0])
+            return
+        for start in range(0, len(keys), self.batch):
+            _send(self.app, BATCH_TASK, [keys[start : start + self.batch]])
+
+    def drain(self, older_than: float) -> None:
+        """A drain of every target due for longer than `older_than` seconds (`Health.sweep`)."""
+        _send(self.app, DRAIN_TASK, [older_than])

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import sqlalchemy.exc
@@ -32,6 +32,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from . import connections
+from .enqueue import Enqueue, Sender, sender
 from .errors import ConfigError
 from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, IngestStats, sidecar_kind
 from .readqueue import ReadQueue
@@ -43,7 +44,6 @@ from .store.finished import FinishedRecord
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[[str], None]
 HEARTBEAT_SECONDS = 5.0
 PASS_BYTES = 1 << 20  # read at most this much of one file per turn (8 batches of DEFAULT_BATCH_BYTES)
 QUIET_BYTES = 2 << 10  # a queued file whose last read was smaller (a few lines) is quiet
@@ -117,11 +117,13 @@ class _Dirty(FileSystemEventHandler):
 class Watcher:
     """Watches a root of execution folders and stages their sidecar files until `stop` is set."""
 
-    def __init__(self, settings: Settings, staging: Staging, enqueue: Enqueue, stop: threading.Event) -> None:
+    def __init__(
+        self, settings: Settings, staging: Staging, enqueue: Enqueue | Sender, stop: threading.Event
+    ) -> None:
         self.settings = settings
         self.root = settings.require_root().resolve()
         self.staging = staging
-        self.enqueue = enqueue
+        self.enqueue = sender(enqueue, staging.due_targets)
         self.stop = stop
         self._engine: Engine | None = None  # made when first needed (see `_db`)
         self._db_ready_at = -1e9  # when the database last had the tables (or -1e9: never seen)
@@ -268,8 +270,8 @@ class Watcher:
 
     def _counted(self, stats: IngestStats) -> None:
         self.stats.add(stats)
-        for target in sorted(stats.due):
-            self._enqueue(target)
+        if stats.due:
+            self._enqueue(stats.due)
 
     def _db(self) -> Engine:
         if self._engine is None:
@@ -309,20 +311,23 @@ class Watcher:
         except RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
 
-    def _enqueue(self, target: str) -> None:
+    def _enqueue(self, targets: Collection[str]) -> None:
         try:
-            self.enqueue(target)
-        except Exception as exc:  # the broker is down: the due set keeps the target for the sweep
-            log.warning("could not enqueue apply of %s (%s); the sweep will retry", target, exc)
+            self.enqueue.many(targets)
+        except Exception as exc:  # the broker is down: the due set keeps the targets for the sweep
+            log.warning("could not enqueue %d applies (%s); the sweep will retry", len(targets), exc)
 
     def _sweep(self) -> None:
         try:
-            swept = self.staging.sweep(self._enqueue, older_than=self.settings.sweep_after)
+            sent = self.staging.sweep(self.enqueue.drain, older_than=self.settings.sweep_after)
         except RedisError as exc:
             log.warning("sweep failed: %s", exc)
             return
-        if swept:
-            log.info("re-enqueued %d due targets", len(swept))
+        except Exception as exc:  # the broker is down: the next sweep tries again
+            log.warning("could not send a drain of the due targets (%s); the next sweep will retry", exc)
+            return
+        if sent:
+            log.info("targets due for over %.1f s: drain sent", self.settings.sweep_after)
 
     def _completions(self, pubsub: Subscription | None) -> None:
         """Executions that just completed: re-read their files so a held last line is flushed now."""

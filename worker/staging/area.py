@@ -103,7 +103,6 @@ class Staging(Health):
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.redis = client
         self.keys = keys
-        self._last_swept: dict[str, float] = {}
         self._stage = client.register_script(scripts.source("stage"))
         self._finish = client.register_script(scripts.source("finish"))
         self._hold = client.register_script(scripts.source("hold"))
@@ -480,6 +479,20 @@ class Staging(Health):
 
     # -- the apply side ----------------------------------------------------------------------
 
+    def snapshots(self, targets: list[Target], count: int | None = None) -> list[Snapshot]:
+        """`snapshot` of many targets in one round trip, at most `count` entries each (default
+        READ_BATCH; the rest is read on by `read_after`, under the lock): what a batched apply
+        reads first."""
+        count = READ_BATCH if count is None else count
+        pipe = self.redis.pipeline(transaction=False)
+        for target in targets:
+            pipe.exists(self.keys.done(target))
+            pipe.xrange(self.keys.stream(target), min="-", max="+", count=count)
+            pipe.hexists(self.keys.quarantine, target.key)
+            pipe.hexists(self.keys.failures, target.key)
+        answers = pipe.execute()
+        return [_snapshot(answers[4 * i : 4 * i + 4], count) for i in range(len(targets))]
+
     def snapshot(self, target: Target) -> Snapshot:
         """A target's completion flag and first staged entries, read in one round trip.
 
@@ -490,20 +503,7 @@ class Staging(Health):
         set, stays. What is staged after the snapshot is past the watermark this apply commits,
         and `finish` then leaves the target due for the next apply.
         """
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.exists(self.keys.done(target))
-        pipe.xrange(self.keys.stream(target), min="-", max="+", count=READ_BATCH)
-        pipe.hexists(self.keys.quarantine, target.key)
-        pipe.hexists(self.keys.failures, target.key)
-        done, batch, quarantined, failed = pipe.execute()
-        entries = [(raw_id.decode(), Entry.from_json(fields[b"e"])) for raw_id, fields in batch]
-        return Snapshot(
-            bool(done),
-            entries,
-            whole=len(batch) < READ_BATCH,
-            quarantined=bool(quarantined),
-            failed=bool(failed),
-        )
+        return self.snapshots([target])[0]
 
     def read_after(
         self, target: Target, watermark: str | None, snapshot: Snapshot | None = None
@@ -538,6 +538,17 @@ class Staging(Health):
                 return
             start = f"({stream_id}"
 
+    def finish_many(self, finished: list[tuple[Target, str | None, str | None]]) -> None:
+        """`finish` of every (target, watermark, completed_at) of a batched apply, in one round
+        trip (each is its own script call: a target's finish never depends on another's)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for target, watermark, completed_at in finished:
+            if completed_at is not None:
+                pipe.set(self.keys.done(target), completed_at, nx=True)
+            keys = [self.keys.stream(target), self.keys.due]
+            self._finish(keys=keys, args=[target.key, watermark or ""], client=pipe)
+        pipe.execute()
+
     def finish(self, target: Target, watermark: str | None, completed_at: str | None = None) -> bool:
         """After a commit: leave the due set unless newer entries arrived; trim applied entries.
 
@@ -558,9 +569,10 @@ class Staging(Health):
         """Count one more failed apply of `target` (an error that is not transient); the count."""
         return int(self.redis.hincrby(self.keys.failures, target.key, 1))
 
-    def clear_failures(self, target: Target) -> None:
-        """The target applied: its next failure starts the count again."""
-        self.redis.hdel(self.keys.failures, target.key)
+    def clear_failures(self, *targets: Target) -> None:
+        """The targets applied: their next failure starts the count again."""
+        if targets:
+            self.redis.hdel(self.keys.failures, *(t.key for t in targets))
 
     def quarantine(self, target: Target, error: str, attempts: int, at: str) -> None:
         """Hold `target`: its entries stay staged, and applies skip it until `release`."""
@@ -600,6 +612,15 @@ class Snapshot:
     whole: bool  # the entries reached the end of the stream as it was
     quarantined: bool = False  # held after too many failed applies (`Staging.quarantine`)
     failed: bool = False  # an earlier apply failed: a success clears the count
+
+
+def _snapshot(answers: list[Any], count: int) -> Snapshot:
+    """One target's four answers in `Staging.snapshots`' pipeline."""
+    done, batch, quarantined, failed = answers
+    entries = [(raw_id.decode(), Entry.from_json(fields[b"e"])) for raw_id, fields in batch]
+    return Snapshot(
+        bool(done), entries, whole=len(batch) < count, quarantined=bool(quarantined), failed=bool(failed)
+    )
 
 
 def _stream_order(stream_id: str) -> tuple[int, int]:

@@ -3,7 +3,6 @@ and the sweep that re-sends applies lost on the way (a mixin of `Staging`)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -15,7 +14,12 @@ from ..keys import Keys
 from ..uris import Target
 from .clock import now_iso, now_ms
 
-Enqueue = Callable[[str], None]
+Drain = Callable[[float], None]  # sends a drain of the targets due for longer than its argument
+
+
+def drain_ttl_ms(older_than: float) -> int:
+    """How long a sent drain keeps others from being sent: ten sweeps, at least ten seconds."""
+    return int(max(10.0, 10 * older_than) * 1000)
 
 
 class Health:
@@ -23,7 +27,6 @@ class Health:
 
     redis: redis.Redis
     keys: Keys
-    _last_swept: dict[str, float]
 
     def due_targets(self, older_than: float) -> list[str]:
         """Targets due for longer than `older_than` seconds (their apply was lost or is slow)."""
@@ -76,19 +79,32 @@ class Health:
         values = cast(list[bytes | None], self.redis.mget(keys)) if keys else []
         return [orjson.loads(v) for v in values if v is not None]
 
-    def sweep(self, enqueue: Enqueue, older_than: float) -> list[str]:
-        """Enqueue an apply for every target due for too long: the backstop for a lost task.
+    def sweep(self, drain: Drain, older_than: float) -> bool:
+        """The backstop for a lost apply task: when a target has been due for longer than
+        `older_than` seconds, send one drain (`drain(older_than)`), which applies every such
+        target in batches, unless a drain is already queued or running.
 
-        A target is sent again at most every `older_than` seconds by this process. The due
-        score is left alone: it says since when the target has waited (`sidecar status`).
+        One drain at a time, whatever the backlog: under a load of 100,000 due targets whose
+        tasks are merely queued, sending each again every few seconds multiplied the work (the
+        queue once held 85,000 tasks). The marker expires (`drain_ttl`), so a drain lost with
+        its broker is sent again by a later sweep; a drain still working refreshes it. Returns
+        whether a drain was sent.
         """
-        now = time.monotonic()
-        targets = [
-            t for t in self.due_targets(older_than) if now - self._last_swept.get(t, -1e9) >= older_than
-        ]
-        for key in targets:
-            self._last_swept[key] = now
-            enqueue(key)
-        if len(self._last_swept) > 100_000:
-            self._last_swept.clear()
-        return targets
+        limit = now_ms() - int(older_than * 1000)
+        if not self.redis.zrangebyscore(self.keys.due, "-inf", limit, start=0, num=1):
+            return False
+        if not self.redis.set(self.keys.drain, now_iso(), nx=True, px=drain_ttl_ms(older_than)):
+            return False
+        try:
+            drain(older_than)
+        except BaseException:
+            self.redis.delete(self.keys.drain)  # not sent: the next sweep tries again
+            raise
+        return True
+
+    def drain_alive(self, older_than: float) -> None:
+        """A drain is still working: keep other sweeps from sending another."""
+        self.redis.set(self.keys.drain, now_iso(), px=drain_ttl_ms(older_than))
+
+    def drain_done(self) -> None:
+        self.redis.delete(self.keys.drain)

@@ -73,6 +73,32 @@ def save_watermark(conn: Connection, target: str, stream_id: str | None, now: da
     conn.execute(_statements(conn).save_mark, {"target": target, "stream_id": stream_id, "applied_at": now})
 
 
+def lock_watermarks(conn: Connection, targets: list[str]) -> dict[str, str | None]:
+    """`lock_watermark` of many targets in two statements: each target's watermark (None:
+    nothing applied yet), every row locked until the transaction ends.
+
+    The rows are locked in target order (`targets` sorted, `ORDER BY target FOR UPDATE`), so two
+    batches sharing targets wait for each other instead of deadlocking. On SQLite `BEGIN
+    IMMEDIATE` already holds the whole database.
+    """
+    keys = sorted(set(targets))
+    marks: dict[str, str | None] = dict.fromkeys(keys)
+    if conn.dialect.name != "sqlite":
+        conn.execute(_statements(conn).insert_mark, [{"target": t} for t in keys])
+    statement = _LOCK_MARKS if conn.dialect.name != "sqlite" else _SELECT_MARKS
+    for start in range(0, len(keys), _IN_CHUNK):
+        for target, stream_id in conn.execute(statement, {"targets": keys[start : start + _IN_CHUNK]}):
+            marks[target] = stream_id
+    return marks
+
+
+def save_watermarks(conn: Connection, marks: Mapping[str, tuple[str | None, datetime]]) -> None:
+    """`save_watermark` of many targets: (stream id, applied at) by target, one statement."""
+    if marks:
+        rows = [{"target": t, "stream_id": m, "applied_at": at} for t, (m, at) in sorted(marks.items())]
+        conn.execute(_statements(conn).save_mark, rows)
+
+
 def version_is_completed(conn: Connection, target: Target) -> bool:
     """Whether the database has the version `target` completed."""
     row = conn.execute(_SELECT_VERSION, {"dataset": target.dataset, "name": target.version}).first()
@@ -136,7 +162,7 @@ class Applier:
     # Datum aliases claimed by `valohai.alias` (name -> datum id, source; the last claim wins).
     datum_aliases: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     # Member entries, settled by `flush`: the files of a version completing in this transaction,
-    # or late files of a completed one (see `_settle_members`).
+    # or late files of a completed one (see `settle`).
     joining: dict[Target, list[Entry]] = field(default_factory=dict)
     completing: dict[Target, None] = field(default_factory=dict)
     rejects: list[Reject] = field(default_factory=list)  # recorded by the caller after the commit
@@ -201,9 +227,18 @@ class Applier:
             self.datum_aliases[name] = (owner.id, _source_json(entry.source))
 
     def flush(self) -> None:
+        """Settle the member entries, then `write` everything."""
+        self.settle()
+        self.write()
+
+    def write(self) -> None:
         """Write the folded property sets and changed columns back, refresh the search index of
-        the keys that changed (once per owner), and insert the history rows and version files."""
-        self._settle_members()
+        the keys that changed (once per owner), and insert the history rows and version files.
+
+        One statement per table for all the owners touched (executemany, or COPY for the index
+        and history on PostgreSQL), however many targets the transaction applies. May be called
+        more than once in a transaction: what is written is forgotten, and the next call writes
+        what changed since."""
         fresh: list[dict[str, Any]] = []  # index rows of owners that had none yet
         for work in self.working.values():
             if not work.changed:
@@ -218,14 +253,19 @@ class Applier:
                 reindex(self.conn, owner.kind, owner.id, work.properties, work.changed.keys())
         bulk_insert(self.conn, _INDEX, fresh)
         self.working.clear()
+        # Rows of one table with the same columns changed go in one executemany.
+        updates: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
         for owner in self.owners.values():
             if owner.updates:
                 found = self.definitions()
                 owner.updates["violations"] = definitions.owner_violations(
                     found, owner.kind, owner.properties, owner.status
                 )
-                self.conn.execute(_UPDATE[owner.kind], {"owner": owner.id, **owner.updates})
+                columns = (owner.kind, tuple(sorted(owner.updates)))
+                updates.setdefault(columns, []).append({"owner": owner.id, **owner.updates})
                 owner.updates = {}
+        for (kind, _), rows in updates.items():
+            self.conn.execute(_UPDATE[kind], rows)
         if self.members:
             rows = [{"version_id": v, "datum_id": d} for v, d in self.members]
             self.conn.execute(_statements(self.conn).insert_member, rows)
@@ -242,7 +282,11 @@ class Applier:
             self.defined = definitions.load(self.conn)
         return self.defined
 
-    def _settle_members(self) -> None:
+    def settle(self) -> None:
+        """The member entries folded so far: the files of versions completing, late files.
+
+        A batched apply settles after each target, so a target's `from` (resolved by SQL) sees
+        what the targets before it in the batch did, as if each had been its own apply."""
         for target in self.completing:
             self._complete_members(target, self.joining.pop(target, []))
         self.completing.clear()
@@ -257,6 +301,14 @@ class Applier:
         spec, conflicts = fold_spec(entries)
         for entry, reason in conflicts:
             self.reject(entry, reason)
+        if spec.base is not None:
+            # The base may be a version completed earlier in this transaction (a batch): write
+            # what is folded so far, so that resolving it in SQL sees its status and files. All
+            # but this version's own completion, which its apply alone would not have written
+            # yet either (`latest` must not resolve to the version completing).
+            own, version.updates = version.updates, {}
+            self.write()
+            version.updates = {**version.updates, **own}
         base, previous, problem = self._base(version, spec)
         if problem and spec.base_entry is not None:
             self.reject(spec.base_entry, problem)
@@ -415,6 +467,13 @@ _INDEX = cast(Table, PropertyIndex.__table__)
 
 _SELECT_MARK = select(_MARKS.c.stream_id).where(_MARKS.c.target == bindparam("target"))
 _LOCK_MARK = _SELECT_MARK.with_for_update()
+_SELECT_MARKS = (
+    select(_MARKS.c.target, _MARKS.c.stream_id)
+    .where(_MARKS.c.target.in_(bindparam("targets", expanding=True)))
+    .order_by(_MARKS.c.target)
+)
+_LOCK_MARKS = _SELECT_MARKS.with_for_update()
+_IN_CHUNK = 500  # bound parameters per IN (SQLite's limit is 32,766; PostgreSQL's 65,535)
 _SELECT_VERSION = (
     select(_VERSIONS.c.id, _VERSIONS.c.properties, _VERSIONS.c.status)
     .join(_DATASETS, _DATASETS.c.id == _VERSIONS.c.dataset_id)
