@@ -63,7 +63,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis, pytest.mark.amqp]
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 DEADLINE = 120.0
-RECEIVED = re.compile(r"Task sidecar\.apply\[([0-9a-f-]+)\] received")
+# Any apply: one target (`sidecar.apply`), a batch, or the drain a sweep sends.
+RECEIVED = re.compile(r"Task sidecar\.(?:apply|apply_batch|drain)\[([0-9a-f-]+)\] received")
 
 
 def _unavailable(reason: str) -> None:

@@ -12,6 +12,7 @@ the watcher's sweep sends a drain for them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -91,15 +92,13 @@ def make_app(settings: Settings) -> Celery:
     )
     resources = _Resources(settings)
 
-    @app.task(
-        name=APPLY_TASK,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        # Transient errors retry for as long as they last; the others are counted per target
-        # in Redis (`_failed`), so duplicates of one task (the sweep) share one bound.
-        max_retries=None,
-    )
+    # Every task: acknowledged after it ran, given back if its worker dies; this app's own
+    # (`shared=False`: another app made in the same process must not take its tasks).
+    task = functools.partial(app.task, bind=True, acks_late=True, reject_on_worker_lost=True, shared=False)
+
+    # Transient errors retry for as long as they last; the others are counted per target in
+    # Redis (`_count_failure`), so duplicates of one task (a redelivery) share one bound.
+    @task(name=APPLY_TASK, max_retries=None)
     def apply(self: Task[Any, Any], target_key: str) -> dict[str, Any]:
         engine, staging = resources.get()
         target = Target.parse(target_key)
@@ -115,7 +114,7 @@ def make_app(settings: Settings) -> Celery:
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         return {"applied": result.applied, "watermark": result.watermark, "skipped": result.skipped}
 
-    @app.task(name=BATCH_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    @task(name=BATCH_TASK, max_retries=None)
     def apply_batch(self: Task[Any, Any], target_keys: list[str]) -> dict[str, Any]:
         """Many targets in one transaction (what `Enqueuer.many` sends when many are due)."""
         engine, staging = resources.get()
@@ -125,7 +124,7 @@ def make_app(settings: Settings) -> Celery:
             metrics.APPLIES.labels("retry").inc()
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
 
-    @app.task(name=DRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=0)
+    @task(name=DRAIN_TASK, max_retries=0)
     def drain(self: Task[Any, Any], older_than: float) -> dict[str, Any]:
         """Apply every target due for longer than `older_than` seconds, in batches (see
         `Health.sweep`). A transient error ends the drain; the next sweep sends another."""
@@ -147,7 +146,7 @@ def make_app(settings: Settings) -> Celery:
             log.info("drain applied %d targets due for over %.1f s", done, older_than)
         return {"targets": done}
 
-    @app.task(name=CHECKSUM_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    @task(name=CHECKSUM_TASK, max_retries=None)
     def checksums(self: Task[Any, Any], execution: str) -> dict[str, Any]:
         """Size and checksums of the execution's datums not read yet, from the files on disk."""
         try:
