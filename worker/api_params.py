@@ -31,11 +31,12 @@ CountMode = Annotated[
     Literal["exact"] | None,
     Query(description="`exact`: count every match (else past 10,000: 10,000 and `count_exact: false`)."),
 ]
-# A keyset position from a `next` link (opaque); the page starts after that row.
+# A keyset position from a `next` link; the page starts after that row. Every text the pattern
+# takes is a position (no row of that key: the page starts where it would be).
 Cursor = Annotated[
     str | None,
     Query(
-        pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        pattern=r"^i[0-9]{1,18}$",
         description="From a `next` link: where the page starts (instead of `offset`). Opaque.",
     ),
 ]

@@ -326,8 +326,9 @@ def _by_property(
             # The index order, (value, owner_id): no sort, and the scan stops at the page. `IS
             # NOT NULL` keeps the scan off the other types' rows (NULL here, sorted last).
             segment = segment.where(value.is_not(None))
-            # Descending reverses ties too (id descending), so the index is read backwards.
-            tie = owner_id.desc() if descending else owner_id.asc()
+            # Ties by id ascending, descending or not (as search.order_by); a descending page
+            # sorts each run of equal values (incremental sort on PostgreSQL).
+            tie = owner_id.asc()
             segment = segment.order_by(value.desc() if descending else value.asc(), tie)
             if vtype == "string":
                 found = _strings(session, segment.limit(left), value)
@@ -549,7 +550,7 @@ def versions_page_json(session: Session, ids: Sequence[int]) -> list[dict[str, A
     previous_ids = {r.previous_version_id for r in rows if r.previous_version_id is not None}
     previous: dict[int, str] = {}
     if previous_ids:
-        previous = dict(session.execute(select(v.id, v.uid).where(v.id.in_(previous_ids))).tuples().all())
+        previous = {i: u for i, u in session.execute(select(v.id, v.uid).where(v.id.in_(previous_ids)))}
     return [
         _version_dict(
             r,
