@@ -11,12 +11,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from tests.test_search_sets import fill
 from worker.api import create_app
 from worker.staging import Staging
 from worker.store import queries
 from worker.store.queries import ListQuery, list_version_ids
-
-from tests.test_search_sets import fill
 
 # 12 versions of one dataset: n = i % 3 (ties), s a string (one long), half with `even`.
 PROPS: list[dict[str, Any]] = [
