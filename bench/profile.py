@@ -26,12 +26,13 @@ from pyinstrument import Profiler  # noqa: E402
 from sqlalchemy import func, select, text  # noqa: E402
 
 from bench.common import DEFAULT_POSTGRES, DEFAULT_REDIS, Context, new_engine  # noqa: E402
-from bench.search import build  # noqa: E402
+from bench.searchstore import build  # noqa: E402
 from bench.workload import JSONL, mixed_lines, version_lines, write_lines  # noqa: E402
 from worker.applying import apply_target  # noqa: E402
 from worker.ingest import Ingestor  # noqa: E402
 from worker.keys import Keys  # noqa: E402
 from worker.staging import Staging  # noqa: E402
+from worker.store.db import make_engine  # noqa: E402
 from worker.store.models import Dataset, DatasetVersion  # noqa: E402
 from worker.store.search import filter_condition  # noqa: E402
 from worker.uris import Target  # noqa: E402
@@ -76,9 +77,9 @@ def profile_apply(ctx: Context, properties: int) -> None:
 
 def explain_search(ctx: Context, versions: int) -> None:
     with ctx.postgres("profile") as url:
-        engine = new_engine(url)
-        built, seconds = build(engine, 1e9, versions)
-        print(f"store: {built:,} versions built in {seconds:.0f} s")
+        engine = make_engine(url)  # build() makes the schema with the migrations
+        built = build(engine, versions)
+        print(f"store: {built.versions:,} versions built in {built.seconds:.0f} s")
         for filter_text in SLOW_FILTERS:
             owner_id = cast(Any, DatasetVersion.id)
             condition = filter_condition(filter_text, "version", owner_id, "postgresql")

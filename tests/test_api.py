@@ -342,7 +342,7 @@ def test_unexpected_errors_are_a_fixed_500(
     def broken(*_args: object) -> None:
         raise RuntimeError("postgresql://admin:s3cret-pw@db/x")
 
-    monkeypatch.setattr(queries, "list_datasets", broken)
+    monkeypatch.setattr(queries, "list_dataset_ids", broken)
     with TestClient(create_app(engine, staging, lambda key: None), raise_server_exceptions=False) as c:
         answer = c.get("/api/v0/datasets/")
     assert answer.status_code == 500 and answer.json()["error"] == "internal"

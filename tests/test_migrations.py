@@ -8,11 +8,16 @@ import sys
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.orm import Session
 
+from tests.test_search_sets import fill, ordered, version_names
+from worker.limits import path_text
+from worker.query import matches, parse
 from worker.store.db import make_engine
 from worker.store.migrate import upgrade
 from worker.store.models import Base
+from worker.store.queries import ListQuery, list_versions
 
 
 def test_upgrade_from_nothing_to_head_matches_the_models(database_url: str) -> None:
@@ -60,9 +65,6 @@ def test_upgrading_a_database_with_data_gives_every_row_a_time_ordered_id_and_lo
     """0003 → 0004 on a filled database: integer ids stay (and keep working), every dataset,
     version and datum gets a public id made from its creation time, nothing else changes."""
     from datetime import UTC, datetime, timedelta
-
-    from sqlalchemy import text
-    from sqlalchemy.orm import Session
 
     from worker.ids import created_ms, looks_like_id
     from worker.store import queries
@@ -149,5 +151,114 @@ def test_upgrading_a_database_with_data_gives_every_row_a_time_ordered_id_and_lo
         with engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+# Strings whose order differs between code points and a linguistic collation (case, accents,
+# punctuation), prefixes a `like` range must bound exactly ("3." and "3/" are neighbours), and
+# two strings past str_key's 200 characters that only their full values order.
+STRINGS_0007 = ["3.1", "3.10", "3/x", "30", "3", "Night", "night", "NIGHT", "é", "e", "Ž", "z", "a_b", "a%b"]
+STRINGS_0007 += ["n" * 200 + "b", "n" * 200 + "a", "N" * 201]
+
+
+def _str_collation(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT collation_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = 'property_index'"
+                " AND column_name = 'str_key'"
+            )
+        ).scalar()
+
+
+def _prefix_plan(engine: Engine) -> str:
+    """How PostgreSQL's str_key index serves a prefix `like`'s range (the one `prefix_range`
+    writes): its index conditions, with the other indexes dropped and sequential scans off
+    inside a transaction that is rolled back, so the plan shows what that index can do rather
+    than what a 20-row table's costs prefer."""
+    with engine.connect() as conn, conn.begin() as transaction:
+        conn.execute(text("DROP INDEX ix_property_index_num, ix_property_index_owner"))
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        rows = conn.execute(
+            text(
+                "EXPLAIN SELECT owner_id FROM property_index WHERE owner_kind = 'version' AND path = :p"
+                " AND str_key COLLATE \"C\" >= '3.' AND str_key COLLATE \"C\" < '3/'"
+            ),
+            {"p": path_text(["s"])},
+        ).scalars()
+        plan = "\n".join(rows)
+        transaction.rollback()
+    assert "ix_property_index_str" in plan, plan
+    return " ".join(line for line in plan.splitlines() if "Index Cond" in line)
+
+
+def test_upgrading_to_0007_keeps_every_indexed_row_searchable(database_url: str) -> None:
+    """0006 → 0007 on a filled index: str_key becomes COLLATE "C" on PostgreSQL and the value
+    indexes gain owner_id; every search, prefix `like` and ordering by a string still equals the
+    plain-Python evaluator over the rows written before the upgrade."""
+    engine = make_engine(database_url)
+    postgres = engine.dialect.name == "postgresql"
+    versions = [(0, {"s": s, "n": i % 5, **({"t": s} if i % 3 else {})}) for i, s in enumerate(STRINGS_0007)]
+    versions += [(0, {"n": "text"}), (0, {"s": 7}), (0, {})]
+    try:
+        upgrade(engine, "0006")
+        if postgres:
+            # The test database's default collation is C.UTF-8, close to code-point order; a
+            # store created in a linguistic locale (en_US.UTF-8, the usual) is what 0007 changes.
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "ALTER TABLE property_index ALTER COLUMN str_key"
+                        ' TYPE varchar(200) COLLATE "und-x-icu"'
+                    )
+                )
+            assert _str_collation(engine) == "und-x-icu"
+            assert "str_key" not in _prefix_plan(engine)  # the range is a filter, read row by row
+        fill(engine, [{}], versions)  # the production index writer (`reindex`), at 0006
+        upgrade(engine)
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert context.get_current_revision() == "0007"
+            assert compare_metadata(context, Base.metadata) == []
+        indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("property_index")}
+        assert indexes["ix_property_index_str"] == ["owner_kind", "path", "str_key", "owner_id"]
+        assert indexes["ix_property_index_owner"] == ["owner_kind", "owner_id", "path"]
+        if postgres:
+            assert _str_collation(engine) == "C"
+            assert "str_key" in _prefix_plan(engine)  # the range bounds the index scan
+        items = [(i, name, props) for i, (_, name, props) in enumerate(version_names(versions))]
+        long = "n" * 200
+        filters = [
+            "exists s",
+            's like "3.%"',
+            's like "3%"',
+            's like "N%"',
+            's like "n%"',
+            's like "é%"',
+            's like "a_b"',
+            's ilike "3.%"',
+            's ilike "night"',
+            't like "3.%"',
+            's < "N"',
+            's >= "a"',
+            's = "Night"',
+            's in ("Night", "é", "3.1")',
+            'not s like "3.%"',
+            's like "3.%" or n = 1',
+            f's like "{long}%"',
+            f's = "{long}a"',
+            f's > "{long}a"',
+        ]
+        with Session(engine) as session:
+            for text_ in filters:
+                node = parse(text_)
+                want = [name for _, name, props in items if matches(node, props)]
+                _, rows = list_versions(session, ListQuery(filter=text_, limit=100))
+                assert [r.name for r in rows] == want, text_
+            for ordering in ("s", "-s", "t", "n"):
+                _, rows = list_versions(session, ListQuery(ordering=ordering, limit=100))
+                assert [r.name for r in rows] == ordered(items, ordering), ordering
     finally:
         engine.dispose()

@@ -134,7 +134,13 @@ class Change(BaseModel):
 class Page(BaseModel, Generic[T]):
     """The platform's list shape."""
 
-    count: int
+    count: int = Field(
+        description="Matches in all; a list of versions or datasets stops counting past 10,000"
+    )
+    count_exact: bool = Field(
+        default=True,
+        description="false: `count` is a cap (10,000) and more match; `count=exact` counts them all",
+    )
     next: str | None
     previous: str | None
     results: list[T]

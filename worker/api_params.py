@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Query
 
@@ -25,3 +25,18 @@ Ordering = Annotated[
 ]
 VersionURI = Annotated[str, Query(pattern=r"^dataset://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")]
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+
+# `count=exact`: count every match (a list counts up to 10,000 and then says `count_exact: false`).
+CountMode = Annotated[
+    Literal["exact"] | None,
+    Query(description="`exact`: count every match (else past 10,000: 10,000 and `count_exact: false`)."),
+]
+# A keyset position from a `next` link; the page starts after that row. Every text the pattern
+# takes is a position (no row of that key: the page starts where it would be).
+Cursor = Annotated[
+    str | None,
+    Query(
+        pattern=r"^i[0-9]{1,18}$",
+        description="From a `next` link: where the page starts (instead of `offset`). Opaque.",
+    ),
+]

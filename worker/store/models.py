@@ -253,15 +253,18 @@ class PropertyIndex(Base):
     `path` is the JSON array of keys (`["a", "b"]` for `a.b`), so keys holding dots stay
     unambiguous. Exactly one of `num`, `str_value`, `bool_value` is set for scalar values; objects
     and arrays get a row with only `vtype` (for `exists`). `str_key` is the first 200 characters
-    of a string, indexed (a btree cannot hold arbitrarily long values); `str_lower` is the string
-    lowercased in Python, so `ilike` means the same on SQLite and PostgreSQL.
+    of a string, indexed (a btree cannot hold arbitrarily long values) in code-point order;
+    `str_lower` is the string lowercased in Python, so `ilike` means the same on SQLite and PostgreSQL.
     """
 
     __tablename__ = "property_index"
     __table_args__ = (
-        Index("ix_property_index_num", "owner_kind", "path", "num"),
-        Index("ix_property_index_str", "owner_kind", "path", "str_key"),
-        Index("ix_property_index_owner", "owner_kind", "owner_id"),
+        # owner_id last in the value indexes: an ordering by a property reads them in its
+        # order, ties and all, without sorting (migration 0007).
+        Index("ix_property_index_num", "owner_kind", "path", "num", "owner_id"),
+        Index("ix_property_index_str", "owner_kind", "path", "str_key", "owner_id"),
+        # A filter tested row by row looks up (owner, path): one entry, not the owner's every row.
+        Index("ix_property_index_owner", "owner_kind", "owner_id", "path"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -270,7 +273,11 @@ class PropertyIndex(Base):
     path: Mapped[str] = mapped_column(String(2048))
     vtype: Mapped[str] = mapped_column(String(8))
     num: Mapped[float | None] = mapped_column(Float(53))
-    str_key: Mapped[str | None] = mapped_column(String(200))
+    # Code-point order on PostgreSQL too, so a prefix `like` and an ordering by a string walk
+    # the btree (migration 0007); SQLite's BINARY already is.
+    str_key: Mapped[str | None] = mapped_column(
+        String(200).with_variant(String(200, collation="C"), "postgresql")
+    )
     str_value: Mapped[str | None] = mapped_column(Text)
     str_lower: Mapped[str | None] = mapped_column(Text)
     bool_value: Mapped[bool | None]

@@ -93,6 +93,34 @@ class Compiler:
                 return not_(self.condition(expr))
         raise TypeError(f"not a filter node: {node!r}")  # pragma: no cover
 
+    def probe(self, node: Node) -> ColumnElement[bool]:
+        """The filter as a condition on `owner_id`, as `condition`, but each atom a correlated
+        subquery with `LIMIT 1`, which no planner turns into a join: it is tested row by row
+        as the listed rows are read, one (owner_kind, owner_id, path) index lookup each.
+
+        For a first page of a filter that no set of ids bounds (`split = "train"`): the rows
+        are read in id order and the page is full after a few hundred lookups. With
+        `condition`, both databases chose to read every matching index row first (PostgreSQL
+        a hash semi-join over 330,000 rows at 1M versions: 1.2 s for a page of 100)."""
+        match node:
+            case Compare() | In() | Like() | Exists():
+                found = (
+                    select(literal(1))
+                    .where(PropertyIndex.owner_id == self.owner_id, *self.atom(node))
+                    .limit(1)
+                    .scalar_subquery()
+                )
+                return found.is_not(None)
+            case Violates():
+                return self.condition(node)
+            case And(items):
+                return and_(*(self.probe(i) for i in items))
+            case Or(items):
+                return or_(*(self.probe(i) for i in items))
+            case Not(expr):
+                return not_(self.probe(expr))
+        raise TypeError(f"not a filter node: {node!r}")  # pragma: no cover
+
     def atom(self, node: Atom, pi: Any = PropertyIndex) -> list[ColumnElement[bool]]:
         """The rows of `pi` (`property_index`, or an alias of it) that make an atom true.
 
@@ -104,11 +132,16 @@ class Compiler:
             case Compare(key, op, value):
                 condition = _typed_compare(pi, op, value, self.dialect)
             case In(key, values):
-                condition = or_(*(_typed_compare(pi, "=", v, self.dialect) for v in values))
+                condition = _typed_in(pi, values, self.dialect)
             case Like(key, pattern, insensitive):
                 column = pi.str_lower if insensitive else pi.str_value
                 text = lower(pattern) if insensitive else pattern
                 condition = and_(pi.vtype == "string", self._like(column, text))
+                # The literal prefix as a range of the indexed str_key. For `ilike`, only its
+                # leading ASCII digits and punctuation, which no case mapping changes (and
+                # which no other character lowercases to): `ilike "3.%"` is served too.
+                prefix = pattern if not insensitive else _caseless_prefix(text)
+                condition = and_(*prefix_range(pi.str_key, prefix, self.dialect), condition)
             case Exists(key):
                 condition = None
         where = [pi.owner_kind == self.owner_kind, pi.path == path_text(key.path)]
@@ -163,6 +196,11 @@ class OwnerSets:
         self.compiler = compiler
         self.cap = CAP if cap is None else cap
         self._exact: dict[Node, set[int]] = {}  # atoms read in full (at most `cap` owners)
+        self._over: dict[Node, int] = {}  # atoms known to match more than this many owners
+
+    def exceeds(self, node: Node, count: int) -> bool:
+        """Whether `node` (an atom) was seen to match more than `count` owners."""
+        return self._over.get(node, -1) >= count
 
     def matching(self, node: Node, candidates: set[int] | None = None) -> set[int] | None:
         """The owners among `candidates` (default: all of the kind) that match `node`; None when
@@ -208,6 +246,7 @@ class OwnerSets:
             query = self.compiler.ids(atom)
             rows = self.session.scalars(query.limit(limit + 1)).all()
             if len(rows) > limit:
+                self._over[atom] = max(limit, self._over.get(atom, 0))
                 return None
             self._exact[atom] = set(rows)
         owners = self._exact[atom]
@@ -276,6 +315,31 @@ def ids_in(column: Any, ids: Collection[int], dialect: str) -> ColumnElement[boo
     return condition
 
 
+def _typed_in(pi: Any, values: Any, dialect: str) -> ColumnElement[bool]:
+    """`in` as one condition per type: `str_key IN (...)` is an index condition a scan can stop
+    early on, where an `or` of equalities made PostgreSQL read every match of every value."""
+    strings = [v for v in values if isinstance(v, str)]
+    others = [v for v in values if not isinstance(v, str)]
+    terms = [_typed_compare(pi, "=", v, dialect) for v in others]
+    if len(strings) == 1:
+        terms.append(_typed_compare(pi, "=", strings[0], dialect))
+    elif strings:
+        # A value's str_key is its first STR_KEY_LENGTH characters, so the full-value test decides.
+        keys = sorted({v[:STR_KEY_LENGTH] for v in strings})
+        terms.append(and_(pi.vtype == "string", pi.str_key.in_(keys), pi.str_value.in_(sorted(set(strings)))))
+    return or_(*terms)
+
+
+def _caseless_prefix(pattern: str) -> str:
+    """The leading characters of a (lowercased) `ilike` pattern that are ASCII and no letter."""
+    out = []
+    for char in pattern:
+        if char in "%_" or not char.isascii() or char.isalpha():
+            break
+        out.append(char)
+    return "".join(out)
+
+
 def _typed_compare(pi: Any, op: str, value: Value, dialect: str) -> ColumnElement[bool]:
     if isinstance(value, bool):
         return and_(pi.vtype == "boolean", _OPS[op](pi.bool_value, value))
@@ -289,6 +353,41 @@ def _typed_compare(pi: Any, op: str, value: Value, dialect: str) -> ColumnElemen
         prefix = pi.str_key == value[:STR_KEY_LENGTH]
         return and_(pi.vtype == "string", prefix, pi.str_value == value)
     return and_(pi.vtype == "string", _OPS[op](column, value))
+
+
+def prefix_range(column: Any, pattern: str, dialect: str) -> list[ColumnElement[bool]]:
+    """Conditions on `str_key` that every string matching the `like` pattern meets: its literal
+    prefix (up to the first wildcard) as a range, `prefix <= str_key < successor`, which the
+    (owner_kind, path, str_key) btree serves. Empty when the pattern starts with a wildcard.
+
+    In code-point order on both databases (the column is COLLATE "C" on PostgreSQL, BINARY on
+    SQLite). `str_key` holds a string's first STR_KEY_LENGTH characters, so a longer prefix is
+    cut to that length: the range is then wider than the pattern, never narrower."""
+    cut = [i for i in (pattern.find("%"), pattern.find("_")) if i >= 0]
+    prefix = pattern[: min(cut)] if cut else pattern
+    prefix = prefix[:STR_KEY_LENGTH]
+    if not prefix:
+        return []
+    key: Any = column.collate("C") if dialect == "postgresql" else column
+    terms: list[ColumnElement[bool]] = [key >= prefix]
+    upper = _successor(prefix)
+    if upper is not None:
+        terms.append(key < upper)
+    return terms
+
+
+def _successor(prefix: str) -> str | None:
+    """The least string above every string that starts with `prefix` (None: there is none)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:  # no string holds a surrogate: skip past them
+            code = 0xE000
+        if code <= 0x10FFFF:
+            chars[-1] = chr(code)
+            return "".join(chars)
+        chars.pop()
+    return None
 
 
 def _glob(pattern: str) -> str:

@@ -1,0 +1,85 @@
+"""Pages of a list past the count cap: `count_exact`, `count=exact`, `next` links (offset and
+keyset cursor), and an ordering by a property read a type at a time. Small stores with the cap
+patched down, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from tests.test_search_sets import fill
+from worker.api import create_app
+from worker.staging import Staging
+from worker.store import queries
+from worker.store.queries import ListQuery, list_version_ids
+
+# 12 versions of one dataset: n = i % 3 (ties), s a string (one long), half with `even`.
+PROPS: list[dict[str, Any]] = [
+    {"n": i % 3, "s": f"v{i % 4}" if i != 5 else "x" * 250, **({"even": True} if i % 2 == 0 else {})}
+    for i in range(12)
+]
+
+
+def _names(engine: Engine, ask: ListQuery) -> tuple[queries.Listed, list[str]]:
+    with Session(engine) as session:
+        listed = list_version_ids(session, ask)
+        shown = queries.versions_page_json(session, listed.rows)
+    return listed, [v["name"] for v in shown]
+
+
+def test_a_count_past_the_cap_is_capped_unless_asked_exact(engine: Engine) -> None:
+    fill(engine, [{}], [(0, p) for p in PROPS])
+    with mock.patch.object(queries, "COUNT_CAP", 4):
+        for text in (None, "exists n", "exists even", "n >= 0 and exists s", "n = 1 or exists even"):
+            listed, _ = _names(engine, ListQuery(filter=text, limit=2, exact_count=False))
+            assert (listed.count, listed.count_exact, listed.more) == (4, False, True), text
+            exact, _ = _names(engine, ListQuery(filter=text, limit=2, exact_count=True))
+            assert exact.count_exact and exact.count == (
+                6 if text and "even" in text and "or" not in text else 8 if text and "or" in text else 12
+            ), text
+        # Under the cap the count is exact; and a short last page knows the count.
+        listed, _ = _names(engine, ListQuery(filter="n = 1", limit=10, exact_count=False))
+        assert (listed.count, listed.count_exact, listed.more) == (4, True, False)
+        listed, names = _names(engine, ListQuery(filter="exists even", limit=4, offset=4, exact_count=False))
+        assert (listed.count, listed.count_exact, listed.more, names) == (6, True, False, ["x8", "x10"])
+
+
+def test_ordering_by_a_property_a_type_at_a_time(engine: Engine) -> None:
+    props = [*PROPS, {"n": "text"}, {"n": [1]}, {"n": False}, {}]
+    fill(engine, [{}], [(0, p) for p in props])
+    by_n = [f"x{i}" for i in (0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11)] + ["x12", "x14", "x13", "x15"]
+    down = [f"x{i}" for i in (2, 5, 8, 11, 1, 4, 7, 10, 0, 3, 6, 9)] + ["x12", "x14", "x13", "x15"]
+    for ordering, want in (("n", by_n), ("-n", down)):
+        for limit, offset in ((3, 0), (5, 2), (4, 11), (20, 0)):
+            _, names = _names(engine, ListQuery(ordering=ordering, limit=limit, offset=offset))
+            assert names == want[offset : offset + limit], (ordering, limit, offset)
+    # Strings: the long one sorts by its full value after every shorter "v…" (x5 is "xxx…").
+    _, names = _names(engine, ListQuery(ordering="s", filter="n = 0", limit=10))
+    assert names == ["x0", "x9", "x6", "x3"]
+
+
+def test_next_links_go_past_a_capped_count(engine: Engine, staging: Staging) -> None:
+    fill(engine, [{}], [(0, p) for p in PROPS])
+    with (
+        mock.patch.object(queries, "COUNT_CAP", 3),
+        TestClient(create_app(engine, staging, lambda k: None)) as c,
+    ):
+        seen: list[str] = []
+        url: str | None = "/api/v0/dataset-versions/?limit=2&filter=exists%20n"
+        while url is not None:
+            page = c.get(url).json()
+            assert page["count"] == 3 and page["count_exact"] is False or page["next"] is None
+            seen += [v["name"] for v in page["results"]]
+            url = page["next"]
+            assert url is None or "cursor=i" in url
+        assert seen == [f"x{i}" for i in range(12)]
+        exact = c.get("/api/v0/dataset-versions/?count=exact&limit=2").json()
+        assert (exact["count"], exact["count_exact"]) == (12, True)
+        # A cursor starts after its row whatever the offset says; offset alone still pages.
+        first = c.get("/api/v0/dataset-versions/?limit=2&offset=4").json()
+        assert [v["name"] for v in first["results"]] == ["x4", "x5"]
+        assert c.get("/api/v0/dataset-versions/?cursor=bad").status_code == 400
