@@ -306,9 +306,9 @@ class Applier:
             # what is folded so far, so that resolving it in SQL sees its status and files. All
             # but this version's own completion, which its apply alone would not have written
             # yet either (`latest` must not resolve to the version completing).
-            own, version.updates = version.updates, {}
+            completion, version.updates = version.updates, {}
             self.write()
-            version.updates = {**version.updates, **own}
+            version.updates = {**version.updates, **completion}
         base, previous, problem = self._base(version, spec)
         if problem and spec.base_entry is not None:
             self.reject(spec.base_entry, problem)
