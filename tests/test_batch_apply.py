@@ -148,8 +148,9 @@ def state(engine: Engine) -> dict[str, list[Any]]:
                             value = (versions if version_kind else datums)[value]
                     item[column] = value
                 got.append(item)
-            # Ids order history and alias moves; the index and file lists are sets.
-            unordered = name in ("property_index", "version_files", "watermarks")
+            # Ids order history and alias moves. Rows are sets: a batch creates its rows of
+            # one table together, so their ids come in another order than one by one.
+            unordered = name not in ("property_changes", "alias_changes")
             out[name] = sorted(got, key=repr) if unordered else got
     return out
 

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
 from .records import Entry, Source, user_write
-from .staging import RedisError, Snapshot, Staging
+from .staging import RedisError, Snapshot, Staging, after_watermark
 from .store import datums, definitions
 from .store.apply import (
     Applier,
@@ -91,6 +91,7 @@ def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> li
     with sqlite_queue(engine), writer(engine).begin() as conn:
         marks = lock_watermarks(conn, [t.key for t, _ in work])
         applier = Applier(conn, _tick(None))
+        applier.prefetch([(t, _after(s, marks[t.key]), s.done) for t, s in work])
         saved: dict[str, tuple[str | None, datetime]] = {}
         for target, snapshot in work:
             result = results[target.key]
@@ -103,7 +104,7 @@ def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> li
                 continue
             # The entries after the watermark the lock revealed: the snapshot's, then (for a
             # long stream) read on from Redis under the lock.
-            entries = staging.read_after(target, mark, snapshot)
+            entries = applier.prefetching(staging.read_after(target, mark, snapshot))
             result.applied, mark = apply_entries(applier, target, mark, entries)
             applier.settle()
             saved[target.key] = (mark, applier.now)
@@ -122,6 +123,11 @@ def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> li
     staging.finish_many(finished)
     staging.clear_failures(*(t for t, snapshot in work if snapshot.failed and results[t.key].skipped == ""))
     return [results[t.key] for t in targets if t.key in results]
+
+
+def _after(snapshot: Snapshot, watermark: str | None) -> list[Entry]:
+    """The entries of a snapshot after `watermark` (what the apply will fold of it)."""
+    return [entry for _, entry in after_watermark(snapshot.entries, watermark)]
 
 
 def _tick(last: datetime | None) -> datetime:

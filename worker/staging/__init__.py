@@ -6,7 +6,7 @@ through it. Its atomic steps are the Lua scripts in `lua/` (`scripts.py` reads t
 errors the rest of the package catches (nothing outside this package imports `redis`).
 """
 
-from .area import READ_BATCH, REJECTS_KEPT, Held, Sent, Snapshot, Staging
+from .area import READ_BATCH, REJECTS_KEPT, Held, Sent, Snapshot, Staging, after_watermark
 from .client import REDIS_TRANSIENT, Client, RedisConnectionError, RedisError, Subscription, connect
 from .clock import now_iso
 
@@ -22,6 +22,7 @@ __all__ = [
     "Snapshot",
     "Staging",
     "Subscription",
+    "after_watermark",
     "connect",
     "now_iso",
 ]

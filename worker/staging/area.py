@@ -484,14 +484,26 @@ class Staging(Health):
         READ_BATCH; the rest is read on by `read_after`, under the lock): what a batched apply
         reads first."""
         count = READ_BATCH if count is None else count
+        if not targets:
+            return []
+        names = [t.key for t in targets]
         pipe = self.redis.pipeline(transaction=False)
+        pipe.mget([self.keys.done(t) for t in targets])
+        pipe.hmget(self.keys.quarantine, names)
+        pipe.hmget(self.keys.failures, names)
         for target in targets:
-            pipe.exists(self.keys.done(target))
             pipe.xrange(self.keys.stream(target), min="-", max="+", count=count)
-            pipe.hexists(self.keys.quarantine, target.key)
-            pipe.hexists(self.keys.failures, target.key)
-        answers = pipe.execute()
-        return [_snapshot(answers[4 * i : 4 * i + 4], count) for i in range(len(targets))]
+        done, quarantined, failed, *streams = pipe.execute()
+        return [
+            Snapshot(
+                done[i] is not None,
+                [(raw_id.decode(), Entry.from_json(fields[b"e"])) for raw_id, fields in streams[i]],
+                whole=len(streams[i]) < count,
+                quarantined=quarantined[i] is not None,
+                failed=failed[i] is not None,
+            )
+            for i in range(len(targets))
+        ]
 
     def snapshot(self, target: Target) -> Snapshot:
         """A target's completion flag and first staged entries, read in one round trip.
@@ -513,15 +525,12 @@ class Staging(Health):
         With a `snapshot` of the target, its entries are used and Redis is read only past them.
         """
         if snapshot is not None:
-            after = _stream_order(watermark) if watermark else (-1, -1)
-            for stream_id, entry in snapshot.entries:
-                if _stream_order(stream_id) > after:
-                    yield stream_id, entry
+            yield from after_watermark(snapshot.entries, watermark)
             if snapshot.whole:
                 # The end of the stream as it was read: see `snapshot` for what comes after.
                 return
             last = snapshot.entries[-1][0]
-            if not watermark or _stream_order(last) > after:
+            if not watermark or _stream_order(last) > _stream_order(watermark):
                 watermark = last
         stream = self.keys.stream(target)
         start = f"({watermark}" if watermark else "-"
@@ -538,30 +547,25 @@ class Staging(Health):
                 return
             start = f"({stream_id}"
 
-    def finish_many(self, finished: list[tuple[Target, str | None, str | None]]) -> None:
-        """`finish` of every (target, watermark, completed_at) of a batched apply, in one round
-        trip (each is its own script call: a target's finish never depends on another's)."""
-        pipe = self.redis.pipeline(transaction=False)
+    def finish_many(self, finished: list[tuple[Target, str | None, str | None]]) -> list[bool]:
+        """After a commit: each (target, watermark, completed_at) leaves the due set unless newer
+        entries arrived, and its applied entries are trimmed, in one script call for a batch
+        (each target's finish depends on its own keys only). Returns which left the due set.
+
+        `completed_at`: the version is completed in the database; its completion flag is put
+        back (if Redis lost it), so that its late lines keep being applied.
+        """
+        if not finished:
+            return []
+        keys, args = [self.keys.due], []
         for target, watermark, completed_at in finished:
-            if completed_at is not None:
-                pipe.set(self.keys.done(target), completed_at, nx=True)
-            keys = [self.keys.stream(target), self.keys.due]
-            self._finish(keys=keys, args=[target.key, watermark or ""], client=pipe)
-        pipe.execute()
+            keys += [self.keys.stream(target), self.keys.done(target)]
+            args += [target.key, watermark or "", completed_at or ""]
+        return [bool(left) for left in self._finish(keys=keys, args=args)]
 
     def finish(self, target: Target, watermark: str | None, completed_at: str | None = None) -> bool:
-        """After a commit: leave the due set unless newer entries arrived; trim applied entries.
-
-        `completed_at`: the version is completed in the database; put its completion flag back
-        (if Redis lost it) in the same round trip, so its late lines keep being applied.
-        """
-        keys, args = [self.keys.stream(target), self.keys.due], [target.key, watermark or ""]
-        if completed_at is None:
-            return bool(self._finish(keys=keys, args=args))
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.keys.done(target), completed_at, nx=True)
-        self._finish(keys=keys, args=args, client=pipe)
-        return bool(pipe.execute()[-1])
+        """`finish_many` of one target."""
+        return self.finish_many([(target, watermark, completed_at)])[0]
 
     # -- failing applies and quarantine ------------------------------------------------------
 
@@ -614,13 +618,12 @@ class Snapshot:
     failed: bool = False  # an earlier apply failed: a success clears the count
 
 
-def _snapshot(answers: list[Any], count: int) -> Snapshot:
-    """One target's four answers in `Staging.snapshots`' pipeline."""
-    done, batch, quarantined, failed = answers
-    entries = [(raw_id.decode(), Entry.from_json(fields[b"e"])) for raw_id, fields in batch]
-    return Snapshot(
-        bool(done), entries, whole=len(batch) < count, quarantined=bool(quarantined), failed=bool(failed)
-    )
+def after_watermark(entries: list[tuple[str, Entry]], watermark: str | None) -> list[tuple[str, Entry]]:
+    """The (stream id, entry) pairs of `entries` after `watermark` (None: all of them)."""
+    if not watermark:
+        return entries
+    after = _stream_order(watermark)
+    return [(stream_id, entry) for stream_id, entry in entries if _stream_order(stream_id) > after]
 
 
 def _stream_order(stream_id: str) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -166,6 +166,7 @@ class Applier:
     joining: dict[Target, list[Entry]] = field(default_factory=dict)
     completing: dict[Target, None] = field(default_factory=dict)
     rejects: list[Reject] = field(default_factory=list)  # recorded by the caller after the commit
+    absent: dict[tuple[str, ...], None] = field(default_factory=dict)  # owners `prefetch` found missing
     # Property definitions, read (from the process cache) at the first `set`: store/definitions.py.
     defined: Mapping[str, Definition] | None = None
 
@@ -406,12 +407,14 @@ class Applier:
         if key not in self.owners:
             # A version is usually registered (building) before it completes: one statement.
             names = {"dataset": target.dataset, "name": target.version}
-            row: Any = self.conn.execute(_SELECT_VERSION, names).first()
+            absent = key in self.absent  # `prefetch` found none: straight to the INSERT
+            row: Any = None if absent else self.conn.execute(_SELECT_VERSION, names).first()
             if row is None:
                 row = self._get_or_create(
                     _VERSIONS,
                     {"dataset_id": self.dataset(target.dataset).id, "name": target.version},
                     {"status": "building", "properties": {}, "created_at": self.now, "updated_at": self.now},
+                    absent=absent,
                 )
             self.owners[key] = Owner("version", row.id, row.properties or {}, status=row.status)
         return self.owners[key]
@@ -419,22 +422,106 @@ class Applier:
     def datum(self, execution: str, path: str) -> Owner:
         key = ("datum", execution, path)
         if key not in self.owners:
-            row = self._get_or_create(
-                _DATUMS,
-                {"execution": execution, "path": path},
-                {"properties": {}, "created_at": self.now, "updated_at": self.now},
-            )
+            natural = {"execution": execution, "path": path}
+            defaults = {"properties": {}, "created_at": self.now, "updated_at": self.now}
+            # `prefetch` found none: straight to the INSERT (which still tolerates a racing one).
+            row = self._get_or_create(_DATUMS, natural, defaults, absent=key in self.absent)
             self.owners[key] = Owner("datum", row.id, row.properties or {})
         return self.owners[key]
 
-    def _get_or_create(self, table: Table, natural: dict[str, Any], defaults: dict[str, Any]) -> Any:
+    def prefetch(self, work: list[tuple[Target, list[Entry], bool]]) -> None:
+        """The owner rows a batch will touch, a few statements per table instead of one or two
+        per row. `work`: each target (sorted), the entries after its watermark that its snapshot
+        holds, and whether its completion flag is set.
+
+        Only rows that no apply of the batch looks for, and that the applies one by one would
+        create anyway, are created here: the datasets of the version targets and of the dataset
+        targets with entries, and the datums of the member entries of a version that completes
+        now (its every member entry names a file of it). Versions are only read: a `from`
+        earlier in the batch must find a later target's version missing, as it would one by
+        one; nor are other datums created (a late member entry may still be refused without
+        creating its datum). One found missing is created at its first use by a single INSERT.
+        """
+        datasets = {
+            t.dataset for t, entries, _ in work if t.kind == "version" or (t.kind == "dataset" and entries)
+        }
+        self._fetch(_DATASETS, [{"name": n} for n in sorted(datasets)], create=True)
+        versions = [
+            {"dataset_id": self.dataset(t.dataset).id, "name": t.version}
+            for t, _, _ in work
+            if t.kind == "version"
+        ]
+        self._fetch(_VERSIONS, versions, create=False)
+        created: dict[tuple[str, str], None] = {}
+        for target, entries, done in work:
+            if target.kind != "version" or not done:
+                continue
+            found = self.owners.get(("version", target.dataset, target.version))
+            if found is None or found.status != "completed":
+                created.update(((e.source.execution, e.path), None) for e in entries if e.op == "member")
+        self._fetch(_DATUMS, [{"execution": e, "path": p} for e, p in created], create=True)
+        self._fetch(_DATUMS, _datums_of(e for _, entries, _ in work for e in entries), create=False)
+
+    def prefetching(self, entries: Iterable[tuple[str, Entry]]) -> Iterator[tuple[str, Entry]]:
+        """`entries` as they are, with the datums they name read ahead a chunk at a time (the
+        part of a long stream that no snapshot held)."""
+        chunk: list[tuple[str, Entry]] = []
+        for item in entries:
+            chunk.append(item)
+            if len(chunk) == _IN_CHUNK:
+                self._fetch(_DATUMS, _datums_of(e for _, e in chunk), create=False)
+                yield from chunk
+                chunk = []
+        self._fetch(_DATUMS, _datums_of(e for _, e in chunk), create=False)
+        yield from chunk
+
+    def _fetch(self, table: Table, naturals: list[dict[str, Any]], *, create: bool) -> None:
+        """Put the rows of `naturals` (natural keys) in the cache, read in chunks; the missing
+        ones created in one executemany (`create`), or else remembered as absent."""
+        if not naturals:
+            return
+        kind = _KINDS[table.name]
+        datasets = (
+            {owner.id: key[1] for key, owner in self.owners.items() if key[0] == "dataset"}
+            if kind == "version"
+            else {}
+        )
+        wanted = {_cache_key(kind, n, datasets): n for n in naturals}
+        missing = self._read(table, kind, {k: n for k, n in wanted.items() if k not in self.owners}, datasets)
+        if missing and create:
+            defaults: dict[str, Any] = {"properties": {}, "created_at": self.now, "updated_at": self.now}
+            if kind == "version":
+                defaults["status"] = "building"
+            rows = [{**n, **defaults} for n in missing.values()]
+            self.conn.execute(_statements(self.conn).create_rows[table.name], rows)
+            missing = self._read(table, kind, missing, datasets)
+            assert not missing, f"{kind} rows neither found nor created: {list(missing)[:3]}"
+        self.absent.update(dict.fromkeys(missing))
+
+    def _read(
+        self, table: Table, kind: str, wanted: dict[tuple[str, ...], dict[str, Any]], datasets: dict[int, str]
+    ) -> dict[tuple[str, ...], dict[str, Any]]:
+        """Cache the rows of `wanted` that exist; the rest is returned."""
+        left = dict(wanted)
+        items = list(wanted.values())
+        for start in range(0, len(items), _IN_CHUNK):
+            for row in self.conn.execute(_fetch_statement(table, items[start : start + _IN_CHUNK])):
+                key = _cache_key(kind, dict(row._mapping), datasets)
+                if left.pop(key, None) is not None:
+                    status = row.status if kind == "version" else None
+                    self.owners[key] = Owner(kind, row.id, row.properties or {}, status=status)
+        return left
+
+    def _get_or_create(
+        self, table: Table, natural: dict[str, Any], defaults: dict[str, Any], *, absent: bool = False
+    ) -> Any:
         # SELECT, then INSERT .. ON CONFLICT DO NOTHING RETURNING: two applies of different
         # targets that create the same dataset or datum at once both succeed (the second waits
         # for the first on PostgreSQL's unique index) instead of one failing with an
         # IntegrityError. The INSERT returns nothing when another apply created the row since
         # our SELECT; the second SELECT then finds theirs.
         statements = _statements(self.conn)
-        row = self.conn.execute(statements.select_row[table.name], natural).first()
+        row = None if absent else self.conn.execute(statements.select_row[table.name], natural).first()
         if row is None:
             row = self.conn.execute(statements.insert_row[table.name], {**natural, **defaults}).first()
         if row is None:
@@ -511,6 +598,42 @@ _NATURAL = {
 }
 
 
+_KINDS = {"datasets": "dataset", "dataset_versions": "version", "datums": "datum"}
+
+
+def _datums_of(entries: Iterable[Entry]) -> list[dict[str, Any]]:
+    """The natural keys of the datums `entries` name (a member entry's, a datum entry's)."""
+    found: dict[tuple[str, str], None] = {}
+    for entry in entries:
+        if entry.op == "member" and entry.source.execution:
+            found[(entry.source.execution, entry.path)] = None
+        elif entry.target.kind == "execution":
+            found[(entry.target.execution, entry.path)] = None
+    return [{"execution": e, "path": p} for e, p in found]
+
+
+def _cache_key(kind: str, natural: dict[str, Any], datasets: dict[int, str]) -> tuple[str, ...]:
+    """An owner's key in `Applier.owners` from its natural key (`datasets`: names by id)."""
+    if kind == "dataset":
+        return ("dataset", natural["name"])
+    if kind == "version":
+        return ("version", datasets[natural["dataset_id"]], natural["name"])
+    return ("datum", natural["execution"], natural["path"])
+
+
+def _fetch_statement(table: Table, naturals: list[dict[str, Any]]) -> Any:
+    """The rows of `naturals` (all with the same natural-key columns) in one SELECT."""
+    names = _NATURAL[table.name]
+    columns = [table.c.id, table.c.properties, *(table.c[n] for n in names)]
+    if table is _VERSIONS:
+        columns.append(table.c.status)
+    if len(names) == 1:
+        return select(*columns).where(table.c[names[0]].in_([n[names[0]] for n in naturals]))
+    return select(*columns).where(
+        tuple_(*(table.c[n] for n in names)).in_([tuple(n[k] for k in names) for n in naturals])
+    )
+
+
 @dataclass(frozen=True)
 class _Statements:
     """The statements whose SQL depends on the dialect (ON CONFLICT)."""
@@ -520,6 +643,7 @@ class _Statements:
     insert_mark: Any
     save_mark: Any
     insert_member: Any
+    create_rows: dict[str, Any]  # INSERT .. ON CONFLICT DO NOTHING, for an executemany
 
 
 def _build(dialect: str) -> _Statements:
@@ -541,6 +665,7 @@ def _build(dialect: str) -> _Statements:
         insert_mark=insert(_MARKS).on_conflict_do_nothing(),
         save_mark=save,
         insert_member=insert(_FILES).on_conflict_do_nothing(),
+        create_rows={t.name: insert(t).on_conflict_do_nothing() for t in (_DATASETS, _VERSIONS, _DATUMS)},
     )
 
 
