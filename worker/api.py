@@ -47,9 +47,10 @@ from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
 from .staging import RedisError, Staging
 from .store import datums, definitions, queries, writes
+from .store.last_used import touch_last_used
 from .store.platform import record_platform_ids
 from .store.queries import FILES_PAGE
-from .store.writes import current_properties, touch_last_used
+from .store.writes import current_properties
 from .uris import Target
 from .web import mount_web
 from .webhooks import Action, parse_event, signature_problem

@@ -71,12 +71,30 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)  # from the platform's events
+    # `valohai.last-used` (ISO-8601 text as shown): its own column, out of `properties` and the
+    # history, since every read of a version changes it. Shown, searched and sorted as a property.
+    last_used: Mapped[str | None] = mapped_column(String(64))
     # What the properties break of their definitions (`warn` ones): [{"key", "rule", "value"}].
     violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     versions: Mapped[list[DatasetVersion]] = relationship(back_populates="dataset")
+
+    @property
+    def shown_properties(self) -> dict[str, Any]:
+        return shown(self.properties, self.last_used)
+
+
+LAST_USED = "valohai.last-used"
+
+
+def shown(properties: dict[str, Any] | None, last_used: str | None) -> dict[str, Any]:
+    """The properties as the API shows them: the stored set plus `valohai.last-used`."""
+    out = dict(properties or {})
+    if last_used is not None:
+        out[LAST_USED] = last_used
+    return out
 
 
 class DatasetVersion(Base):
@@ -95,6 +113,7 @@ class DatasetVersion(Base):
     status: Mapped[str] = mapped_column(String(16), default="building")
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)
+    last_used: Mapped[str | None] = mapped_column(String(64))  # as Dataset
     violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)  # as Dataset
     # Membership as the datums asked for it (`from`, `exclude`, `start_fresh`, `targeting_aliases`,
     # `packaging`), folded from their `valohai.dataset-versions` items; acted on at completion.
@@ -107,6 +126,10 @@ class DatasetVersion(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     dataset: Mapped[Dataset] = relationship(back_populates="versions")
+
+    @property
+    def shown_properties(self) -> dict[str, Any]:
+        return shown(self.properties, self.last_used)
 
     @property
     def uri(self) -> str:

@@ -222,7 +222,7 @@ def dataset_json(row: Dataset, latest: DatasetVersion | None = None) -> dict[str
         "id": row.uid,
         "name": row.name,
         "uri": f"dataset://{row.name}",
-        "properties": row.properties or {},
+        "properties": row.shown_properties,
         "tags": list(row.tags or []),
         "violations": list(row.violations or []),
         "latest_version": None if latest is None else _version_ref(latest, row.name),
@@ -307,7 +307,7 @@ def versions_json(
                 "dataset": {"id": row.dataset.uid, "name": row.dataset.name},
                 "uri": row.uri,
                 "status": row.status,
-                "properties": row.properties or {},
+                "properties": row.shown_properties,
                 "tags": list(row.tags or []),
                 "violations": list(row.violations or []),
                 "aliases": names.get(row.id, []),
@@ -450,7 +450,7 @@ def stale(session: Session, cutoff: datetime) -> list[dict[str, Any]]:
     owners: list[tuple[str, Any]] = [("dataset", Dataset), ("version", DatasetVersion)]
     for kind, model in owners:
         for row in session.scalars(select(model).order_by(model.id)):
-            used = (row.properties or {}).get("valohai.last-used")
+            used = row.last_used
             when = _parse_time(used) if isinstance(used, str) else None
             reference = when or _aware(row.created_at)
             if reference < cutoff:
