@@ -28,13 +28,14 @@ from .checksums import check_execution
 from .keys import Keys
 from .settings import Settings
 from .staging import REDIS_TRANSIENT, Staging
-from .store import quarantine
+from .store import definitions, quarantine
 from .uris import Target
 
 log = logging.getLogger(__name__)
 
 APPLY_TASK = "sidecar.apply"
 CHECKSUM_TASK = "sidecar.checksums"
+RECHECK_TASK = "sidecar.recheck"
 Enqueue = Callable[[str], None]
 
 # Errors worth a retry: the database or Redis is down or locked for now.
@@ -132,6 +133,25 @@ def make_app(settings: Settings) -> Celery:
         except TRANSIENT as exc:
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
 
+    @app.task(name=RECHECK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    def recheck(self: Task[Any, Any]) -> dict[str, Any]:
+        """Every owner checked against the definitions after a change (store/definitions.py).
+        Duplicates are cheap: one finds the generation checked already, or stops at the first
+        batch when another moved the cursor; a redelivered one resumes at the cursor."""
+        engine, _ = resources.get()
+        try:
+            done = definitions.recheck(engine)
+        except TRANSIENT as exc:  # a deadlock with an apply, too: the next try resumes the cursor
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+        if done.outcome == "done":
+            log.info(
+                "recheck: %d checked, %d changed, %d with violations",
+                done.checked,
+                done.changed,
+                done.violating,
+            )
+        return {"outcome": done.outcome, "checked": done.checked, "changed": done.changed}
+
     return app
 
 
@@ -228,6 +248,18 @@ def retry_targets(engine: Engine, staging: Staging, enqueue: Enqueue, targets: l
     return targets
 
 
+def send_recheck(app: Celery) -> bool:
+    """Ask a worker to re-check after a definition change; False (logged) if the broker is away.
+    The change itself moved the generation, so `sidecar status` shows the re-check as pending
+    and `sidecar definitions recheck` runs it, whatever happens to this message."""
+    try:
+        app.send_task(RECHECK_TASK, queue=app.conf.task_default_queue)
+    except Exception as exc:
+        log.warning("could not send the definitions recheck (%s); `sidecar definitions recheck` runs it", exc)
+        return False
+    return True
+
+
 class Enqueuer:
     """Sends apply tasks; what the watcher, the webhook and the CLI call."""
 
@@ -236,3 +268,7 @@ class Enqueuer:
 
     def __call__(self, target_key: str) -> None:
         self.app.send_task(APPLY_TASK, args=[target_key], queue=self.app.conf.task_default_queue)
+
+    def recheck(self) -> None:
+        """After a definition change (the API's PUT and DELETE)."""
+        send_recheck(self.app)
