@@ -5,6 +5,7 @@ and the lock that orders changes against applies on PostgreSQL. Both databases."
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,8 +19,8 @@ from worker.api import create_app
 from worker.staging import Staging
 from worker.status import collect, recheck_report
 from worker.store import definitions as stored
-from worker.store.db import writer
-from worker.store.models import Dataset, DatasetVersion, Datum
+from worker.store.db import make_engine, writer
+from worker.store.models import Base, Dataset, DatasetVersion, Datum
 
 pytestmark = pytest.mark.redis
 
@@ -134,12 +135,20 @@ def test_the_api_asks_for_a_recheck_after_a_change_only(engine: Engine, staging:
     assert len(asked) == 3
 
 
+@pytest.fixture
+def pg_engine(pg_schema_url: str) -> Iterator[Engine]:
+    """PostgreSQL only (SQLite has one writer at a time: a change and an apply never overlap)."""
+    engine = make_engine(pg_schema_url)
+    Base.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
 @pytest.mark.postgres
-def test_a_change_waits_for_an_apply_that_read_the_definitions(database_url: str, engine: Engine) -> None:
+def test_a_change_waits_for_an_apply_that_read_the_definitions(pg_engine: Engine) -> None:
     """PostgreSQL: the apply's read holds the generation (FOR KEY SHARE) to its commit, so a change
     cannot commit between an apply's read of the old definitions and its write."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite has one writer at a time")
+    engine = pg_engine
     changed = threading.Event()
 
     def change() -> None:
