@@ -8,6 +8,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -241,5 +242,37 @@ def test_upgrading_moves_last_used_out_of_properties_and_history_into_its_column
             assert shown["properties"] == dataset
             ask = queries.ListQuery(filter='`valohai.last-used` > "2026-05-01"')
             assert [v.name for v in queries.list_versions(session, ask)[1]] == ["v1"]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("defined", [True, False])
+def test_upgrading_with_definitions_leaves_one_recheck_pending(database_url: str, defined: bool) -> None:
+    """The definition_recheck migration: definitions made before it were re-checked by hand if
+    at all, so it asks for one pass when any exist, and for none on a database without any."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    from worker.status import recheck_report
+    from worker.store import definitions
+
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, _revision_before("_definition_recheck.py", engine))
+        if defined:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO property_definitions (key, scopes, type, allowed_values, required,"
+                        " description, display_name, enforcement, updated_at) VALUES ('n', :s, 'string',"
+                        " '[]', :f, '', '', 'warn', :t)"
+                    ),
+                    {"s": json.dumps(["dataset"]), "f": False, "t": datetime(2026, 12, 1, tzinfo=UTC)},
+                )
+        upgrade(engine)
+        assert recheck_report(engine)["state"] == ("pending" if defined else "current")
+        assert definitions.recheck(engine).outcome == ("done" if defined else "current")
+        assert recheck_report(engine)["state"] == "current"
     finally:
         engine.dispose()
