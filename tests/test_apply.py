@@ -151,3 +151,25 @@ def test_concurrent_applies_never_apply_twice(engine: Engine, staging: Staging) 
     with Session(engine) as s:
         assert s.scalar(select(Watermark.stream_id).where(Watermark.target == V1.key)) is not None
         assert len(s.scalars(select(PropertyChange)).all()) == 200
+
+
+def test_last_used_is_a_column_out_of_the_history_yet_shown_searched_and_sorted(engine: Engine) -> None:
+    from datetime import datetime
+
+    from sqlalchemy import func
+
+    from worker.store import queries
+    from worker.store.last_used import touch_last_used
+    from worker.store.models import DatasetVersion, PropertyChange
+    from worker.uris import Target
+
+    for name, stamp in (("v1", "2026-05-01T00:00:00+00:00"), ("v2", "2026-04-01T00:00:00+00:00")):
+        touch_last_used(engine, Target("version", "lu", name), datetime.fromisoformat(stamp))
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(PropertyChange)) == 0
+        row = session.scalars(select(DatasetVersion).where(DatasetVersion.name == "v1")).one()
+        assert row.properties == {} and row.last_used == "2026-05-01T00:00:00+00:00"
+        ask = queries.ListQuery(filter='`valohai.last-used` < "2026-04-15"')
+        assert [v.name for v in queries.list_versions(session, ask)[1]] == ["v2"]
+        ask = queries.ListQuery(ordering="`valohai.last-used`")
+        assert [v.name for v in queries.list_versions(session, ask)[1]] == ["v2", "v1"]

@@ -414,7 +414,7 @@ def test_an_alias_uri_works_wherever_a_version_uri_does(
         complete(engine, staging, "exec-2")
         event = {"type": "execution_started", "data": {"inputs": {"train": ["dataset://ds/staging"]}}}
         assert client.post("/webhooks/events", json=event).status_code == 202
-    assert "valohai.last-used" in version(engine, "dataset://ds/v2").properties
+    assert "valohai.last-used" in version(engine, "dataset://ds/v2").shown_properties
     monkeypatch.setenv("SIDECAR_REDIS_PREFIX", settings.redis_prefix)
     flags = ["--database-url", settings.effective_database_url, "--redis-url", settings.effective_redis_url()]
     assert main(["props", "set", *flags, "dataset://ds/production", "checked=true"]) == 0

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.orm import Session
 
@@ -15,7 +19,7 @@ from tests.test_search_sets import fill, ordered, version_names
 from worker.limits import path_text
 from worker.query import matches, parse
 from worker.store.db import make_engine
-from worker.store.migrate import upgrade
+from worker.store.migrate import alembic_config, upgrade
 from worker.store.models import Base
 from worker.store.queries import ListQuery, list_versions
 
@@ -260,5 +264,126 @@ def test_upgrading_to_0007_keeps_every_indexed_row_searchable(database_url: str)
             for ordering in ("s", "-s", "t", "n"):
                 _, rows = list_versions(session, ListQuery(ordering=ordering, limit=100))
                 assert [r.name for r in rows] == ordered(items, ordering), ordering
+    finally:
+        engine.dispose()
+
+
+def _revision_before(migration_file: str, engine: Engine) -> str:
+    """The revision a migration upgrades from, by its file name, so the test follows a re-chain."""
+    scripts = ScriptDirectory.from_config(alembic_config(engine))
+    (script,) = [s for s in scripts.walk_revisions() if s.path.endswith(migration_file)]
+    down = script.down_revision
+    assert isinstance(down, str)
+    return down
+
+
+def test_upgrading_moves_last_used_out_of_properties_and_history_into_its_column(
+    database_url: str,
+) -> None:
+    """The last_used migration on a filled database: each stored `valohai.last-used` moves into
+    the column, out of the property set; its history rows go, other history stays; the index row
+    the old apply wrote still finds and sorts it, and the API shows it as before."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from worker.ids import new_id
+    from worker.store import queries
+    from worker.store.index import index_rows
+
+    engine = make_engine(database_url)
+    start = datetime(2026, 4, 1, tzinfo=UTC)
+    used = {"dataset": "2026-05-03T00:00:00+00:00", "v1": "2026-05-02T00:00:00+00:00"}
+    try:
+        upgrade(engine, _revision_before("_last_used_column.py", engine))
+        with engine.begin() as conn:
+            dataset = {"domain": "d", "valohai.last-used": used["dataset"]}
+            conn.execute(
+                text(
+                    "INSERT INTO datasets (id, uid, name, properties, created_at, updated_at)"
+                    " VALUES (1, :u, 'ds', :p, :t, :t)"
+                ),
+                {"u": new_id(), "p": json.dumps(dataset), "t": start},
+            )
+            versions: dict[int, dict[str, Any]] = {1: {"n": 1, "valohai.last-used": used["v1"]}, 2: {"n": 2}}
+            for i, properties in versions.items():
+                conn.execute(
+                    text(
+                        "INSERT INTO dataset_versions (id, uid, dataset_id, name, status, properties,"
+                        " created_at, updated_at) VALUES (:i, :u, 1, :n, 'building', :p, :t, :t)"
+                    ),
+                    {"i": i, "u": new_id(), "n": f"v{i}", "p": json.dumps(properties), "t": start},
+                )
+            rows = index_rows("dataset", 1, dataset)
+            rows += [row for i, p in versions.items() for row in index_rows("version", i, p)]
+            conn.execute(
+                text(
+                    "INSERT INTO property_index (owner_kind, owner_id, path, vtype, num, str_key,"
+                    " str_value, str_lower, bool_value) VALUES (:owner_kind, :owner_id, :path, :vtype,"
+                    " :num, :str_key, :str_value, :str_lower, :bool_value)"
+                ),
+                rows,
+            )
+            history = [
+                ("dataset", 1, "valohai.last-used", used["dataset"]),
+                ("version", 1, "valohai.last-used", used["v1"]),
+                ("version", 1, "n", 1),
+            ]
+            source = json.dumps({"origin": "platform"})
+            for kind, owner, key, new in history:
+                conn.execute(
+                    text(
+                        "INSERT INTO property_changes (owner_kind, owner_id, key, old, new, source,"
+                        " changed_at) VALUES (:k, :o, :key, NULL, :new, :s, :t)"
+                    ),
+                    {"k": kind, "o": owner, "key": key, "new": json.dumps(new), "s": source, "t": start},
+                )
+        upgrade(engine)
+        with Session(engine) as session:
+            ds = queries.get_dataset(session, 1)
+            assert ds.properties == {"domain": "d"} and ds.last_used == used["dataset"]
+            v1, v2 = queries.get_version(session, 1), queries.get_version(session, 2)
+            assert v1.properties == {"n": 1} and v1.last_used == used["v1"]
+            assert v2.properties == {"n": 2} and v2.last_used is None
+            changes = session.execute(text("SELECT owner_kind, owner_id, key FROM property_changes")).all()
+            assert [tuple(c) for c in changes] == [("version", 1, "n")]
+            assert queries.version_json(session, v1)["properties"] == versions[1]
+            (shown,) = queries.datasets_json(session, [ds])
+            assert shown["properties"] == dataset
+            ask = queries.ListQuery(filter='`valohai.last-used` > "2026-05-01"')
+            assert [v.name for v in queries.list_versions(session, ask)[1]] == ["v1"]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("defined", [True, False])
+def test_upgrading_with_definitions_leaves_one_recheck_pending(database_url: str, defined: bool) -> None:
+    """The definition_recheck migration: definitions made before it were re-checked by hand if
+    at all, so it asks for one pass when any exist, and for none on a database without any."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    from worker.status import recheck_report
+    from worker.store import definitions
+
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, _revision_before("_definition_recheck.py", engine))
+        if defined:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO property_definitions (key, scopes, type, allowed_values, required,"
+                        " description, display_name, enforcement, updated_at) VALUES ('n', :s, 'string',"
+                        " '[]', :f, '', '', 'warn', :t)"
+                    ),
+                    {"s": json.dumps(["dataset"]), "f": False, "t": datetime(2026, 12, 1, tzinfo=UTC)},
+                )
+        upgrade(engine)
+        assert recheck_report(engine)["state"] == ("pending" if defined else "current")
+        assert definitions.recheck(engine).outcome == ("done" if defined else "current")
+        assert recheck_report(engine)["state"] == "current"
     finally:
         engine.dispose()

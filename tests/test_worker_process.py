@@ -24,11 +24,14 @@ from sqlalchemy.orm import Session
 
 from tests.e2e_helpers import clean_env, kill_group, stop_group, wait_until
 from tests.helpers import fold, forget_broker_state
+from worker.definitions import parse
 from worker.ingest import Ingestor
 from worker.settings import Settings
 from worker.staging import Staging
+from worker.status import collect
+from worker.store import definitions as stored
 from worker.store.models import Dataset, DatasetVersion, PropertyChange, Watermark
-from worker.tasks import Enqueuer, make_app
+from worker.tasks import Enqueuer, make_app, send_recheck
 from worker.uris import Target
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -307,3 +310,48 @@ def test_sigkill_mid_apply_then_a_new_worker_converges_without_duplicates(
         ds = s.scalar(select(Dataset).where(Dataset.name == "wp-big"))
         assert ds is not None and ds.properties == {}
         assert s.scalar(select(Watermark.stream_id).where(Watermark.target == big.key)) is not None
+
+
+# -- a definition change is re-checked by the worker ---------------------------------------------
+
+
+def test_a_definition_change_is_rechecked_by_the_worker(
+    settings: Settings, staging: Staging, engine: Engine, workers: list[Worker], tmp_path: Path
+) -> None:
+    v1 = Target("version", "wr", "v1")
+    root = settings.require_root()
+    path = root / "exec-1" / "valohai.metadata.jsonl"
+    write_lines(path, [{"n": "x"}], v1.key)
+    Ingestor(root, staging, line_limit=settings.line_limit).ingest(path)
+    worker = start_worker(settings, workers, tmp_path)
+    enqueue = Enqueuer(make_app(settings))
+    for key in staging.complete_version(v1):
+        enqueue(key)
+    wait_until(lambda: version_row(engine, v1) == ("completed", {"n": "x"}), timeout=DEADLINE, what="applied")
+
+    def violations() -> list[Any]:
+        with Session(engine) as s:
+            return list(s.scalars(select(DatasetVersion.violations)))
+
+    assert violations() == [[]]
+    stored.apply_definitions(engine, [parse({"key": "n", "type": "integer"})])
+    assert collect(staging, stuck_after=3600, engine=engine)["definitions_recheck"]["state"] == "pending"
+    assert send_recheck(make_app(settings))
+    wait_until(
+        lambda: violations() == [[{"key": "n", "rule": "type", "value": "x"}]],
+        timeout=DEADLINE,
+        what=f"the version's violation (worker log:\n{worker.log()[-3000:]})",
+    )
+    shown = wait_until(
+        lambda: (
+            (r := collect(staging, stuck_after=3600, engine=engine)["definitions_recheck"])["state"]
+            == "current"
+            and r
+        ),
+        timeout=DEADLINE,
+        what="the re-check finished in status",
+    )
+    assert shown["violating"] == 1 and shown["changed"] == 1
+    stored.remove(engine, "n")
+    assert send_recheck(make_app(settings))
+    wait_until(lambda: violations() == [[]], timeout=DEADLINE, what="the violation gone")

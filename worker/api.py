@@ -48,10 +48,11 @@ from .errors import BadURI, InvalidEntry, NotFound
 from .query import FilterError
 from .staging import RedisError, Staging
 from .store import datums, definitions, queries, writes
+from .store.last_used import touch_last_used
 from .store.models import Dataset as DatasetRow
 from .store.platform import record_platform_ids
 from .store.queries import FILES_PAGE
-from .store.writes import current_properties, touch_last_used
+from .store.writes import current_properties
 from .uris import Target
 from .web import mount_web
 from .webhooks import Action, parse_event, signature_problem
@@ -80,8 +81,11 @@ def create_app(
     api_token: str | None = None,
     watcher_max_age: float = 120.0,
     allowed_origins: Sequence[str] = (),
+    recheck: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine."""
+    """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine.
+    `recheck` asks for the background re-check after a definition change (without one, it waits
+    for `sidecar definitions recheck`; `sidecar status` shows it pending)."""
     app = FastAPI(title="Dataset properties sidecar", version=__version__)
     _error_handlers(app)
     _health_routes(app, engine, staging, watcher_max_age)
@@ -98,7 +102,7 @@ def create_app(
     _resolve_route(app, engine)  # before /dataset-versions/{id}/, which would match "resolve"
     explore_routes(app, engine)  # before /{id}/ routes too: "facets" is no id
     saved_routes(app, engine)
-    definition_routes(app, engine)
+    definition_routes(app, engine, recheck or (lambda: None))
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _metadata_routes(app, engine, staging, kind, base)

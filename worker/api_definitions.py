@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import orjson
@@ -78,8 +79,9 @@ def _body_schema() -> dict[str, Any]:
     }
 
 
-def definition_routes(app: FastAPI, engine: Engine) -> None:
-    """Register the property-definition routes on `app`."""
+def definition_routes(app: FastAPI, engine: Engine, recheck: Callable[[], None]) -> None:
+    """Register the property-definition routes on `app`; `recheck` is called after a change
+    committed (the re-check then finds the new generation)."""
 
     @app.get(
         "/api/v0/property-definitions/",
@@ -133,7 +135,9 @@ def definition_routes(app: FastAPI, engine: Engine) -> None:
             return error_response(400, "bad_request", f"not JSON: {exc}")
         except BadDefinition as exc:
             return JSONResponse({"error": "bad_request", "detail": str(exc), "field": exc.field}, 400)
-        shown, created = await run_in_threadpool(stored.put, engine, definition)
+        shown, created, changed = await run_in_threadpool(stored.put, engine, definition)
+        if changed:
+            await run_in_threadpool(recheck)
         return JSONResponse(shown, status_code=201 if created else 200)
 
     @app.delete(
@@ -144,4 +148,5 @@ def definition_routes(app: FastAPI, engine: Engine) -> None:
     def delete_definition(key: Key) -> Response:
         """Remove the definition: the key is free-form again."""
         stored.remove(engine, key)
+        recheck()
         return Response(status_code=204)

@@ -169,10 +169,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     engine = connections.engine(settings)
     if args.migrate:
         upgrade(engine)
+    enqueue = Enqueuer(make_app(settings))
     app = create_app(
         engine,
         connections.staging(settings),
-        Enqueuer(make_app(settings)),
+        enqueue,
+        recheck=enqueue.recheck,
         webhook_secret=settings.webhook_secret,
         api_token=settings.api_token,
         watcher_max_age=3 * settings.rescan_interval + 30,

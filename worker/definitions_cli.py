@@ -10,10 +10,11 @@ from typing import Any
 import yaml
 
 from .definitions import Definition, parse
-from .errors import BadDefinition, InvalidEntry
+from .errors import BadDefinition, ConfigError, InvalidEntry
 from .settings import Settings
 from .store import definitions as stored
 from .store.db import make_engine
+from .tasks import make_app, send_recheck
 
 
 def read_file(path: str) -> list[Definition]:
@@ -52,7 +53,21 @@ def cmd_apply(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  {'+' if step.action == 'added' else '~'} {step.key}")
     verb = "would be" if args.dry_run else "were"
     print(f"{counts['added']} added, {counts['changed']} changed, {counts['unchanged']} unchanged ({verb})")
+    if not args.dry_run and (counts["added"] or counts["changed"]):
+        _ask_recheck(settings)
     return 0
+
+
+def _ask_recheck(settings: Settings) -> None:
+    """The change is committed whatever happens here; without a broker the re-check waits (it is
+    pending in `sidecar status`) for a worker or for `sidecar definitions recheck`."""
+    try:
+        sent = send_recheck(make_app(settings))
+    except ConfigError as exc:
+        print(f"no broker to ask a worker ({exc}); run `sidecar definitions recheck`", file=sys.stderr)
+        return
+    if sent:
+        print("existing datasets, versions and datums are re-checked in the background (`sidecar status`)")
 
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
@@ -77,7 +92,7 @@ def _exported(shown: dict[str, Any]) -> dict[str, Any]:
 def cmd_recheck(settings: Settings, args: argparse.Namespace) -> int:
     engine = make_engine(settings.effective_database_url)
     try:
-        done = stored.recheck(engine, dry_run=args.dry_run)
+        done = stored.count_violations(engine) if args.dry_run else stored.recheck(engine, force=True)
     finally:
         engine.dispose()
     verb = "would change" if args.dry_run else "changed"

@@ -75,7 +75,7 @@ def _props(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
                 if kind == "dataset"
                 else queries.get_version(session, owner_id)
             )
-            _print_json(owner.properties or {})
+            _print_json(owner.shown_properties)
         return 0
     changes = _changes(args)
     staging = connections.staging(settings)
@@ -124,10 +124,10 @@ def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
     with _engine(settings) as engine, Session(engine) as session:
         if args.versions:
             count, versions = queries.list_versions(session, ask)
-            rows = [{"uri": v.uri, "status": v.status, "properties": v.properties or {}} for v in versions]
+            rows = [{"uri": v.uri, "status": v.status, "properties": v.shown_properties} for v in versions]
         else:
             count, datasets = queries.list_datasets(session, ask)
-            rows = [{"uri": f"dataset://{d.name}", "properties": d.properties or {}} for d in datasets]
+            rows = [{"uri": f"dataset://{d.name}", "properties": d.shown_properties} for d in datasets]
     if args.json:
         _print_json({"count": count, "results": rows})
         return 0

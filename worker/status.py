@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from . import connections
 from .settings import Settings
 from .staging import Staging
+from .store import definitions as stored_definitions
 from .store.models import Dataset, DatasetVersion
 from .store.queries import iso
 
@@ -53,9 +54,45 @@ def collect(staging: Staging, *, stuck_after: float, engine: Engine | None = Non
     if engine is not None:
         try:
             report["version_problems"] = version_problems(engine)
+            report["definitions_recheck"] = recheck_report(engine)
         except SQLAlchemyError as exc:  # status must answer with the database away too
             report["version_problems_error"] = type(exc).__name__
+        waited = report.get("definitions_recheck", {}).get("waiting_seconds") or 0
+        if waited > stuck_after:
+            problems.append(
+                f"a definition change has waited {waited:.0f} s for its re-check (is a worker alive? "
+                "`sidecar definitions recheck` runs it here)"
+            )
     return report
+
+
+def recheck_report(engine: Engine) -> dict[str, Any]:
+    """The background re-check after definition changes: `state` is "current" (the last pass
+    covered every change), "running" (with its progress) or "pending" (none started since the
+    change); `waiting_seconds`: how long since the last sign of progress, while not current."""
+    row = stored_definitions.recheck_state(engine)
+    generation, checked = row["generation"], row["checked_generation"]
+    state = (
+        "current"
+        if checked >= generation
+        else "running"
+        if row["run_generation"] == generation
+        else "pending"
+    )
+    shown = {
+        "state": state,
+        "generation": generation,
+        "checked_generation": checked,
+        **{k: row.get(k) for k in ("total", "checked", "changed", "violating")},
+        **{k: iso(row.get(k)) for k in ("requested_at", "started_at", "progress_at", "finished_at")},
+        "waiting_seconds": None,
+    }
+    if state != "current":
+        last = row.get("progress_at") if state == "running" else row.get("requested_at")
+        if last is not None:
+            last = last if last.tzinfo else last.replace(tzinfo=UTC)  # SQLite drops the offset
+            shown["waiting_seconds"] = round((datetime.now(UTC) - last).total_seconds(), 3)
+    return shown
 
 
 def version_problems(engine: Engine, limit: int = VERSION_PROBLEMS_SHOWN) -> list[dict[str, Any]]:
@@ -133,6 +170,13 @@ def _print(report: dict[str, Any]) -> None:
         print(f"worker {w['name']}: alive at {w['at']}")
     if not report["workers"]:
         print("no worker alive")
+    _print_database(report)
+    for problem in report["problems"]:
+        print(f"PROBLEM: {problem}")
+
+
+def _print_database(report: dict[str, Any]) -> None:
+    """What status read from the database, when it could."""
     if "version_problems" in report:
         shown = report["version_problems"]
         print(f"versions completed with a membership problem (newest {VERSION_PROBLEMS_SHOWN}): {len(shown)}")
@@ -142,5 +186,21 @@ def _print(report: dict[str, Any]) -> None:
         print(
             f"versions with a membership problem: database unavailable ({report['version_problems_error']})"
         )
-    for problem in report["problems"]:
-        print(f"PROBLEM: {problem}")
+    if "definitions_recheck" in report:
+        print(_recheck_line(report["definitions_recheck"]))
+
+
+def _recheck_line(r: dict[str, Any]) -> str:
+    if r["state"] == "current":
+        if not r["finished_at"]:
+            return "definitions re-check: nothing to do"
+        return (
+            f"definitions re-check: current (finished {r['finished_at']}: {r['checked']} checked, "
+            f"{r['changed']} changed, {r['violating']} with violations)"
+        )
+    if r["state"] == "running":
+        return (
+            f"definitions re-check: running, {r['checked']} of ~{r['total']} checked, {r['changed']} changed "
+            f"(started {r['started_at']})"
+        )
+    return f"definitions re-check: pending since {r['requested_at']} (no worker has started it)"

@@ -32,7 +32,7 @@ from .checksums import check_execution
 from .keys import Keys
 from .settings import Settings
 from .staging import REDIS_TRANSIENT, Staging
-from .store import quarantine
+from .store import definitions, quarantine
 from .uris import Target
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ APPLY_TASK = "sidecar.apply"
 BATCH_TASK = "sidecar.apply_batch"
 DRAIN_TASK = "sidecar.drain"
 CHECKSUM_TASK = "sidecar.checksums"
+RECHECK_TASK = "sidecar.recheck"
 
 # Errors worth a retry: the database or Redis is down or locked for now.
 TRANSIENT: tuple[type[Exception], ...] = (
@@ -129,22 +130,7 @@ def make_app(settings: Settings) -> Celery:
         """Apply every target due for longer than `older_than` seconds, in batches (see
         `Health.sweep`). A transient error ends the drain; the next sweep sends another."""
         engine, staging = resources.get()
-        done = 0
-        try:
-            keys = staging.due_targets(older_than)
-            for start in range(0, len(keys), settings.apply_batch):
-                batch = [Target.parse(k) for k in keys[start : start + settings.apply_batch]]
-                _run_batch(app, settings, engine, staging, batch)
-                done += len(batch)
-                staging.drain_alive(older_than)
-        except TRANSIENT as exc:
-            log.warning("drain stopped after %d targets: %s (the next sweep goes on)", done, exc)
-        finally:
-            with contextlib.suppress(*REDIS_TRANSIENT):
-                staging.drain_done()
-        if done:
-            log.info("drain applied %d targets due for over %.1f s", done, older_than)
-        return {"targets": done}
+        return run_drain(app, settings, engine, staging, older_than)
 
     @task(name=CHECKSUM_TASK, max_retries=None)
     def checksums(self: Task[Any, Any], execution: str) -> dict[str, Any]:
@@ -154,7 +140,49 @@ def make_app(settings: Settings) -> Celery:
         except TRANSIENT as exc:
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
 
+    @task(name=RECHECK_TASK, max_retries=None)
+    def recheck(self: Task[Any, Any]) -> dict[str, Any]:
+        """Every owner checked against the definitions after a change (store/definitions.py).
+        Duplicates are cheap: one finds the generation checked already, or stops at the first
+        batch when another moved the cursor; a redelivered one resumes at the cursor."""
+        engine, _ = resources.get()
+        try:
+            done = definitions.recheck(engine)
+        except TRANSIENT as exc:  # a deadlock with an apply, too: the next try resumes the cursor
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+        if done.outcome == "done":
+            log.info(
+                "recheck: %d checked, %d changed, %d with violations",
+                done.checked,
+                done.changed,
+                done.violating,
+            )
+        return {"outcome": done.outcome, "checked": done.checked, "changed": done.changed}
+
     return app
+
+
+def run_drain(
+    app: Celery, settings: Settings, engine: Engine, staging: Staging, older_than: float
+) -> dict[str, Any]:
+    """The drain task's work: the targets due for longer than `older_than` seconds, applied in
+    batches, the drain marker kept alive meanwhile and dropped at the end."""
+    done = 0
+    try:
+        keys = staging.due_targets(older_than)
+        for start in range(0, len(keys), settings.apply_batch):
+            batch = [Target.parse(k) for k in keys[start : start + settings.apply_batch]]
+            _run_batch(app, settings, engine, staging, batch)
+            done += len(batch)
+            staging.drain_alive(older_than)
+    except TRANSIENT as exc:
+        log.warning("drain stopped after %d targets: %s (the next sweep goes on)", done, exc)
+    finally:
+        with contextlib.suppress(*REDIS_TRANSIENT):
+            staging.drain_done()
+    if done:
+        log.info("drain applied %d targets due for over %.1f s", done, older_than)
+    return {"targets": done}
 
 
 def _run_batch(
@@ -335,6 +363,18 @@ def retry_targets(
     return targets
 
 
+def send_recheck(app: Celery) -> bool:
+    """Ask a worker to re-check after a definition change; False (logged) if the broker is away.
+    The change itself moved the generation, so `sidecar status` shows the re-check as pending
+    and `sidecar definitions recheck` runs it, whatever happens to this message."""
+    try:
+        _send(app, RECHECK_TASK, [])
+    except Exception as exc:
+        log.warning("could not send the definitions recheck (%s); `sidecar definitions recheck` runs it", exc)
+        return False
+    return True
+
+
 class Enqueuer:
     """Sends apply tasks; what the watcher, the webhook and the CLI call."""
 
@@ -360,3 +400,7 @@ class Enqueuer:
     def drain(self, older_than: float) -> None:
         """A drain of every target due for longer than `older_than` seconds (`Health.sweep`)."""
         _send(self.app, DRAIN_TASK, [older_than])
+
+    def recheck(self) -> None:
+        """After a definition change (the API's PUT and DELETE)."""
+        send_recheck(self.app)

@@ -10,14 +10,14 @@ from typing import Any, cast
 from weakref import WeakKeyDictionary
 
 import sqlalchemy.exc
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
 from ..definitions import AllowedValue, Definition, as_json, rejected, violations
 from ..errors import InvalidEntry, NotFound
 from .db import writer
-from .models import Dataset, DatasetVersion, Datum, PropertyDefinition
+from .models import Dataset, DatasetVersion, Datum, DefinitionRecheck, PropertyDefinition
 from .queries import iso
 
 _TABLE = cast(Table, PropertyDefinition.__table__)
@@ -55,18 +55,33 @@ def _columns(definition: Definition, now: datetime) -> dict[str, Any]:
 
 # -- the cache the apply reads -------------------------------------------------------------------
 
-# Per connection pool (an engine and its `writer` share one): (count, newest updated_at) of the
-# table when read, and the definitions then. Every definition write moves that stamp (a put sets
-# a newer updated_at, a delete lowers the count), so one cheap aggregate per apply tells whether
-# the cached copy is current; nothing here waits on anything but that one read.
-_CACHE: WeakKeyDictionary[Pool, tuple[tuple[Any, Any], dict[str, Definition]]] = WeakKeyDictionary()
+# Per connection pool (an engine and its `writer` share one): a stamp of the definitions when
+# read (the generation every change moves, and the table's count and newest updated_at, in case a
+# row is written some other way), and the definitions then. One cheap read per apply tells
+# whether the cached copy is current; nothing here waits on anything but that read.
+_CACHE: WeakKeyDictionary[Pool, tuple[tuple[Any, ...], dict[str, Definition]]] = WeakKeyDictionary()
 _LOCK = threading.Lock()
+_STATE = cast(Table, DefinitionRecheck.__table__)
+_ROW = _STATE.c.id == 1
+# The race: an apply that read the old definitions commits after the re-check read its rows, and
+# its violations (of the old definitions) would stay. So on PostgreSQL an apply reads the
+# generation FOR KEY SHARE and keeps it to its commit, and a change takes the row FOR UPDATE
+# first: a change waits for the applies that read the definitions before it, and an apply that
+# reads them after waits for the change's commit (and sees it). The re-check starts after that
+# commit and sees every row written with the old ones. The re-check's own progress writes are
+# plain UPDATEs (FOR NO KEY UPDATE), which KEY SHARE does not block. SQLite has one writer at a
+# time (`BEGIN IMMEDIATE`), so there a change and an apply never overlap.
+_GENERATION = select(_STATE.c.generation).where(_ROW)
+_GENERATION_HELD = _GENERATION.with_for_update(read=True, key_share=True)
 
 
-def load(conn: Connection) -> Mapping[str, Definition]:
-    """Every definition by key, from the process cache when the table has not changed since."""
-    stamp = tuple(conn.execute(_STAMP).one())
-    if stamp[0] == 0:
+def load(conn: Connection, *, hold: bool = True) -> Mapping[str, Definition]:
+    """Every definition by key, from the process cache when nothing changed since. `hold` (the
+    apply): on PostgreSQL, a definition change waits for this transaction's end (see above)."""
+    held = hold and conn.dialect.name == "postgresql"
+    generation = conn.execute(_GENERATION_HELD if held else _GENERATION).scalar()
+    stamp = (generation, *conn.execute(_STAMP).one())
+    if stamp[1] == 0:
         return {}
     with _LOCK:
         cached = _CACHE.get(conn.engine.pool)
@@ -76,6 +91,18 @@ def load(conn: Connection) -> Mapping[str, Definition]:
     with _LOCK:
         _CACHE[conn.engine.pool] = (stamp, found)
     return found
+
+
+def _changed(conn: Connection, now: datetime) -> None:
+    """A definition change, before its rows are written: wait for the applies that read the
+    definitions (PostgreSQL, FOR UPDATE), and ask for a re-check (the generation moves)."""
+    locked = conn.execute(select(_STATE.c.id).where(_ROW).with_for_update()).scalar()
+    if locked is None:  # tables made some other way than the models and migrations
+        conn.execute(insert(_STATE).values(id=1, **_ZERO, generation=0, checked_generation=0))
+    conn.execute(update(_STATE).where(_ROW).values(generation=_STATE.c.generation + 1, requested_at=now))
+
+
+_ZERO = {"after_id": 0, "total": 0, "checked": 0, "changed": 0, "violating": 0}
 
 
 def owner_violations(
@@ -91,7 +118,7 @@ def refuse_rejected(engine: Engine, kind: str, changes: Mapping[str, Any]) -> No
     """An API write: InvalidEntry (a 400 naming the key and rule) if a `reject` definition refuses
     one of its changes, before anything is staged."""
     with engine.connect() as conn:
-        definitions = load(conn)
+        definitions = load(conn, hold=False)
     broken = rejected(definitions, kind, changes)
     if broken:
         raise InvalidEntry(broken[0].reason(), broken[0].key)
@@ -114,19 +141,20 @@ def get(engine: Engine, key: str) -> dict[str, Any]:
         return shown(row)
 
 
-def put(engine: Engine, definition: Definition) -> tuple[dict[str, Any], bool]:
-    """Create or replace one definition: (it as shown, whether it is new)."""
+def put(engine: Engine, definition: Definition) -> tuple[dict[str, Any], bool, bool]:
+    """Create or replace one definition: (it as shown, whether it is new, whether it changed)."""
     try:
         (planned,) = apply_definitions(engine, [definition])
     except sqlalchemy.exc.IntegrityError:  # a PUT of the same new key committed first: replace it
         (planned,) = apply_definitions(engine, [definition])
-    return get(engine, definition.key), planned.action == "added"
+    return get(engine, definition.key), planned.action == "added", planned.action != "unchanged"
 
 
 def remove(engine: Engine, key: str) -> None:
     with Session(writer(engine)) as session, session.begin():
         if session.get(PropertyDefinition, key) is None:
             raise NotFound(f"property definition {key[:100]!r}")
+        _changed(session.connection(), datetime.now(UTC))
         session.execute(delete(PropertyDefinition).where(PropertyDefinition.key == key))
 
 
@@ -138,6 +166,7 @@ def apply_definitions(
     stays, so the apply's cache stays valid)."""
     now = datetime.now(UTC)
     planned: list[Planned] = []
+    asked = False  # for a re-check: once per transaction
     with Session(engine if dry_run else writer(engine)) as session:
         for definition in definitions:
             row = session.get(PropertyDefinition, definition.key)
@@ -147,6 +176,9 @@ def apply_definitions(
             planned.append(Planned(definition.key, "changed" if row is not None else "added"))
             if dry_run:
                 continue
+            if not asked:
+                _changed(session.connection(), now)
+                asked = True
             if row is None:
                 session.add(PropertyDefinition(**_columns(definition, now)))
             else:
@@ -172,28 +204,138 @@ _OWNERS: tuple[tuple[str, Table], ...] = (
 
 @dataclass
 class Rechecked:
-    """What `recheck` did: owners read, owners whose violations changed, owners now violating."""
+    """What `recheck` did: owners read, owners whose violations changed, owners now violating;
+    `outcome`: "done", "current" (nothing to do) or "elsewhere" (another re-check runs)."""
 
     checked: int = 0
     changed: int = 0
     violating: int = 0
+    outcome: str = "done"
 
 
-def recheck(engine: Engine, *, batch: int = 500, dry_run: bool = False) -> Rechecked:
+def recheck(engine: Engine, *, batch: int = 500, force: bool = False) -> Rechecked:
     """Check every dataset, version and datum against the definitions as they are now, and write
-    the `violations` that changed. A batch per transaction, so applies are never held long."""
+    the `violations` that changed; until a whole pass saw no definition change. A batch per
+    transaction (applies are never held long), each committing its cursor: a re-check killed
+    midway resumes there. `force`: a pass even if the last one covered the current generation."""
+    while True:
+        state = recheck_state(engine)
+        generation = state["generation"]
+        if not force and state["checked_generation"] >= generation:
+            return Rechecked(outcome="current")
+        # The pass of this generation that a killed worker left (at its end, phase is None and
+        # only the finish is missing), unless asked for a new one.
+        resume = state["run_generation"] == generation and not force
+        force = False
+        cursor = (state["phase"], state["after_id"]) if resume else _start(engine, generation)
+        done = _run(engine, generation, cursor, batch)
+        if done is not None:
+            return done
+
+
+def _start(engine: Engine, generation: int) -> tuple[str | None, int]:
+    now = datetime.now(UTC)
+    with writer(engine).begin() as conn:
+        total = sum(conn.execute(select(func.count()).select_from(t)).scalar() or 0 for _, t in _OWNERS)
+        conn.execute(
+            update(_STATE)
+            .where(_ROW)
+            .values(
+                **{**_ZERO, "total": total},
+                run_generation=generation,
+                phase=_OWNERS[0][0],
+                started_at=now,
+                progress_at=now,
+                finished_at=None,
+            )
+        )
+    return _OWNERS[0][0], 0
+
+
+def _run(engine: Engine, generation: int, cursor: tuple[str | None, int], batch: int) -> Rechecked | None:
+    """Batches from `cursor` to the end: the totals, or None when the definitions changed
+    meanwhile (start again), or "elsewhere" when another re-check moved the cursor."""
+    while True:
+        with writer(engine).begin() as conn:
+            state = conn.execute(select(_STATE).where(_ROW).with_for_update(key_share=True)).one()
+            if state.generation != generation:
+                return None
+            if state.run_generation != generation or (state.phase, state.after_id) != cursor:
+                return Rechecked(outcome="elsewhere")
+            kind, after = cursor
+            if kind is None:
+                return _finish(conn, state)
+            cursor = _step(conn, kind, after, batch)
+
+
+def _step(conn: Connection, kind: str, after: int, batch: int) -> tuple[str | None, int]:
+    """One batch of owners of `kind` after id `after`, checked and written with the progress;
+    the next cursor (None: every owner was checked)."""
+    table = dict(_OWNERS)[kind]
+    rows = conn.execute(_batch(table, kind), {"after": after, "size": batch}).all()
     done = Rechecked()
-    for kind, table in _OWNERS:
-        after = 0
-        while True:
-            with writer(engine).begin() as conn:
-                found = load(conn)
-                rows = conn.execute(_batch(table, kind), {"after": after, "size": batch}).all()
+    found = load(conn, hold=False)
+    for row in rows:
+        _recheck_row(conn, table, kind, found, row, done)
+    phases = [k for k, _ in _OWNERS]
+    following = phases.index(kind) + 1
+    if len(rows) == batch:
+        cursor: tuple[str | None, int] = (kind, rows[-1].id)
+    else:
+        cursor = (phases[following] if following < len(phases) else None, 0)
+    conn.execute(
+        update(_STATE)
+        .where(_ROW)
+        .values(
+            phase=cursor[0],
+            after_id=cursor[1],
+            checked=_STATE.c.checked + done.checked,
+            changed=_STATE.c.changed + done.changed,
+            violating=_STATE.c.violating + done.violating,
+            progress_at=datetime.now(UTC),
+        )
+    )
+    return cursor
+
+
+def _finish(conn: Connection, state: Any) -> Rechecked:
+    conn.execute(
+        update(_STATE)
+        .where(_ROW)
+        .values(checked_generation=state.run_generation, finished_at=datetime.now(UTC))
+    )
+    return Rechecked(state.checked, state.changed, state.violating)
+
+
+def recheck_state(engine: Engine) -> dict[str, Any]:
+    """The re-check's row as `sidecar status` shows it (times as ISO text there)."""
+    with engine.connect() as conn:
+        row = conn.execute(select(_STATE).where(_ROW)).one_or_none()
+    if row is None:
+        return {
+            "generation": 0,
+            "checked_generation": 0,
+            "run_generation": None,
+            "phase": None,
+            "after_id": 0,
+        }
+    return dict(row._mapping)
+
+
+def count_violations(engine: Engine) -> Rechecked:
+    """A dry re-check: what a pass would change now, writing nothing."""
+    done = Rechecked()
+    with engine.connect() as conn:
+        found = load(conn, hold=False)
+        for kind, table in _OWNERS:
+            after = 0
+            while True:
+                rows = conn.execute(_batch(table, kind), {"after": after, "size": 1000}).all()
                 for row in rows:
-                    _recheck_row(conn, table, kind, found, row, done, dry_run)
-            if len(rows) < batch:
-                break
-            after = rows[-1].id
+                    _recheck_row(None, table, kind, found, row, done)
+                if len(rows) < 1000:
+                    break
+                after = rows[-1].id
     return done
 
 
@@ -207,13 +349,12 @@ def _batch(table: Table, kind: str) -> Any:
 
 
 def _recheck_row(
-    conn: Connection,
+    conn: Connection | None,
     table: Table,
     kind: str,
     found: Mapping[str, Definition],
     row: Any,
     done: Rechecked,
-    dry_run: bool,
 ) -> None:
     status = row.status if kind == "version" else None
     now = owner_violations(found, kind, row.properties or {}, status)
@@ -222,9 +363,10 @@ def _recheck_row(
     if now == list(row.violations or []):
         return
     done.changed += 1
-    if not dry_run:
-        # Only if the row is as read: an apply that changed its properties since (updated_at
-        # moves) wrote violations of its own, from the same definitions or newer ones.
+    if conn is not None:
+        # Only if the row is as read. An apply that wrote it since (or is writing it: PostgreSQL
+        # waits for its commit, then checks the new row) moved `updated_at`, and it read the
+        # definitions after the change (see `load`), so its violations are the current ones.
         conn.execute(
             update(table)
             .where(table.c.id == row.id, table.c.updated_at == row.updated_at)

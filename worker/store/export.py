@@ -110,7 +110,7 @@ def _record(kind: str, row: Any) -> dict[str, Any]:
     out.update(ctime=iso(row.created_at), mtime=iso(row.updated_at))
     if kind == "version":
         out["completed_at"] = iso(row.completed_at)
-    out["properties"] = row.properties or {}
+    out["properties"] = row.shown_properties
     return out
 
 

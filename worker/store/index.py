@@ -70,6 +70,10 @@ def lower(text: str) -> str:
 # row of the owner is as cheap and one short statement.
 PARTIAL_MAX_KEYS = 64
 
+# The index row of `valohai.last-used`, which lives in its own column (store/last_used.py), not
+# in the property set: a full re-index from the set must leave it.
+LAST_USED_PATH = '["valohai.last-used"]'
+
 
 def reindex(
     conn: Connection,
@@ -107,7 +111,7 @@ def reindex(
         conn.execute(delete(table).where(*owner, or_(*terms)))
         rows = index_rows(owner_kind, owner_id, {k: properties[k] for k in keys if k in properties})
     else:
-        conn.execute(delete(table).where(*owner))
+        conn.execute(delete(table).where(*owner, table.c.path != LAST_USED_PATH))
         rows = index_rows(owner_kind, owner_id, properties)
     bulk_insert(conn, table, rows)
 

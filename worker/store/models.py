@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     DateTime,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -71,12 +73,30 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)  # from the platform's events
+    # `valohai.last-used` (ISO-8601 text as shown): its own column, out of `properties` and the
+    # history, since every read of a version changes it. Shown, searched and sorted as a property.
+    last_used: Mapped[str | None] = mapped_column(String(64))
     # What the properties break of their definitions (`warn` ones): [{"key", "rule", "value"}].
     violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     versions: Mapped[list[DatasetVersion]] = relationship(back_populates="dataset")
+
+    @property
+    def shown_properties(self) -> dict[str, Any]:
+        return shown(self.properties, self.last_used)
+
+
+LAST_USED = "valohai.last-used"
+
+
+def shown(properties: dict[str, Any] | None, last_used: str | None) -> dict[str, Any]:
+    """The properties as the API shows them: the stored set plus `valohai.last-used`."""
+    out = dict(properties or {})
+    if last_used is not None:
+        out[LAST_USED] = last_used
+    return out
 
 
 class DatasetVersion(Base):
@@ -95,6 +115,7 @@ class DatasetVersion(Base):
     status: Mapped[str] = mapped_column(String(16), default="building")
     properties: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tags: Mapped[list[Any]] = mapped_column(default=list)
+    last_used: Mapped[str | None] = mapped_column(String(64))  # as Dataset
     violations: Mapped[list[Any]] = mapped_column(default=list, server_default=_EMPTY)  # as Dataset
     # Membership as the datums asked for it (`from`, `exclude`, `start_fresh`, `targeting_aliases`,
     # `packaging`), folded from their `valohai.dataset-versions` items; acted on at completion.
@@ -107,6 +128,10 @@ class DatasetVersion(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     dataset: Mapped[Dataset] = relationship(back_populates="versions")
+
+    @property
+    def shown_properties(self) -> dict[str, Any]:
+        return shown(self.properties, self.last_used)
 
     @property
     def uri(self) -> str:
@@ -216,6 +241,46 @@ class PropertyDefinition(Base):
     display_name: Mapped[str] = mapped_column(Text, default="")
     enforcement: Mapped[str] = mapped_column(String(8), default="warn")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DefinitionRecheck(Base):
+    """One row (id 1): the definitions' generation and the background re-check's progress.
+
+    Every definition change adds one to `generation` in its own transaction; the re-check
+    (`store/definitions.py`, `recheck`) covers `run_generation` and, once through every owner,
+    sets `checked_generation` to it. `phase` and `after_id` are its cursor, committed with each
+    batch, so a re-check interrupted (a killed worker) resumes where it stopped. The row also
+    orders definition changes against applies on PostgreSQL (see `load`).
+    """
+
+    __tablename__ = "definition_recheck"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(default=0)
+    checked_generation: Mapped[int] = mapped_column(default=0)
+    run_generation: Mapped[int | None]
+    phase: Mapped[str | None] = mapped_column(String(16))  # "dataset", "version", "datum"
+    after_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    total: Mapped[int] = mapped_column(BigInteger, default=0)
+    checked: Mapped[int] = mapped_column(BigInteger, default=0)
+    changed: Mapped[int] = mapped_column(BigInteger, default=0)
+    violating: Mapped[int] = mapped_column(BigInteger, default=0)
+    requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# The row exists from the start (the migration inserts it too): applies lock it to read the
+# definitions, and a missing row would leave the first definition's change unordered with them.
+event.listen(
+    DefinitionRecheck.__table__,
+    "after_create",
+    DDL(  # type: ignore[no-untyped-call]
+        "INSERT INTO definition_recheck (id, generation, checked_generation, after_id, total, checked, "
+        "changed, violating) VALUES (1, 0, 0, 0, 0, 0, 0, 0)"
+    ),
+)
 
 
 class PropertyChange(Base):

@@ -18,7 +18,16 @@ from ..query import And, Compare, Exists, FilterError, In, Key, Like, Or, parse
 from ..uris import parse_uri
 from . import aliases, search
 from .index import STR_KEY_LENGTH
-from .models import Dataset, DatasetVersion, Datum, DatumAlias, PropertyChange, PropertyIndex, VersionFile
+from .models import (
+    Dataset,
+    DatasetVersion,
+    Datum,
+    DatumAlias,
+    PropertyChange,
+    PropertyIndex,
+    VersionFile,
+    shown,
+)
 from .search import Compiler, OwnerKind, OwnerSets, ids_in, ordering_key
 
 # A list answers an exact count up to this many matches; past it, when the caller allows
@@ -439,7 +448,7 @@ def dataset_json(row: Dataset, latest: DatasetVersion | None = None) -> dict[str
         "id": row.uid,
         "name": row.name,
         "uri": f"dataset://{row.name}",
-        "properties": row.properties or {},
+        "properties": row.shown_properties,
         "tags": list(row.tags or []),
         "violations": list(row.violations or []),
         "latest_version": None if latest is None else _version_ref(latest, row.name),
@@ -538,7 +547,7 @@ def versions_page_json(session: Session, ids: Sequence[int]) -> list[dict[str, A
     dialect = session.get_bind().dialect.name
     v = DatasetVersion
     columns = (v.id, v.uid, v.name, v.status, v.properties, v.tags, v.violations, v.previous_version_id)
-    more = (v.platform_id, v.created_at, v.updated_at, v.completed_at, Dataset.uid, Dataset.name)
+    more = (v.platform_id, v.created_at, v.updated_at, v.completed_at, Dataset.uid, Dataset.name, v.last_used)
     query = (
         select(*columns, *more).join(Dataset, Dataset.id == v.dataset_id).where(ids_in(v.id, ids, dialect))
     )
@@ -583,7 +592,7 @@ def _version_dict(
         "dataset": {"id": dataset_uid, "name": dataset_name},
         "uri": f"dataset://{dataset_name}/{row.name}",
         "status": row.status,
-        "properties": row.properties or {},
+        "properties": shown(row.properties, row.last_used),
         "tags": list(row.tags or []),
         "violations": list(row.violations or []),
         "aliases": names,
@@ -724,7 +733,7 @@ def stale(session: Session, cutoff: datetime) -> list[dict[str, Any]]:
     owners: list[tuple[str, Any]] = [("dataset", Dataset), ("version", DatasetVersion)]
     for kind, model in owners:
         for row in session.scalars(select(model).order_by(model.id)):
-            used = (row.properties or {}).get("valohai.last-used")
+            used = row.last_used
             when = _parse_time(used) if isinstance(used, str) else None
             reference = when or _aware(row.created_at)
             if reference < cutoff:

@@ -1,4 +1,4 @@
-"""Writes that do not come from a sidecar file: API calls (user) and `valohai.last-used` (platform).
+"""Writes that do not come from a sidecar file: API calls (user); `valohai.last-used` is last_used.py's.
 
 The staged half of a user's write (stage, then apply, or take it back) is `worker/applying.py`'s.
 """
@@ -14,15 +14,13 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from ..errors import BadURI
-from ..records import Entry, Source
 from ..uris import Target, dataset_target
-from .apply import Applier, lock_watermark
+from .apply import Applier
 from .db import writer
 from .models import Dataset
 from .queries import Ref, get_dataset, get_version
 
 log = logging.getLogger(__name__)
-LAST_USED = "valohai.last-used"
 
 
 @dataclass(frozen=True)
@@ -59,18 +57,4 @@ def create_dataset(engine: Engine, name: Any) -> tuple[int, bool]:
 def current_properties(engine: Engine, kind: str, owner_id: Ref) -> dict[str, Any]:
     with Session(engine) as session:
         owner = get_dataset(session, owner_id) if kind == "dataset" else get_version(session, owner_id)
-        return dict(owner.properties or {})
-
-
-def touch_last_used(engine: Engine, version: Target, now: datetime | None = None) -> None:
-    """Record that a version (and so its dataset) was referenced: `valohai.last-used` on both."""
-    stamp = {LAST_USED: (now or datetime.now(UTC)).isoformat()}
-    source = Source("platform")
-    for target in (version, version.dataset_target):
-        # The same lock as an apply of that target, so the two never overwrite each other.
-        with writer(engine).begin() as conn:
-            lock_watermark(conn, target.key)
-            applier = Applier(conn, datetime.now(UTC))
-            owner = applier.version(target) if target.kind == "version" else applier.dataset(target.dataset)
-            applier.set(owner, Entry(target, "set", source, stamp))
-            applier.flush()
+        return owner.shown_properties
