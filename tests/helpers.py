@@ -30,19 +30,20 @@ def fold(changes: list[dict[str, Any]]) -> dict[str, Any]:
     return state
 
 
-def forget_broker_state(client: Any, queue: str) -> None:
-    """Drop what kombu keeps for a test's queue outside the keys conftest cleans.
+def forget_broker_state(client: Any, *queues: str) -> None:
+    """Drop what kombu keeps for a test's queues outside the keys conftest cleans.
 
     A SIGKILLed worker leaves its message in kombu's `unacked` hash (shared by the whole Redis
     database), to be restored to our (by then deleted) queue after the 900 s visibility timeout;
     kombu 5.7 also keeps `_kombu.binding_permanent.<exchange>`, which conftest's pattern misses.
     """
-    client.delete(f"_kombu.binding_permanent.{queue}", f"_kombu.binding.{queue}")
+    for queue in queues:
+        client.delete(f"_kombu.binding_permanent.{queue}", f"_kombu.binding.{queue}")
     for tag, raw in client.hscan_iter("unacked"):
         try:
             routing_key = json.loads(raw)[2]
         except (ValueError, IndexError, TypeError):
             continue
-        if routing_key == queue:
+        if routing_key in queues:
             client.hdel("unacked", tag)
             client.zrem("unacked_index", tag)

@@ -126,7 +126,13 @@ def state(engine: Engine) -> dict[str, list[Any]]:
         }
         out: dict[str, list[Any]] = {}
         for name in tables:
-            if name in ("quarantined_targets", "finished_files", "finished_executions", "saved_searches"):
+            if name in (
+                "quarantined_targets",
+                "finished_files",
+                "finished_executions",
+                "saved_searches",
+                "definition_recheck",
+            ):
                 continue
             got = []
             for row in rows(name):
@@ -250,7 +256,7 @@ def test_a_batch_is_one_transaction_with_its_watermarks(pair: tuple[Env, Env]) -
     _poison(env.engine)
     with pytest.raises(Exception, match="poisoned by the test"):
         apply_targets(env.engine, env.staging, targets)
-    assert all(rows == [] for rows in state(env.engine).values())
+    assert {table: rows for table, rows in state(env.engine).items() if rows} == {}
     _cure(env.engine)
     results = apply_targets(env.engine, env.staging, targets)
     assert [r.applied for r in results] == [1, 1, 1, 1, 2]

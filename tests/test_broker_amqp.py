@@ -111,6 +111,7 @@ def on_rabbitmq(settings: Settings, amqp_url: str) -> Iterator[Settings]:
     """The test's settings with the machine's RabbitMQ as the broker; the queue goes afterwards."""
     yield settings.with_(broker_url=amqp_url)
     _delete_queue(amqp_url, Keys(settings.redis_prefix).queue)
+    _delete_queue(amqp_url, Keys(settings.redis_prefix).bulk_queue)
 
 
 # -- `sidecar up` with RabbitMQ as the broker -----------------------------------------------------
@@ -145,6 +146,7 @@ def test_sidecar_up_with_rabbitmq_as_the_broker(amqp_url: str, tmp_path: Path) -
     finally:
         up.stop()
         _delete_queue(amqp_url, Keys(prefix).queue)
+        _delete_queue(amqp_url, Keys(prefix).bulk_queue)
 
 
 # -- a worker SIGKILLed mid-apply ----------------------------------------------------------------

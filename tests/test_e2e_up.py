@@ -146,7 +146,7 @@ class Up:
         response = self.http.get("/api/v0/dataset-versions/", params={"dataset": dataset, "name": version})
         assert response.status_code == 200, response.text
         page: dict[str, Any] = response.json()
-        assert set(page) == {"count", "next", "previous", "results"}
+        assert set(page) == {"count", "count_exact", "next", "previous", "results"}
         return page
 
     def version(self, dataset: str, version: str) -> dict[str, Any] | None:

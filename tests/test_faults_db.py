@@ -34,6 +34,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from tests.e2e_helpers import clean_env, free_port, kill_group, stop_group, wait_until
+from tests.helpers import forget_broker_state
 from tests.oracle import assert_matches_db, db_state, expected_state
 from tests.retention_check import assert_retention_keeps_the_oracle
 from worker.ingest import Ingestor
@@ -123,13 +124,7 @@ def cleanup(redis_url: str, prefix: str) -> Iterator[list[Any]]:
     for thing in reversed(things):
         thing.stop()
     client = redis.Redis.from_url(redis_url)
-    queue = Keys(prefix).queue
-    client.delete(f"_kombu.binding_permanent.{queue}", f"_kombu.binding.{queue}")
-    for tag, raw in client.hscan_iter("unacked"):
-        with contextlib.suppress(ValueError, IndexError, TypeError):
-            if json.loads(raw)[2] == queue:
-                client.hdel("unacked", tag)
-                client.zrem("unacked_index", tag)
+    forget_broker_state(client, Keys(prefix).queue, Keys(prefix).bulk_queue)
     client.close()
 
 

@@ -57,7 +57,7 @@ def processes(staging: Staging, engine: Engine) -> Iterator[list[Sidecar]]:
     yield started
     for proc in started:
         proc.stop()
-    forget_broker_state(staging.redis, staging.keys.queue)
+    forget_broker_state(staging.redis, staging.keys.queue, staging.keys.bulk_queue)
 
 
 def file_lines(execution: str, seed: int) -> list[bytes]:

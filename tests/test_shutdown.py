@@ -103,7 +103,7 @@ def started(staging: Staging, engine: Engine) -> Iterator[list[Sidecar | Worker]
             proc.stop()
         else:
             proc.close()
-    forget_broker_state(staging.redis, staging.keys.queue)
+    forget_broker_state(staging.redis, staging.keys.queue, staging.keys.bulk_queue)
 
 
 def start(started: list[Sidecar | Worker], settings: Settings, tmp_path: Path, *args: str) -> Sidecar:

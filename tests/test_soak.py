@@ -164,7 +164,7 @@ def cluster(settings: Settings, staging: Staging, engine: Engine, tmp_path: Path
         yield c
     finally:
         c.stop()
-        forget_broker_state(staging.redis, staging.keys.queue)
+        forget_broker_state(staging.redis, staging.keys.queue, staging.keys.bulk_queue)
 
 
 def complete_at_once(settings: Settings, staging: Staging, uri: str, threads: int) -> None:

@@ -89,7 +89,7 @@ def workers(settings: Settings, staging: Staging, engine: Engine, tmp_path: Path
     yield started
     for worker in started:
         worker.stop()
-    forget_broker_state(staging.redis, staging.keys.queue)
+    forget_broker_state(staging.redis, staging.keys.queue, staging.keys.bulk_queue)
 
 
 def start_worker(settings: Settings, workers: list[Worker], tmp_path: Path) -> Worker:

@@ -116,11 +116,12 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     @worker_ready.connect
     def _ready(**_: Any) -> None:
         log.info(
-            "worker %s ready: pool %s, concurrency %d, queue %s, broker %s",
+            "worker %s ready: pool %s, concurrency %d, queues %s and %s, broker %s",
             name,
             args.pool,
             args.concurrency,
             app.conf.task_default_queue,
+            app.conf.sidecar_bulk_queue,
             _scheme(app.conf.broker_url),
         )
 
@@ -134,7 +135,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "--loglevel",
             settings.log_level,
             "--queues",
-            app.conf.task_default_queue,
+            f"{app.conf.task_default_queue},{app.conf.sidecar_bulk_queue}",
             "--concurrency",
             str(args.concurrency),
             "--pool",

@@ -117,8 +117,14 @@ class Keys:
 
     @property
     def queue(self) -> str:
-        """The Celery queue the apply tasks go to."""
+        """The Celery queue the applies of one or a few targets go to (late lines, API writes)."""
         return f"{self.prefix}.apply"
+
+    @property
+    def bulk_queue(self) -> str:
+        """The Celery queue of batched applies and drains: a bulk load waits here, so that a late
+        line's apply on `queue` never waits behind it (a worker takes from both in turn)."""
+        return f"{self.prefix}.apply-bulk"
 
     def pattern(self) -> str:
         """Glob matching every key of this prefix (for tests and `sidecar reset`)."""

@@ -42,6 +42,7 @@ BATCH_TASK = "sidecar.apply_batch"
 DRAIN_TASK = "sidecar.drain"
 CHECKSUM_TASK = "sidecar.checksums"
 RECHECK_TASK = "sidecar.recheck"
+FEW = 8  # targets due at once that `Enqueuer.many` sends one by one
 
 # Errors worth a retry: the database or Redis is down or locked for now.
 TRANSIENT: tuple[type[Exception], ...] = (
@@ -90,6 +91,7 @@ def make_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         sidecar_apply_batch=settings.apply_batch,  # ours: what `Enqueuer.many` puts in a task
+        sidecar_bulk_queue=keys.bulk_queue,  # ours: where batches and drains go
     )
     resources = _Resources(settings)
 
@@ -242,7 +244,10 @@ def _applied(app: Celery, result: ApplyResult) -> None:
 
 
 def _send(app: Celery, task: str, args: list[Any], countdown: float | None = None) -> None:
-    app.send_task(task, args=args, queue=app.conf.task_default_queue, countdown=countdown)
+    """Send a task: batches and drains to the bulk queue, the rest to the apply queue."""
+    bulk = task in (BATCH_TASK, DRAIN_TASK)
+    queue = app.conf.sidecar_bulk_queue if bulk else app.conf.task_default_queue
+    app.send_task(task, args=args, queue=queue, countdown=countdown)
 
 
 def run_checksums(settings: Settings, engine: Callable[[], Engine], execution: str) -> dict[str, Any]:
@@ -388,11 +393,13 @@ class Enqueuer:
 
     def many(self, target_keys: Iterable[str]) -> None:
         """Applies of many targets due at once (an execution's completion makes every version it
-        fed due): one task per `batch` of them, so the work grows with the number of
-        transactions, not of targets. A single target goes as `sidecar.apply`."""
+        fed due): one task per `batch` of them on the bulk queue, so the work grows with the
+        number of transactions, not of targets. Up to `FEW` targets go one by one as
+        `sidecar.apply`, on the apply queue, which no bulk load holds up."""
         keys = sorted(set(target_keys))
-        if len(keys) == 1:
-            self(keys[0])
+        if len(keys) <= FEW:
+            for key in keys:  # a late line, one completion: not a bulk load
+                self(key)
             return
         for start in range(0, len(keys), self.batch):
             _send(self.app, BATCH_TASK, [keys[start : start + self.batch]])
