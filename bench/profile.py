@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile.py ingest [--lines 20000]     pyinstrument: Ingestor.ingest
     .venv/bin/python bench/profile.py apply [--properties 1000]  pyinstrument: apply_target (PostgreSQL)
+    .venv/bin/python bench/profile.py batch [--versions 1000]    cProfile: apply_targets, row (c) (SQLite)
     .venv/bin/python bench/profile.py search [--versions 150000] EXPLAIN ANALYZE of the slow filters
 
 Uses the same services and workloads as bench/run.py, with its own prefix and schema, removed after.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import tempfile
 import time
@@ -22,18 +24,30 @@ _REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == _REPO / "bench":
     sys.path[0] = str(_REPO)
 
+import cProfile  # noqa: E402  (after the path fix: this file's name would shadow `profile`)
+import pstats  # noqa: E402
+
 from pyinstrument import Profiler  # noqa: E402
 from sqlalchemy import func, select, text  # noqa: E402
 
 from bench.common import DEFAULT_POSTGRES, DEFAULT_REDIS, Context, new_engine  # noqa: E402
 from bench.searchstore import build  # noqa: E402
-from bench.workload import JSONL, mixed_lines, version_lines, write_lines  # noqa: E402
-from worker.applying import apply_target  # noqa: E402
+from bench.workload import (  # noqa: E402
+    JSONL,
+    dumps,
+    mixed_lines,
+    version_line,
+    version_lines,
+    version_properties,
+    write_lines,
+)
+from worker.applying import apply_target, apply_targets  # noqa: E402
 from worker.ingest import Ingestor  # noqa: E402
 from worker.keys import Keys  # noqa: E402
+from worker.settings import Settings  # noqa: E402
 from worker.staging import Staging  # noqa: E402
 from worker.store.db import make_engine  # noqa: E402
-from worker.store.models import Dataset, DatasetVersion  # noqa: E402
+from worker.store.models import Base, Dataset, DatasetVersion  # noqa: E402
 from worker.store.search import filter_condition  # noqa: E402
 from worker.uris import Target  # noqa: E402
 
@@ -75,6 +89,39 @@ def profile_apply(ctx: Context, properties: int) -> None:
     client.close()
 
 
+def profile_batch(ctx: Context, versions: int) -> None:
+    """Row (c) of the pipeline in process: versions of 10 properties, a datum line naming each,
+    one `execution_completed`, then the due targets applied in batches as the worker does."""
+    root = ctx.folder("profile-batch")
+    path = root / "exec-1" / JSONL
+    rng = random.Random(1)
+    lines = []
+    for i in range(versions):
+        uri = f"dataset://profile/v{i:06d}"
+        lines.append(version_line(uri, version_properties(rng, 10)))
+        lines.append(dumps({"file": f"out/{i:06d}.bin", "metadata": {"valohai.dataset-versions": [uri]}}))
+    write_lines(path, lines)
+    client = ctx.redis()
+    staging = Staging(client, Keys(ctx.prefix("profile")))
+    ingestor = Ingestor(root, staging, line_limit=1 << 20)
+    ingestor.ingest(path)
+    ingestor.settle()
+    due = [Target.parse(k) for k in sorted(staging.complete_execution("exec-1"))]
+    engine = make_engine(f"sqlite:///{root / 'profile.db'}")
+    Base.metadata.create_all(engine)
+    batch = Settings.apply_batch
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for i in range(0, len(due), batch):
+        apply_targets(engine, staging, due[i : i + batch])
+    profiler.disable()
+    print(f"{len(due):,} targets in {time.perf_counter() - start:.2f} s ({batch} per batch)")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    engine.dispose()
+    client.close()
+
+
 def explain_search(ctx: Context, versions: int) -> None:
     with ctx.postgres("profile") as url:
         engine = make_engine(url)  # build() makes the schema with the migrations
@@ -102,6 +149,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("ingest").add_argument("--lines", type=int, default=20_000)
     sub.add_parser("apply").add_argument("--properties", type=int, default=1_000)
+    sub.add_parser("batch").add_argument("--versions", type=int, default=1_000)
     sub.add_parser("search").add_argument("--versions", type=int, default=150_000)
     args = parser.parse_args()
     ctx = Context(
@@ -115,6 +163,8 @@ def main() -> int:
             profile_ingest(ctx, args.lines)
         elif args.what == "apply":
             profile_apply(ctx, args.properties)
+        elif args.what == "batch":
+            profile_batch(ctx, args.versions)
         else:
             explain_search(ctx, args.versions)
     finally:
