@@ -46,8 +46,8 @@ BENCHMARKS: dict[str, tuple[Bench, float, float]] = {
     "pipeline": (pipeline.run, 240, 60),
 }
 # Run only when asked (`--peers`, `make bench PEERS=1`, or `--only NAME`): their boxes come on top
-# of BUDGET. peers: MLflow's side of the pages of 1,000 (its virtualenv is made on the first run,
-# ~1 minute more, outside the box), ~3 minutes at 100,000 records here.
+# of BUDGET. peers: the pages of 1,000 against MLflow, ~4 minutes at 100,000 records here (MLflow's
+# virtualenv is made on the first run, ~30 s more, within the same box).
 OPTIONAL: dict[str, tuple[Bench, float, float]] = {
     "peers": (peers.run, 300, 120),
 }
