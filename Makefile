@@ -29,10 +29,11 @@ WORKERS ?= 3
 test: install
 	$(BIN)/pytest $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 
-# Benchmarks against the real Redis and PostgreSQL (see docs/benchmarks.md); QUICK=1 for a smoke run.
+# Benchmarks against the real Redis and PostgreSQL (see docs/benchmarks.md); QUICK=1 for a smoke run;
+# PEERS=1 adds the pages against MLflow (bench/peers, MLflow in bench/peers/.venv-mlflow).
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick,) $(if $(PEERS),--peers,)
 
 lint: install
 	$(BIN)/ruff check worker tests bench scripts

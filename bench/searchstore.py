@@ -209,15 +209,24 @@ def sample_properties(versions: int, owners: list[int]) -> Iterator[tuple[int, d
     wanted = set(owners)
     for first in range(0, versions, CHUNK):
         last = min(versions, first + CHUNK)
-        if not any(first < o <= last for o in wanted):
-            continue
-        rng = random.Random(first)
-        for d in range(first // VERSIONS_PER_DATASET + 1, last // VERSIONS_PER_DATASET + 1):
-            dataset_properties(rng, d)
-        for i in range(first + 1, last + 1):
-            props = version_properties(rng, i)
-            if i in wanted:
-                yield i, props
+        if any(first < o <= last for o in wanted):
+            yield from ((i, p) for i, p in _chunk_properties(first, last) if i in wanted)
+
+
+def all_version_properties(versions: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(key, property set) of every version a store of `versions` versions holds, in key order:
+    what `build` writes (the peers benchmark loads the same records into MLflow)."""
+    for first in range(0, versions, CHUNK):
+        yield from _chunk_properties(first, min(versions, first + CHUNK))
+
+
+def _chunk_properties(first: int, last: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Versions first+1 … last, drawn as `_load` draws them (the datasets' values come first)."""
+    rng = random.Random(first)
+    for d in range(first // VERSIONS_PER_DATASET + 1, last // VERSIONS_PER_DATASET + 1):
+        dataset_properties(rng, d)
+    for i in range(first + 1, last + 1):
+        yield i, version_properties(rng, i)
 
 
 def _table(model: type[Base]) -> Table:
