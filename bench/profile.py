@@ -3,6 +3,7 @@
     .venv/bin/python bench/profile.py ingest [--lines 20000]     pyinstrument: Ingestor.ingest
     .venv/bin/python bench/profile.py apply [--properties 1000]  pyinstrument: apply_target (PostgreSQL)
     .venv/bin/python bench/profile.py batch [--versions 1000]    cProfile: apply_targets, row (c) (SQLite)
+    .venv/bin/python bench/profile.py history                    the history rows' share of a batched apply
     .venv/bin/python bench/profile.py search [--versions 150000] EXPLAIN ANALYZE of the slow filters
 
 Uses the same services and workloads as bench/run.py, with its own prefix and schema, removed after.
@@ -17,6 +18,7 @@ import random
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,6 +48,7 @@ from worker.ingest import Ingestor  # noqa: E402
 from worker.keys import Keys  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 from worker.staging import Staging  # noqa: E402
+from worker.store.apply import Applier  # noqa: E402
 from worker.store.db import make_engine  # noqa: E402
 from worker.store.models import Base, Dataset, DatasetVersion  # noqa: E402
 from worker.store.search import filter_condition  # noqa: E402
@@ -122,6 +125,71 @@ def profile_batch(ctx: Context, versions: int) -> None:
     client.close()
 
 
+def history_share(ctx: Context) -> None:
+    """What the history rows cost a batched apply (issue 16 item 3 was to be decided by this):
+    row (c) (1,000 versions of 10 properties, a datum each) and 20 versions x 500 lines of 3 keys,
+    applied with their history and with `Applier.changes` dropped before each write, best of 3,
+    on SQLite and PostgreSQL."""
+    original = Applier.write
+
+    def run(url: str, kind: str, drop: bool) -> float:
+        root = ctx.folder(f"profile-history-{uuid.uuid4().hex[:6]}")
+        path = root / "exec-1" / JSONL
+        rng = random.Random(1)
+        lines: list[bytes] = []
+        if kind == "c":
+            for i in range(1000):
+                uri = f"dataset://h/v{i:06d}"
+                lines.append(version_line(uri, version_properties(rng, 10)))
+                lines.append(
+                    dumps({"file": f"out/{i:06d}.bin", "metadata": {"valohai.dataset-versions": [uri]}})
+                )
+        else:
+            for j in range(500):
+                lines += [
+                    version_line(f"dataset://h/v{i:03d}", version_properties(rng, 3, 3 * j))
+                    for i in range(20)
+                ]
+        write_lines(path, lines)
+        client = ctx.redis()
+        staging = Staging(client, Keys(ctx.prefix(f"history-{uuid.uuid4().hex[:6]}")))
+        ingestor = Ingestor(root, staging, line_limit=1 << 20)
+        ingestor.ingest(path)
+        ingestor.settle()
+        for i in range(20 if kind == "a" else 0):
+            staging.complete_version(Target("version", "h", f"v{i:03d}"))
+        due = sorted(set(staging.complete_execution("exec-1")) | set(staging.due_targets(-1)))
+        engine = make_engine(url if url != "sqlite" else f"sqlite:///{root / 'h.db'}")
+        Base.metadata.create_all(engine)
+
+        def write(self: Applier) -> None:
+            if drop:
+                self.changes = []
+            original(self)
+
+        Applier.write = write  # type: ignore[method-assign]
+        try:
+            start = time.perf_counter()
+            for i in range(0, len(due), Settings.apply_batch):
+                apply_targets(engine, staging, [Target.parse(k) for k in due[i : i + Settings.apply_batch]])
+            return time.perf_counter() - start
+        finally:
+            Applier.write = original  # type: ignore[method-assign]
+            Base.metadata.drop_all(engine)
+            engine.dispose()
+            client.close()
+
+    with ctx.postgres("profile") as pg:
+        for url in ("sqlite", pg):
+            for kind in ("c", "a"):
+                kept, dropped = (min(run(url, kind, drop) for _ in range(3)) for drop in (False, True))
+                share = (kept - dropped) / kept
+                name = "SQLite" if url == "sqlite" else "PostgreSQL"
+                print(
+                    f"{name} row ({kind}): {kept:.2f} s with history, {dropped:.2f} s without ({share:.0%})"
+                )
+
+
 def explain_search(ctx: Context, versions: int) -> None:
     with ctx.postgres("profile") as url:
         engine = make_engine(url)  # build() makes the schema with the migrations
@@ -150,6 +218,7 @@ def main() -> int:
     sub.add_parser("ingest").add_argument("--lines", type=int, default=20_000)
     sub.add_parser("apply").add_argument("--properties", type=int, default=1_000)
     sub.add_parser("batch").add_argument("--versions", type=int, default=1_000)
+    sub.add_parser("history")
     sub.add_parser("search").add_argument("--versions", type=int, default=150_000)
     args = parser.parse_args()
     ctx = Context(
@@ -165,6 +234,8 @@ def main() -> int:
             profile_apply(ctx, args.properties)
         elif args.what == "batch":
             profile_batch(ctx, args.versions)
+        elif args.what == "history":
+            history_share(ctx)
         else:
             explain_search(ctx, args.versions)
     finally:
