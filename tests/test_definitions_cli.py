@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 from sqlalchemy import Engine
 
+from tests.test_apply_definitions import define, stage
+from worker.applying import apply_target
 from worker.cli import main
 from worker.settings import Settings
+from worker.staging import Staging
 from worker.store import definitions as stored
+from worker.uris import Target
 
 FILE = """
 definitions:
@@ -79,3 +84,36 @@ def test_a_bad_file_exits_non_zero_naming_the_field_and_changes_nothing(
     assert run(settings, "definitions", "apply", str(path)) == 1
     assert named in capsys.readouterr().err
     assert stored.listed(engine) == []
+
+
+def test_check_lists_each_violation_and_exits_one_while_any_is_left(
+    settings: Settings, engine: Engine, staging: Staging, capsys: pytest.CaptureFixture[str]
+) -> None:
+    define(
+        engine,
+        {"key": "sample_count", "type": "integer", "scopes": ["version"], "required": True},
+        {"key": "camera", "allowed_values": ["top"], "scopes": ["datum"]},
+    )
+    stage(
+        staging,
+        b'{"dataset-version": "dataset://press/v1", "metadata": {"sample_count": "many"}}',
+        b'{"dataset-version": "dataset://press/v2", "metadata": {"other": 1}}',
+        b'{"file": "a.png", "metadata": {"camera": "side", "valohai.dataset-versions": ["dataset://press/v1"]}}',
+    )
+    for key in staging.complete_execution("exec-1"):
+        apply_target(engine, staging, Target.parse(key))
+    for version in ("v1", "v2"):
+        for key in staging.complete_version(Target("version", "press", version)):
+            apply_target(engine, staging, Target.parse(key))
+    assert run(settings, "check") == 1
+    out = capsys.readouterr().out.splitlines()
+    assert 'dataset://press/v1  sample_count  type  "many"' in out
+    assert "dataset://press/v2  sample_count  required  null" in out
+    assert any(line.endswith('(exec-1:a.png)  camera  allowed_values  "side"') for line in out), out
+    assert out[-1] == "3 with violations: 0 datasets, 2 versions, 1 datums"
+    assert run(settings, "check", "camera", "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {"dataset": 0, "version": 0, "datum": 1}
+    assert [v["key"] for r in report["results"] for v in r["violations"]] == ["camera"]
+    assert run(settings, "check", "unknown_key") == 0
+    assert capsys.readouterr().out.strip() == "no violations"

@@ -1,18 +1,24 @@
-"""`sidecar definitions apply FILE.yaml [--dry-run]` and `sidecar definitions export`."""
+"""`sidecar definitions apply FILE.yaml [--dry-run]`, `sidecar definitions export`, `sidecar
+definitions recheck`, and `sidecar check`, which lists what breaks the definitions."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy.orm import Session
 
 from .definitions import Definition, parse
 from .errors import BadDefinition, ConfigError, InvalidEntry
+from .query import FilterError
 from .settings import Settings
 from .store import definitions as stored
+from .store import queries
+from .store.datums import DatumQuery, list_datums
 from .store.db import make_engine
 from .tasks import make_app, send_recheck
 
@@ -100,8 +106,58 @@ def cmd_recheck(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    """Every dataset, version and datum carrying violations (as stored: the apply and the
+    re-check keep them current), one line per violation; exit 1 when there is any, like a linter."""
+    if args.key is not None and (not args.key or "`" in args.key):
+        raise InvalidEntry(f"sidecar check: {args.key!r} is not a property key")
+    node = "violates" + (f" `{args.key}`" if args.key else "")  # backticks: the key as written
+    ask = queries.ListQuery(filter=node, limit=args.limit)
+    found: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    engine = make_engine(settings.effective_database_url)
+    try:
+        with Session(engine) as session:
+            counts["dataset"], datasets = queries.list_datasets(session, ask)
+            found += [{"uri": f"dataset://{d.name}", "violations": d.violations} for d in datasets]
+            counts["version"], versions = queries.list_versions(session, ask)
+            found += [{"uri": v.uri, "violations": v.violations} for v in versions]
+            counts["datum"], datums = list_datums(session, DatumQuery(filter=node, limit=args.limit))
+            found += [
+                {"uri": f"datum {d.uid} ({d.execution}:{d.path})", "violations": d.violations} for d in datums
+            ]
+    except FilterError as exc:  # a key that is not a property name
+        raise InvalidEntry(f"sidecar check: {exc}") from None
+    finally:
+        engine.dispose()
+    for item in found:  # only the key asked for, when one was
+        item["violations"] = [v for v in item["violations"] or [] if not args.key or v.get("key") == args.key]
+    total = sum(counts.values())
+    if args.json:
+        print(json.dumps({"counts": counts, "results": found}, indent=2, default=str))
+        return 1 if total else 0
+    for item in found:
+        for v in item["violations"]:
+            print(f"{item['uri']}  {v.get('key')}  {v.get('rule')}  {json.dumps(v.get('value'))}")
+    if not total:
+        print("no violations")
+        return 0
+    more = f" ({len(found)} shown; --limit for more)" if total > len(found) else ""
+    kinds = f"{counts['dataset']} datasets, {counts['version']} versions, {counts['datum']} datums"
+    print(f"{total} with violations: {kinds}{more}")
+    return 1
+
+
 def add_commands(sub: Any, common: Any) -> None:
-    """Register `definitions apply` and `definitions export` on the `sidecar` parser."""
+    """Register `definitions apply|export|recheck` and `check` on the `sidecar` parser."""
+    check = sub.add_parser(
+        "check", help="list the datasets, versions and datums whose properties break their definitions"
+    )
+    common(check)
+    check.add_argument("key", nargs="?", help="only violations of this key")
+    check.add_argument("--limit", type=int, default=1000, help="at most this many of each kind [1000]")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(run=cmd_check)
     group = sub.add_parser("definitions", help="property definitions: apply a file, export them")
     commands = group.add_subparsers(title="definitions commands")
     apply = commands.add_parser("apply", help="create or update the definitions of a YAML file")
