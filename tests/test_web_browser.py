@@ -593,3 +593,56 @@ def test_datum_page(page: Any, server: Server) -> None:
     expect(keys).to_have_text(["camera", "valohai.dataset-versions"])
     expect(page.locator("#checksums-table tbody tr")).to_have_count(3)  # md5, sha1, sha256 (— when unread)
     expect(page.locator("#history-table tbody tr")).to_have_count(2)  # camera, valohai.dataset-versions
+
+
+def test_definitions_name_the_keys_and_violations_are_marked(page: Any, server: Server, shots: Path) -> None:
+    """Last in the module: the definitions it adds re-check every stored target. A display name
+    and description label a key, a value breaking its definition is marked with the rule, a
+    missing required key gets a row, and the editor offers a key's allowed values."""
+    from playwright.sync_api import expect
+
+    definitions: dict[str, dict[str, Any]] = {
+        "shift": {
+            "allowed_values": ["day"],
+            "scopes": ["version"],
+            "display_name": "Shift",
+            "description": "crew",
+        },
+        "operator": {"type": "string", "scopes": ["version"], "required": True},
+        "sample_count": {"type": "integer", "display_name": "Samples", "description": "images captured"},
+    }
+    try:
+        for key, body in definitions.items():
+            answer = server.http.put(f"/api/v0/property-definitions/{key}/", json={"key": key, **body})
+            assert answer.status_code in (200, 201), answer.text
+        # The background re-check (a worker task) marks the stored versions.
+        wait_until(
+            lambda: (
+                {v["key"] for v in server.version("2026-01-14").get("violations", [])}
+                == {"shift", "operator"}
+            ),
+            timeout=DEADLINE,
+            what="the re-check's violations",
+        )
+        login(page, f"/dataset-versions/{server.version('2026-01-14')['id']}/")
+        shift = page.locator('#props-table tbody tr[data-key="shift"]')
+        expect(shift).to_have_class("violation")
+        expect(shift).to_contain_text("Shift")
+        expect(shift).to_contain_text("not an allowed value")
+        expect(shift.locator("td").first).to_have_attribute("title", "crew")
+        missing = page.locator('#props-table tbody tr[data-key="operator"]')
+        expect(missing).to_contain_text("(missing)")
+        expect(missing).to_contain_text("required, missing")
+        samples = page.locator('#props-table tbody tr[data-key="sample_count"]')
+        expect(samples).not_to_have_class("violation")
+        expect(samples).to_contain_text("Samples")
+        expect(samples).to_contain_text("integer")
+        page.screenshot(path=str(shots / "version-violations.png"), full_page=True)
+        page.get_by_role("button", name="Edit properties").click()
+        page.locator("#new-key").fill("shift")
+        expect(page.locator("#allowed-values option")).to_have_count(1)
+        assert page.locator("#allowed-values option").first.get_attribute("value") == "day"
+        assert page.locator("#new-value").get_attribute("list") == "allowed-values"
+    finally:
+        for key in definitions:
+            server.http.delete(f"/api/v0/property-definitions/{key}/")

@@ -54,6 +54,53 @@
     return typeof value === "string" ? value : JSON.stringify(value);
   }
 
+  // -- property definitions: display names, descriptions, violations, allowed values --------------
+
+  let definitionsLoaded = null;
+
+  /** The property definitions by key ({} when they cannot be read: the page works without them). */
+  function definitions() {
+    if (!definitionsLoaded) {
+      definitionsLoaded = api("/api/v0/property-definitions/")
+        .then((r) => Object.fromEntries(r.data.results.map((d) => [d.key, d])))
+        .catch(() => ({}));
+    }
+    return definitionsLoaded;
+  }
+
+  const RULES = { type: "wrong type", allowed_values: "not an allowed value", required: "required, missing" };
+
+  /** Table rows of a property set: the key (with its definition's display name and description),
+   * the value, its type, and what its definition says of it (a violation marked). Required keys
+   * the set lacks get a row of their own. */
+  function propertyRows(props, violations, defs, reserved = () => false) {
+    const broken = {};
+    for (const v of violations || []) (broken[v.key] = broken[v.key] || []).push(v);
+    const keys = [...new Set([...Object.keys(props), ...Object.keys(broken)])].sort(byKey);
+    return keys.map((key) => {
+      const present = Object.prototype.hasOwnProperty.call(props, key);
+      const value = props[key];
+      const type = present ? typeOf(value) : "—";
+      const structured = type === "object" || type === "array";
+      const def = defs[key];
+      const label = def && def.display_name ? [h("span", { text: def.display_name }), " ", h("code", { class: "muted", text: key })] : [key];
+      const faults = broken[key] || [];
+      const note = faults.length
+        ? h("span", { class: "violation-note", text: `⚠ ${faults.map((v) => RULES[v.rule] || v.rule).join(", ")}` })
+        : def
+          ? h("span", { class: "muted", text: [def.type, def.enforcement === "reject" ? "enforced" : null].filter(Boolean).join(" · ") || "defined" })
+          : h("span", { class: "muted", text: "—" });
+      return h(
+        "tr",
+        { class: [reserved(key) ? "reserved" : "", faults.length ? "violation" : ""].join(" ").trim() || null, "data-key": key },
+        h("td", { title: def && def.description ? def.description : reserved(key) ? "Managed by the platform" : null }, ...label),
+        h("td", { class: structured ? "value-json" : null, text: present ? (structured ? JSON.stringify(value, null, 2) : show(value)) : "(missing)" }),
+        h("td", { text: type }),
+        h("td", {}, note),
+      );
+    });
+  }
+
   /** JSON with object keys sorted, to compare two values whatever their key order. */
   function canonical(value) {
     if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
@@ -581,28 +628,17 @@
     const versions = kind === "dataset-versions";
     const base = `/api/v0/${kind}/${body.dataset.id}/`;
     const editor = makeEditor(base, {
-      saved: (props) => {
-        renderProps(props);
+      saved: () => {
+        loadRecord(); // its violations come with it
         loadHistory(true);
       },
       staged: () => loadStaged(),
     });
     let record = null;
 
-    function renderProps(props) {
-      const keys = Object.keys(props).sort(byKey);
-      const rows = keys.map((key) => {
-        const value = props[key];
-        const type = typeOf(value);
-        const structured = type === "object" || type === "array";
-        return h(
-          "tr",
-          { class: isReserved(key) ? "reserved" : null },
-          h("td", { text: key, title: isReserved(key) ? "Managed by the platform" : null }),
-          h("td", { class: structured ? "value-json" : null, text: structured ? JSON.stringify(value, null, 2) : show(value) }),
-          h("td", { text: type }),
-        );
-      });
+    async function renderProps(props, violations) {
+      const defs = await definitions();
+      const rows = propertyRows(props, violations, defs, isReserved);
       $("props-table").tBodies[0].replaceChildren(...rows);
       $("props-table").hidden = !rows.length;
       $("props-empty").hidden = Boolean(rows.length);
@@ -621,7 +657,7 @@
       document.title = `${versions ? `${record.dataset.name}/${record.name}` : record.name} · Dataset properties`;
       $("uri").textContent = record.uri;
       $("tags").replaceChildren(tagChips(record.tags));
-      renderProps(record.properties);
+      renderProps(record.properties, record.violations);
       $("edit-button").disabled = false;
       if (versions) {
         $("crumb-dataset").replaceChildren(h("a", { href: `${ROOT}/datasets/${record.dataset.id}/`, text: record.dataset.name }));
@@ -842,18 +878,6 @@
       $(id).textContent = value === null || value === undefined || value === "" ? "—" : String(value);
     };
 
-    function propRow(key, value) {
-      const type = typeOf(value);
-      const structured = type === "object" || type === "array";
-      return h(
-        "tr",
-        {},
-        h("td", { text: key }),
-        h("td", { class: structured ? "value-json" : null, text: structured ? JSON.stringify(value, null, 2) : show(value) }),
-        h("td", { text: type }),
-      );
-    }
-
     async function loadRecord() {
       let datum;
       try {
@@ -876,10 +900,10 @@
         h("tr", {}, h("td", { text: name }), h("td", {}, datum[name] ? h("code", { text: datum[name] }) : h("span", { class: "muted", text: "—" }))),
       );
       $("checksums-table").tBodies[0].replaceChildren(...sums);
-      const keys = Object.keys(datum.properties).sort(byKey);
-      $("props-table").tBodies[0].replaceChildren(...keys.map((k) => propRow(k, datum.properties[k])));
-      $("props-table").hidden = !keys.length;
-      $("props-empty").hidden = Boolean(keys.length);
+      const rows = propertyRows(datum.properties, datum.violations, await definitions());
+      $("props-table").tBodies[0].replaceChildren(...rows);
+      $("props-table").hidden = !rows.length;
+      $("props-empty").hidden = Boolean(rows.length);
     }
 
     async function loadHistory() {
@@ -1060,6 +1084,18 @@
       if (old) old.replaceWith(control);
       else $("new-value-field").append(control);
     }
+
+    /** The allowed values of the add row's key, offered as suggestions of its value. */
+    async function offerAllowed() {
+      const def = (await definitions())[$("new-key").value.trim()];
+      const list = $("allowed-values");
+      const values = def ? def.allowed_values.map((a) => a.value) : [];
+      list.replaceChildren(...values.map((v) => h("option", { value: typeof v === "string" ? v : JSON.stringify(v) })));
+      const control = $("new-value");
+      if (control && control.tagName === "INPUT") control.setAttribute("list", "allowed-values");
+    }
+    $("new-key").addEventListener("input", offerAllowed);
+    $("new-type").addEventListener("change", offerAllowed);
 
     /** The add row's key and value, or null when its key is empty. */
     function pending() {
