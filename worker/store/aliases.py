@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from ..ids import new_id
 from ..uris import LATEST
 from .models import AliasChange, Dataset, DatasetVersion, VersionAlias
+from .search import ids_in
 
 _DATASETS = cast(Table, Dataset.__table__)
 _VERSIONS = cast(Table, DatasetVersion.__table__)
@@ -63,6 +64,10 @@ def resolve(conn: Connection | Session, dataset: str, name: str) -> Row[Any, Any
     return row
 
 
+def _dialect(session: Connection | Session) -> str:
+    return session.get_bind().dialect.name if isinstance(session, Session) else session.dialect.name
+
+
 def version_aliases(session: Connection | Session, version_ids: Iterable[int]) -> dict[int, list[str]]:
     """The aliases pointing at each of `version_ids` (sorted names; a version without any is
     absent), in one query."""
@@ -71,7 +76,7 @@ def version_aliases(session: Connection | Session, version_ids: Iterable[int]) -
         return {}
     rows = session.execute(
         select(_ALIASES.c.version_id, _ALIASES.c.name)
-        .where(_ALIASES.c.version_id.in_(ids))
+        .where(ids_in(_ALIASES.c.version_id, ids, _dialect(session)))
         .order_by(_ALIASES.c.version_id, _ALIASES.c.name)
     )
     out: dict[int, list[str]] = {}

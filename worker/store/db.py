@@ -42,6 +42,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000}, **kwargs)
         _sqlite_setup(engine)
         return engine
+    # orjson reads a page of 1,000 property sets (3,000 JSON columns) in a fraction of the
+    # stdlib's time; what is stored holds nothing it reads differently (integers are bounded to
+    # 64 bits: limits.py). SQLite's driver hands some JSON results over as numbers: stdlib there.
+    kwargs.setdefault("json_deserializer", orjson.loads)
     engine = create_engine(url, pool_pre_ping=True, **kwargs)
     _postgres_setup(engine)
     return engine

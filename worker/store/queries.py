@@ -620,7 +620,7 @@ def _files_of(
     ranked = (
         select(VersionFile.version_id, Datum.id.label("datum_id"), rank)
         .join(Datum, Datum.id == VersionFile.datum_id)
-        .where(VersionFile.version_id.in_(version_ids))
+        .where(ids_in(VersionFile.version_id, version_ids, _dialect(session)))
         .subquery()
     )
     page = (
@@ -644,12 +644,16 @@ def _files_of(
     return out
 
 
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
 def _file_counts(session: Session, version_ids: Sequence[int]) -> dict[int, int]:
     if not version_ids:
         return {}
     query = (
         select(VersionFile.version_id, func.count())
-        .where(VersionFile.version_id.in_(version_ids))
+        .where(ids_in(VersionFile.version_id, version_ids, _dialect(session)))
         .group_by(VersionFile.version_id)
     )
     return {v: n for v, n in session.execute(query).all()}
