@@ -72,7 +72,8 @@ def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> li
     The targets are applied in key order, each with its own clock reading, its member entries
     settled before the next starts: the batch equals the same applies run one by one in that
     order (tests/test_batch_apply.py). An error fails the whole batch; the task then applies
-    each target alone (`tasks.py`), so one bad target cannot hold back the others.
+    it in halves down to the target that fails alone (`tasks._run_batch`), so one bad target
+    cannot hold back the others.
     """
     ordered = sorted({t.key: t for t in targets}.values(), key=lambda t: t.key)
     snapshots = staging.snapshots(ordered, None if len(ordered) == 1 else BATCH_SNAPSHOT)
