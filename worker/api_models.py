@@ -251,7 +251,7 @@ class RollbackOwner(BaseModel):
 
 class Rollback(BaseModel):
     """What a rollback did, or with `dry_run` would do; `id` is the rollback's own id (roll it
-    back to undo it), null for a dry run."""
+    back to undo it), null for a dry run or when nothing was reverted."""
 
     id: str | None
     execution: str

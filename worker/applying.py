@@ -233,7 +233,7 @@ def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
 class RollbackResult:
     """What a rollback of `execution` did (or, `dry_run`, would do): per owner, the keys
     reverted (old → new) and those left as they are (conflicts). `id`: the rollback's own id,
-    the one to roll back to undo it (None for a dry run)."""
+    the one to roll back to undo it (None for a dry run, or when nothing was reverted)."""
 
     execution: str
     id: str | None
@@ -291,7 +291,8 @@ def roll_back(engine: Engine, staging: Staging, ident: str, *, dry_run: bool = F
         owner.reverts = [r for r in owner.reverts if r not in late]
         reason = "changed while the rollback was applied, or refused by a definition"
         owner.conflicts += [Conflict(r.key, None, reason) for r in late]
-    return RollbackResult(ident, rollback_id, False, owners)
+    # Nothing changed, nothing to undo: no id (no history row would name it).
+    return RollbackResult(ident, rollback_id if done else None, False, owners)
 
 
 def rollback_json(result: RollbackResult) -> dict[str, Any]:

@@ -232,21 +232,13 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
     for owner in answer["owners"]:
         where = owner["target"] + (f" {owner['path']}" if owner["path"] else "")
         for r in owner["reverted"]:
-            print(f"{where}: {r['key']}: {_short(r['old'])} -> {_short(r['new'])}")
+            print(f"{where}: {r['key']}: {_short(r['old'])} -> {_short(r['new'])}")  # - : absent
         for c in owner["conflicts"]:
             print(f"{where}: {c['key']}: left as it is ({c['reason']})")
     verb = "would revert" if args.dry_run else "reverted"
-    tail = "" if args.dry_run else f"; undo it with: sidecar rollback --execution {answer['id']}"
+    tail = f"; undo it with: sidecar rollback --execution {answer['id']}" if answer["id"] else ""
     print(f"{verb} {answer['reverted']} keys, {answer['conflicts']} conflicts (left as they are){tail}")
     return 0
-
-
-def _short(value: Any) -> str:
-    """A value in one line: JSON, or (absent)."""
-    if value is None:
-        return "(absent)"
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _print_json(value: Any) -> None:
@@ -269,4 +261,6 @@ def _short(value: Any) -> str:
 def _source(source: dict[str, Any]) -> str:
     if source.get("origin") == "sidecar":
         return f"{source['file']}:{source['line']}"
+    if source.get("origin") == "rollback":
+        return f"rollback {source.get('id')} of {source.get('execution')}"
     return str(source.get("origin"))
