@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, func, select
@@ -116,6 +116,22 @@ def _history_rows(engine: Engine) -> int:
 
 @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rounds=ROUNDS, api=API)
+# X, another execution, X again on one key: X's last change goes back to the other's value.
+@example(
+    rounds=[
+        (X, [("version", {"k0": True})]),
+        ("exec-a", [("version", {"k0": True})]),
+        (X, [("version", {"k0": False})]),
+    ],
+    api=[],
+)
+@example(
+    rounds=[
+        (X, [("datum", {"k0": True}), ("dataset", {"k1": True})]),
+        ("exec-c", [("dataset", {"k1": True})]),
+    ],
+    api=[("version", {"k0": True})],
+)
 def test_a_rollback_equals_the_fold_without_its_lines_and_a_rollback_of_it_restores(
     engine: Engine,
     staging: Staging,

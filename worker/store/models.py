@@ -208,9 +208,6 @@ class AliasChange(Base):
     new_id: Mapped[int]
     source: Mapped[dict[str, Any]]
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # What made the change, as `sidecar rollback` names it: the execution of a sidecar line, the
-    # id of a rollback; null for API and platform writes (migration 0010).
-    made_by: Mapped[str | None] = mapped_column(String(255))
 
 
 class SavedSearch(Base):
