@@ -169,13 +169,13 @@ def test_a_rollback_equals_the_fold_without_its_lines_and_a_rollback_of_it_resto
     state: dict[str, dict[str, Any]] = {}
     lines = [(name.split("/")[0], raw) for name, raws in files.items() for raw in raws]
     ordered = [(e, t, m) for e, raw in lines for t, m in oracle.classify(raw, e)]
-    for maker, target, metadata in [*ordered, *[("api", t, m) for t, m in writes]]:
-        current = state.setdefault(target, {})
+    for maker, owner, metadata in [*ordered, *[("api", t, m) for t, m in writes]]:
+        current = state.setdefault(owner, {})
         for key, value in metadata.items():
             if current.get(key) != value:  # a real change (the values are unique)
-                last_maker[(target, key)] = maker
+                last_maker[(owner, key)] = maker
                 if maker == X:
-                    x_keys.add((target, key))
+                    x_keys.add((owner, key))
         oracle.fold_into(current, metadata)
     without_x = oracle.expected_state(
         {n: r for n, r in files.items() if not n.startswith(f"{X}/")}, api_writes=writes
