@@ -723,8 +723,10 @@ def _rollback_route(app: FastAPI, engine: Engine, staging: Staging) -> None:
         response_model=Rollback,
         openapi_extra={
             "requestBody": {
-                "required": False,
-                "description": "none, or an empty object (a write needs `Content-Type: application/json`)",
+                # Required in the description: without a body a client sends no content type,
+                # and the edge refuses a write without one (415). An empty body is accepted.
+                "required": True,
+                "description": "an empty object (a write needs `Content-Type: application/json`)",
                 "content": {"application/json": {"schema": {"type": "object", "maxProperties": 0}}},
             }
         },
