@@ -221,6 +221,7 @@ def _floor(engine: Engine, count: int) -> float:
                         "new": v,
                         "source": source,
                         "changed_at": now,
+                        "made_by": "exec-floor",
                     }
                     for k, v in props.items()
                 ]

@@ -277,6 +277,7 @@ def _floor(engine: Engine, size: int) -> float:
             "new": v,
             "source": source,
             "changed_at": stamp,
+            "made_by": "exec-floor",
         }
         for k, v in properties.items()
     ]

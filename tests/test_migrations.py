@@ -388,3 +388,35 @@ def test_upgrading_with_definitions_leaves_one_recheck_pending(database_url: str
         assert recheck_report(engine)["state"] == "current"
     finally:
         engine.dispose()
+
+
+def test_upgrading_names_the_execution_of_each_sidecar_history_row(database_url: str) -> None:
+    """The made_by migration: history rows of sidecar lines written before it name their
+    execution, so `sidecar rollback` finds them; API and platform rows name nothing."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, _revision_before("_history_made_by.py", engine))
+        sources = [
+            {"origin": "sidecar", "execution": "exec-1", "file": "f", "line": 1, "offset": 0},
+            {"origin": "api"},
+            {"origin": "platform"},
+        ]
+        with engine.begin() as conn:
+            for i, source in enumerate(sources):
+                conn.execute(
+                    text(
+                        "INSERT INTO property_changes (owner_kind, owner_id, key, old, new, source,"
+                        " changed_at) VALUES ('version', 1, :key, NULL, '1', :s, :t)"
+                    ),
+                    {"key": f"k{i}", "s": json.dumps(source), "t": datetime(2026, 12, 1, tzinfo=UTC)},
+                )
+        upgrade(engine)
+        with engine.connect() as conn:
+            made_by = conn.execute(text("SELECT key, made_by FROM property_changes ORDER BY id")).all()
+        assert [tuple(r) for r in made_by] == [("k0", "exec-1"), ("k1", None), ("k2", None)]
+    finally:
+        engine.dispose()

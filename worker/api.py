@@ -37,11 +37,12 @@ from .api_models import (
     Page,
     Readiness,
     ResolvedDatum,
+    Rollback,
     Version,
     errors,
 )
 from .api_params import CountMode, Cursor, Filter, Limit, Offset, Ordering, VersionURI
-from .applying import write_datum_properties, write_properties
+from .applying import roll_back, rollback_json, write_datum_properties, write_properties
 from .edge import MAX_BODY, WriteGuard, error_response
 from .enqueue import Enqueue, Sender, sender
 from .errors import BadURI, InvalidEntry, NotFound
@@ -109,6 +110,7 @@ def create_app(
     _datum_routes(app, engine)
     _datum_write_routes(app, engine, staging)
     _datum_alias_routes(app, engine)
+    _rollback_route(app, engine, staging)
     mount_web(app, engine, staging)
     return app
 
@@ -708,6 +710,48 @@ def _datum_write_routes(app: FastAPI, engine: Engine, staging: Staging) -> None:
         if result.staged:
             return JSONResponse(result.properties, status_code=202, headers={"X-Sidecar-Staged": "true"})
         return JSONResponse(result.properties)
+
+
+ExecutionId = Annotated[
+    str, FastAPIPath(min_length=1, max_length=255, description="an execution's id, or a rollback's")
+]
+
+
+def _rollback_route(app: FastAPI, engine: Engine, staging: Staging) -> None:
+    @app.post(
+        "/api/v0/executions/{execution_id}/rollback/",
+        response_model=Rollback,
+        openapi_extra={
+            "requestBody": {
+                # Required in the description: without a body a client sends no content type,
+                # and the edge refuses a write without one (415). An empty body is accepted.
+                "required": True,
+                "description": "an empty object (a write needs `Content-Type: application/json`)",
+                "content": {"application/json": {"schema": {"type": "object", "maxProperties": 0}}},
+            }
+        },
+        responses=errors(
+            *WRITE_ERRORS,
+            e400="The body is not empty, or not a JSON object.",
+            e404="Nothing knows this execution or rollback; nothing was written.",
+        ),
+    )
+    async def rollback_execution(execution_id: ExecutionId, request: Request, dry_run: bool = False) -> Any:
+        """Revert every property change the execution's lines made (or a rollback made: that
+        undoes it), unless another source changed the key later (a conflict, left as it is).
+        `dry_run=true` answers what would be done and changes nothing. Datum membership of
+        completed versions is not touched; changes still staged (a version building, an execution
+        running) are not in the history and are not rolled back."""
+        body = await request.body()
+        if body.strip():
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                return _error(400, "bad_request", f"not JSON: {exc}")
+            if payload != {}:
+                return _error(400, "bad_request", "the body must be empty or {}")
+        result = await run_in_threadpool(roll_back, engine, staging, execution_id, dry_run=dry_run)
+        return rollback_json(result)
 
 
 def _datum_alias_routes(app: FastAPI, engine: Engine) -> None:

@@ -217,3 +217,45 @@ class DatumWrite(BaseModel):
 
     datum_metadata: dict[str, dict[str, Any]]
     staged: list[str] = Field(description="datums of executions still running: applied at completion")
+
+
+# -- rollbacks ----------------------------------------------------------------------------------
+
+
+class RolledBackKey(BaseModel):
+    """A key put back: from `old` (its value before the rollback) to `new` (null: removed)."""
+
+    key: str
+    old: Any
+    new: Any
+
+
+class RollbackConflict(BaseModel):
+    """A key left as it is: another source changed it after the execution did."""
+
+    key: str
+    value: Any = Field(description="its value now (null: absent, or not read again)")
+    reason: str
+
+
+class RollbackOwner(BaseModel):
+    """One dataset, version or datum the rolled-back changes touched."""
+
+    kind: Literal["dataset", "version", "datum"]
+    id: str
+    target: str = Field(description="its staging target: dataset://..., or execution:<id> for a datum")
+    path: str | None = Field(description="a datum's path in its execution")
+    reverted: list[RolledBackKey]
+    conflicts: list[RollbackConflict]
+
+
+class Rollback(BaseModel):
+    """What a rollback did, or with `dry_run` would do; `id` is the rollback's own id (roll it
+    back to undo it), null for a dry run or when nothing was reverted."""
+
+    id: str | None
+    execution: str
+    dry_run: bool
+    reverted: int
+    conflicts: int
+    owners: list[RollbackOwner]

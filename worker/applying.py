@@ -18,9 +18,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session
 
+from .errors import NotFound
+from .ids import new_id
 from .records import Entry, Source, user_write
+from .rollback import Conflict
 from .staging import RedisError, Snapshot, Staging, after_watermark
 from .store import datums, definitions
+from .store import rollback as store_rollback
 from .store.apply import (
     Applier,
     apply_entries,
@@ -31,6 +35,7 @@ from .store.apply import (
 )
 from .store.db import writer
 from .store.queries import Ref
+from .store.rollback import OwnerPlan
 from .store.writes import WriteResult, current_properties, target_of
 from .uris import Target
 
@@ -219,3 +224,95 @@ def _withdraw(staging: Staging, entry: Entry, stream_id: str) -> None:
         staging.withdraw(entry.target, stream_id)
     except RedisError as exc:
         log.warning("could not take back the failed write on %s: %s", entry.target.key, exc)
+
+
+# -- rollbacks: the reverts staged on each target's stream, then applied as API writes are ------
+
+
+@dataclass
+class RollbackResult:
+    """What a rollback of `execution` did (or, `dry_run`, would do): per owner, the keys
+    reverted (old → new) and those left as they are (conflicts). `id`: the rollback's own id,
+    the one to roll back to undo it (None for a dry run, or when nothing was reverted)."""
+
+    execution: str
+    id: str | None
+    dry_run: bool
+    owners: list[OwnerPlan]
+
+
+def roll_back(engine: Engine, staging: Staging, ident: str, *, dry_run: bool = False) -> RollbackResult:
+    """Revert every property change `ident` (an execution, or a rollback) made, unless another
+    source changed the key later (a conflict, left as it is). NotFound for an unknown id.
+
+    Only applied changes are in the history: entries of `ident` still staged (a version still
+    building, an execution not completed) are not touched and apply when their target does.
+    Datum membership is not touched (a completed version's files are fixed).
+
+    Each owner's reverts are one `revert` entry staged on its target's stream, so it is applied
+    after every entry staged before it, under the watermark lock, like an API write; a key that
+    such an entry changed meanwhile no longer holds what the plan saw and is left (reported as
+    a conflict). An execution target retention took out of Redis is applied directly under its
+    lock (a stream created again there would outlive retention), as API datum writes are.
+    """
+    with engine.connect() as conn:
+        known = store_rollback.is_known(conn, ident)
+        owners = store_rollback.plan(conn, ident)
+    if not known and not staging.knows_execution(ident):
+        raise NotFound(f"execution {ident}")
+    if dry_run:
+        return RollbackResult(ident, None, True, owners)
+    rollback_id = new_id()
+    source = Source("rollback", execution=ident, id=rollback_id)
+    staged: list[tuple[Entry, str]] = []
+    due: dict[str, Target] = {}
+    try:
+        for owner in owners:
+            if not owner.reverts:
+                continue
+            metadata = {r.key: [r.old, r.new] for r in owner.reverts}
+            entry = Entry(owner.target, "revert", source, metadata, owner.path)
+            if owner.kind == "datum" and not staging.is_done(owner.target):
+                datums.write_directly(engine, entry)
+                continue
+            stream_id, _ = staging.stage_write(entry)
+            staged.append((entry, stream_id))
+            due[owner.target.key] = owner.target
+        apply_targets(engine, staging, list(due.values()))
+    except Exception:
+        for entry, stream_id in staged:
+            _withdraw(staging, entry, stream_id)
+        raise
+    with engine.connect() as conn:
+        done = store_rollback.made_by(conn, rollback_id)
+    for owner in owners:
+        # A key changed between the plan and the apply was left as it was (`_still_expected`).
+        late = [r for r in owner.reverts if (owner.kind, owner.owner_id, r.key) not in done]
+        owner.reverts = [r for r in owner.reverts if r not in late]
+        reason = "changed while the rollback was applied, or refused by a definition"
+        owner.conflicts += [Conflict(r.key, None, reason) for r in late]
+    # Nothing changed, nothing to undo: no id (no history row would name it).
+    return RollbackResult(ident, rollback_id if done else None, False, owners)
+
+
+def rollback_json(result: RollbackResult) -> dict[str, Any]:
+    """The API's and `sidecar rollback --json`'s answer (`api_models.Rollback`)."""
+    owners = [
+        {
+            "kind": o.kind,
+            "id": o.uid,
+            "target": o.target.key,
+            "path": o.path if o.kind == "datum" else None,
+            "reverted": [{"key": r.key, "old": r.old, "new": r.new} for r in o.reverts],
+            "conflicts": [{"key": c.key, "value": c.value, "reason": c.reason} for c in o.conflicts],
+        }
+        for o in result.owners
+    ]
+    return {
+        "id": result.id,
+        "execution": result.execution,
+        "dry_run": result.dry_run,
+        "reverted": sum(len(o.reverts) for o in result.owners),
+        "conflicts": sum(len(o.conflicts) for o in result.owners),
+        "owners": owners,
+    }

@@ -1,4 +1,4 @@
-"""The data commands of the CLI: `sidecar props`, `query`, `history`, `stale`.
+"""The data commands of the CLI: `sidecar props`, `query`, `history`, `stale`, `rollback`.
 
 They work on the same database and Redis as a running `sidecar up` (same --data-dir), through the
 same functions the HTTP API uses.
@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from . import connections
-from .applying import write_datum_properties, write_properties
+from .applying import roll_back, rollback_json, write_datum_properties, write_properties
 from .datum_keys import alias_name
 from .errors import ConfigError, InvalidEntry
 from .settings import Settings
@@ -202,6 +202,43 @@ def add_commands(sub: Any, common: Any) -> None:
     stale.add_argument("--unused-for", default="30d", help="a duration: 30d, 12h, 2w [30d]")
     stale.add_argument("--json", action="store_true")
     stale.set_defaults(run=cmd_stale)
+    rollback = sub.add_parser(
+        "rollback",
+        help="revert the property changes of one execution (or undo a rollback)",
+        description="Revert every property change an execution's lines made, unless another source "
+        "changed the key later (a conflict, left as it is). Give a rollback's id to undo it.",
+    )
+    common(rollback)
+    rollback.add_argument(
+        "--execution", required=True, metavar="ID", help="an execution's id, or a rollback's"
+    )
+    rollback.add_argument("--dry-run", action="store_true", help="say what would be reverted; change nothing")
+    rollback.add_argument("--json", action="store_true")
+    rollback.set_defaults(run=cmd_rollback)
+
+
+def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    """`sidecar rollback --execution ID [--dry-run]`: a line per key, then what was done.
+    An unknown id is NotFound (exit 1)."""
+    with _engine(settings) as engine:
+        staging = connections.staging(settings)
+        try:
+            answer = rollback_json(roll_back(engine, staging, args.execution, dry_run=args.dry_run))
+        finally:
+            staging.close()
+    if args.json:
+        _print_json(answer)
+        return 0
+    for owner in answer["owners"]:
+        where = owner["target"] + (f" {owner['path']}" if owner["path"] else "")
+        for r in owner["reverted"]:
+            print(f"{where}: {r['key']}: {_short(r['old'])} -> {_short(r['new'])}")  # - : absent
+        for c in owner["conflicts"]:
+            print(f"{where}: {c['key']}: left as it is ({c['reason']})")
+    verb = "would revert" if args.dry_run else "reverted"
+    tail = f"; undo it with: sidecar rollback --execution {answer['id']}" if answer["id"] else ""
+    print(f"{verb} {answer['reverted']} keys, {answer['conflicts']} conflicts (left as they are){tail}")
+    return 0
 
 
 def _print_json(value: Any) -> None:
@@ -224,4 +261,6 @@ def _short(value: Any) -> str:
 def _source(source: dict[str, Any]) -> str:
     if source.get("origin") == "sidecar":
         return f"{source['file']}:{source['line']}"
+    if source.get("origin") == "rollback":
+        return f"rollback {source.get('id')} of {source.get('execution')}"
     return str(source.get("origin"))

@@ -23,8 +23,8 @@ MAX_DEPTH = 32
 DATASET_VERSIONS_KEY = "valohai.dataset-versions"
 _CONTAINERS = (dict, list)
 
-Origin = Literal["sidecar", "api", "platform"]
-Op = Literal["set", "member"]
+Origin = Literal["sidecar", "api", "platform", "rollback"]
+Op = Literal["set", "member", "revert"]
 
 
 # Source and Entry are plain slotted dataclasses, not frozen ones: ingest builds about three per
@@ -34,13 +34,15 @@ Op = Literal["set", "member"]
 
 @dataclass(slots=True)
 class Source:
-    """Where an entry came from: a sidecar line (execution, file, line, byte offset) or an API call."""
+    """Where an entry came from: a sidecar line (execution, file, line, byte offset), an API call,
+    or a rollback (`execution`: the id rolled back; `id`: the rollback's own id)."""
 
     origin: Origin
     execution: str = ""
     file: str = ""
     line: int = 0
     offset: int = 0
+    id: str = ""
 
     def where(self) -> str:
         """Human form for rejects and logs: `file:line (offset N)`."""
@@ -56,6 +58,8 @@ class Entry:
     `set`: shallow-merge `metadata` into the target's properties (for an execution target, into the
     properties of the datum at `path`); a null value deletes the key.
     `member`: the datum (`source.execution`, `path`) joins the version `target`.
+    `revert` (a rollback's): `metadata` maps each key to `[expected, value]`; a key is set to
+    `value` (null deletes) only if it still holds `expected` (null: absent) when applied.
     """
 
     target: Target

@@ -305,6 +305,15 @@ class Staging(Health):
     def is_done(self, target: Target) -> bool:
         return bool(self.redis.exists(self.keys.done(target)))
 
+    def knows_execution(self, execution: str) -> bool:
+        """Whether staging holds anything of `execution` (its lines, files or completion)."""
+        pipe = self.redis.pipeline(transaction=False)
+        done = self.keys.done(Target("execution", execution=execution))
+        pipe.exists(self.keys.execution_targets(execution), done)
+        pipe.hexists(self.keys.executions, execution)
+        found, known = pipe.execute()
+        return bool(found) or bool(known)
+
     def complete_version(self, target: Target) -> list[str]:
         """Mark a version complete; it and its dataset become due. Returns the due targets."""
         # Race with the watcher: the flag is set in the same transaction that makes the version

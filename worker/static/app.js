@@ -858,6 +858,7 @@
     function source(src) {
       if (!src || src.origin === "api") return "API";
       if (src.origin === "platform") return "platform";
+      if (src.origin === "rollback") return ["rollback ", h("code", { text: src.id }), " of ", h("code", { text: src.execution })];
       return [
         "execution ",
         h("code", { text: src.execution }),
@@ -918,7 +919,7 @@
       const rows = [...changes].reverse().map((c) => {
         const what = c.old === null ? `set ${show(c.new)}` : c.new === null ? `removed ${show(c.old)}` : `${show(c.old)} → ${show(c.new)}`;
         const src = c.source || {};
-        const from = src.origin === "sidecar" ? `${src.file} line ${src.line}` : src.origin === "api" ? "API" : String(src.origin);
+        const from = src.origin === "sidecar" ? `${src.file} line ${src.line}` : src.origin === "api" ? "API" : src.origin === "rollback" ? `rollback ${src.id} of ${src.execution}` : String(src.origin);
         return h("tr", {}, h("td", {}, when(c.changed_at)), h("td", {}, h("code", { text: c.key })), h("td", { text: what }), h("td", { class: "source", text: from }));
       });
       $("history-table").tBodies[0].replaceChildren(...rows);

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - not on POSIX
 from ..datum_keys import ALIAS_KEY
 from ..definitions import Definition, split
 from ..membership import Spec, file_list, fold_spec
-from ..merge import Change, merge_into
+from ..merge import Change, merge_into, same_json
 from ..records import Entry, Reject, Source
 from ..uris import Target, parse_uri
 from . import aliases, definitions
@@ -174,12 +174,27 @@ class Applier:
         target = entry.target
         if entry.op == "member":
             self.joining.setdefault(target, []).append(entry)
-        elif target.kind == "version":
-            self.set(self.version(target), entry)
+            return
+        if target.kind == "version":
+            owner = self.version(target)
         elif target.kind == "dataset":
-            self.set(self.dataset(target.dataset), entry)
+            owner = self.dataset(target.dataset)
         else:
-            self.set(self.datum(target.execution, entry.path), entry)
+            owner = self.datum(target.execution, entry.path)
+        self.set(owner, self._still_expected(owner, entry) if entry.op == "revert" else entry)
+
+    def _still_expected(self, owner: Owner, entry: Entry) -> Entry:
+        """A rollback's revert as a plain `set` of the keys that still hold what the rollback
+        saw. Race: a line or write applied between the rollback's reading and this apply (under
+        the watermark lock, in stream order) changed the key; it is then left as that made it."""
+        work = self.working.get((owner.kind, owner.id))
+        current = work.properties if work is not None else owner.properties
+        metadata = {
+            key: value
+            for key, (expected, value) in entry.metadata.items()
+            if same_json(current.get(key), expected)
+        }
+        return Entry(entry.target, "set", entry.source, metadata, entry.path)
 
     def complete_version(self, target: Target) -> None:
         version = self.version(target)
@@ -203,6 +218,7 @@ class Applier:
             return
         owner.updates["updated_at"] = self.now
         source = _source_json(entry.source)
+        made_by = made_by_of(entry.source)
         for c in changes:
             work.changed[c.key] = None
             self.changes.append(
@@ -214,6 +230,7 @@ class Applier:
                     "new": c.new,
                     "source": source,
                     "changed_at": self.now,
+                    "made_by": made_by,
                 }
             )
 
@@ -539,7 +556,19 @@ def _source_json(source: Source) -> dict[str, Any]:
             "line": source.line,
             "offset": source.offset,
         }
+    if source.origin == "rollback":
+        return {"origin": "rollback", "id": source.id, "execution": source.execution}
     return {"origin": source.origin}
+
+
+def made_by_of(source: Source) -> str | None:
+    """What a history row names as the maker of its change (`property_changes.made_by`): the
+    execution of a sidecar line, the id of a rollback; None for API and platform writes."""
+    if source.origin == "sidecar":
+        return source.execution or None
+    if source.origin == "rollback":
+        return source.id
+    return None
 
 
 # -- the statements, built once ------------------------------------------------------------------

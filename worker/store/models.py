@@ -287,7 +287,10 @@ class PropertyChange(Base):
     """History: one row per key that really changed, with where the change came from."""
 
     __tablename__ = "property_changes"
-    __table_args__ = (Index("ix_property_changes_owner", "owner_kind", "owner_id", "id"),)
+    __table_args__ = (
+        Index("ix_property_changes_owner", "owner_kind", "owner_id", "id"),
+        Index("ix_property_changes_made_by", "made_by", "id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     owner_kind: Mapped[str] = mapped_column(String(16))
@@ -297,6 +300,9 @@ class PropertyChange(Base):
     new: Mapped[Any] = mapped_column(nullable=True)
     source: Mapped[dict[str, Any]]
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # What made the change, as `sidecar rollback` names it: the execution of a sidecar line, the
+    # id of a rollback; null for API and platform writes (migration 0010).
+    made_by: Mapped[str | None] = mapped_column(String(255))
 
 
 class Watermark(Base):
