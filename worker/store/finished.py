@@ -16,6 +16,7 @@ from sqlalchemy import null as sa_null
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from .db import writer
 from .models import FinishedExecution, FinishedFile, Watermark
 
 _FILES = cast(Table, FinishedFile.__table__)
@@ -110,7 +111,10 @@ def save(
     now = datetime.now(UTC)
     completed = None if completed_ms is None else datetime.fromtimestamp(completed_ms / 1000, UTC)
     insert: Any = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-    with engine.begin() as conn:
+    # The write lock first (`writer`: BEGIN IMMEDIATE on SQLite). A deferred transaction that
+    # reads and then writes fails at once with "database is locked" when a worker's apply
+    # commits between the two, whatever the busy timeout (WAL cannot upgrade a stale snapshot).
+    with writer(engine).begin() as conn:
         old = conn.scalar(select(_EXECUTIONS.c.flags).where(_EXECUTIONS.c.execution == execution))
         row = {
             "execution": execution,
