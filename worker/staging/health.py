@@ -86,7 +86,7 @@ class Health:
 
         One drain at a time, whatever the backlog: under a load of 100,000 due targets whose
         tasks are merely queued, sending each again every few seconds multiplied the work (the
-        queue once held 85,000 tasks). The marker expires (`drain_ttl`), so a drain lost with
+        queue once held 85,000 tasks). The marker expires (`drain_ttl_ms`), so a drain lost with
         its broker is sent again by a later sweep; a drain still working refreshes it. Returns
         whether a drain was sent.
         """
