@@ -61,21 +61,17 @@ def sqlite_queue(engine: Engine) -> Iterator[None]:
 
 def lock_watermark(conn: Connection, target: str) -> str | None:
     """The target's watermark (None: nothing applied yet), locked until the transaction ends."""
-    if conn.dialect.name == "sqlite":
-        # BEGIN IMMEDIATE already holds the database's write lock; `save_watermark` creates the row.
-        return conn.scalar(_SELECT_MARK, {"target": target})
-    # On PostgreSQL the row is the lock: make sure it exists, then lock it.
-    conn.execute(_statements(conn).insert_mark, {"target": target})
-    return conn.scalar(_LOCK_MARK, {"target": target})
+    return lock_watermarks(conn, [target])[target]
 
 
 def save_watermark(conn: Connection, target: str, stream_id: str | None, now: datetime) -> None:
-    conn.execute(_statements(conn).save_mark, {"target": target, "stream_id": stream_id, "applied_at": now})
+    save_watermarks(conn, {target: (stream_id, now)})
 
 
 def lock_watermarks(conn: Connection, targets: list[str]) -> dict[str, str | None]:
-    """`lock_watermark` of many targets in two statements: each target's watermark (None:
-    nothing applied yet), every row locked until the transaction ends.
+    """Each target's watermark (None: nothing applied yet), every row locked until the
+    transaction ends, in two statements (on PostgreSQL the row is the lock: it is made sure to
+    exist, then locked).
 
     The rows are locked in target order (`targets` sorted, `ORDER BY target FOR UPDATE`), so two
     batches sharing targets wait for each other instead of deadlocking. On SQLite `BEGIN
@@ -93,7 +89,7 @@ def lock_watermarks(conn: Connection, targets: list[str]) -> dict[str, str | Non
 
 
 def save_watermarks(conn: Connection, marks: Mapping[str, tuple[str | None, datetime]]) -> None:
-    """`save_watermark` of many targets: (stream id, applied at) by target, one statement."""
+    """Save each target's watermark, (stream id, applied at) by target, in one statement."""
     if marks:
         rows = [{"target": t, "stream_id": m, "applied_at": at} for t, (m, at) in sorted(marks.items())]
         conn.execute(_statements(conn).save_mark, rows)
@@ -581,8 +577,6 @@ _MARKS = cast(Table, Watermark.__table__)
 _CHANGES = cast(Table, PropertyChange.__table__)
 _INDEX = cast(Table, PropertyIndex.__table__)
 
-_SELECT_MARK = select(_MARKS.c.stream_id).where(_MARKS.c.target == bindparam("target"))
-_LOCK_MARK = _SELECT_MARK.with_for_update()
 _SELECT_MARKS = (
     select(_MARKS.c.target, _MARKS.c.stream_id)
     .where(_MARKS.c.target.in_(bindparam("targets", expanding=True)))
