@@ -55,7 +55,7 @@ from worker.tail import FileState
 from .common import Context, Row, Section, fmt_int, fmt_lat, fmt_ms, fmt_rate, summary, verdict
 from .ingest import floor_ingest
 from .procs import Child, write_marker
-from .workload import JSONL, dumps, version_line, version_properties
+from .workload import JSONL, interleaved_lines, version_line, versions_with_datums
 
 PREFIX = "sidecar"  # `sidecar up`'s default Redis prefix
 DATABASES = ("sqlite", "postgresql")
@@ -211,18 +211,8 @@ def _table_row(database: str, plan: Plan, asked: Plan | None, result: Result) ->
 def _lines(plan: Plan, dataset: str) -> list[bytes]:
     rng = random.Random(f"{plan.key}-{plan.versions}")
     if plan.kind == "lines":
-        uris = [f"dataset://{dataset}/v{i:03d}" for i in range(plan.versions)]
-        return [
-            version_line(uri, version_properties(rng, 3, 3 * j)) for j in range(plan.lines) for uri in uris
-        ]
-    out: list[bytes] = []
-    for i in range(plan.versions):
-        uri = f"dataset://{dataset}/v{i:06d}"
-        out.append(version_line(uri, version_properties(rng, 10)))
-        out.append(
-            dumps({"file": f"out/{i:06d}.bin", "metadata": {"idx": i, "valohai.dataset-versions": [uri]}})
-        )
-    return out
+        return interleaved_lines(rng, dataset, plan.versions, plan.lines)
+    return versions_with_datums(rng, dataset, plan.versions)
 
 
 def _version_names(plan: Plan) -> list[str]:

@@ -36,11 +36,10 @@ from bench.common import DEFAULT_POSTGRES, DEFAULT_REDIS, Context, new_engine  #
 from bench.searchstore import build  # noqa: E402
 from bench.workload import (  # noqa: E402
     JSONL,
-    dumps,
+    interleaved_lines,
     mixed_lines,
-    version_line,
     version_lines,
-    version_properties,
+    versions_with_datums,
     write_lines,
 )
 from worker.applying import apply_target, apply_targets  # noqa: E402
@@ -97,12 +96,7 @@ def profile_batch(ctx: Context, versions: int) -> None:
     one `execution_completed`, then the due targets applied in batches as the worker does."""
     root = ctx.folder("profile-batch")
     path = root / "exec-1" / JSONL
-    rng = random.Random(1)
-    lines = []
-    for i in range(versions):
-        uri = f"dataset://profile/v{i:06d}"
-        lines.append(version_line(uri, version_properties(rng, 10)))
-        lines.append(dumps({"file": f"out/{i:06d}.bin", "metadata": {"valohai.dataset-versions": [uri]}}))
+    lines = versions_with_datums(random.Random(1), "profile", versions)
     write_lines(path, lines)
     client = ctx.redis()
     staging = Staging(client, Keys(ctx.prefix("profile")))
@@ -136,20 +130,7 @@ def history_share(ctx: Context) -> None:
         root = ctx.folder(f"profile-history-{uuid.uuid4().hex[:6]}")
         path = root / "exec-1" / JSONL
         rng = random.Random(1)
-        lines: list[bytes] = []
-        if kind == "c":
-            for i in range(1000):
-                uri = f"dataset://h/v{i:06d}"
-                lines.append(version_line(uri, version_properties(rng, 10)))
-                lines.append(
-                    dumps({"file": f"out/{i:06d}.bin", "metadata": {"valohai.dataset-versions": [uri]}})
-                )
-        else:
-            for j in range(500):
-                lines += [
-                    version_line(f"dataset://h/v{i:03d}", version_properties(rng, 3, 3 * j))
-                    for i in range(20)
-                ]
+        lines = versions_with_datums(rng, "h", 1000) if kind == "c" else interleaved_lines(rng, "h", 20, 500)
         write_lines(path, lines)
         client = ctx.redis()
         staging = Staging(client, Keys(ctx.prefix(f"history-{uuid.uuid4().hex[:6]}")))

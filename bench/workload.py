@@ -140,3 +140,22 @@ def version_lines(uri: str, properties: int, per_line: int, seed: int) -> list[b
         version_line(uri, version_properties(rng, min(per_line, properties - start), start))
         for start in range(0, properties, per_line)
     ]
+
+
+def interleaved_lines(rng: random.Random, dataset: str, versions: int, lines: int) -> list[bytes]:
+    """Pipeline rows (a)/(b): line j of every version v000.., then line j + 1, 3 keys each."""
+    uris = [f"dataset://{dataset}/v{i:03d}" for i in range(versions)]
+    return [version_line(uri, version_properties(rng, 3, 3 * j)) for j in range(lines) for uri in uris]
+
+
+def versions_with_datums(rng: random.Random, dataset: str, versions: int) -> list[bytes]:
+    """Pipeline rows (c)/(d): per version v000000.., a line of 10 properties and a datum line
+    naming it."""
+    out: list[bytes] = []
+    for i in range(versions):
+        uri = f"dataset://{dataset}/v{i:06d}"
+        out.append(version_line(uri, version_properties(rng, 10)))
+        out.append(
+            dumps({"file": f"out/{i:06d}.bin", "metadata": {"idx": i, "valohai.dataset-versions": [uri]}})
+        )
+    return out
