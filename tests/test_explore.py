@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,10 +14,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from tests.helpers import outcome
+from tests.test_datums_search import populate_datums
 from worker.api import create_app
 from worker.api_explore import parse_keys
 from worker.applying import apply_target
+from worker.cli import main
 from worker.query import FilterError, Key
+from worker.settings import Settings
 from worker.staging import Staging
 from worker.store import export
 from worker.uris import Target
@@ -163,3 +167,70 @@ def test_exports_stream_every_row_in_each_format(
     assert parquet.column("properties.split").to_pylist()[7] == "7"
     datasets = client.get("/api/v0/datasets/export/", params={"format": "csv"}).text.splitlines()
     assert datasets[0] == "id,name,uri,ctime,mtime" and len(datasets) == 2
+
+
+def test_datums_have_facets_keys_and_exports_of_their_list(
+    client: TestClient, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export, "BATCH", 4)
+    populate_datums(
+        engine, [{"split": ["train", "test"][i % 2], "n": i, "valohai.tags": ["t"]} for i in range(10)]
+    )
+    params = {"filter": 'split = "train"'}
+    listed = client.get("/api/v0/data/", params=params).json()["results"]
+    assert len(listed) == 5
+
+    (split, n) = client.get("/api/v0/data/facets/", params={**params, "keys": "split,n"}).json()["facets"]
+    assert split["strings"]["values"] == [{"value": "train", "count": 5}]
+    assert n["numbers"]["min"] == 0 and n["numbers"]["max"] == 8
+    keys = client.get("/api/v0/data/keys/", params={"name": "f3"}).json()["results"]
+    assert [(k["key"], k["count"]) for k in keys] == [("`valohai.tags`", 1), ("n", 1), ("split", 1)]
+    assert client.get("/api/v0/data/keys/", params={"output_execution": "other"}).json()["count"] == 0
+
+    # Each format read back equals the list's answer (tags and alias are its fields, not properties).
+    lines = client.get("/api/v0/data/export/", params=params).content.splitlines()
+    rows = [orjson.loads(line) for line in lines]
+    assert [(r["id"], r["name"], r["properties"]) for r in rows] == [
+        (d["id"], d["name"], d["properties"]) for d in listed
+    ]
+    assert rows[0]["execution"] == "e" and rows[0]["ctime"] == listed[0]["ctime"]
+    assert [r["tags"] for r in rows] == [d["tags"] for d in listed] == [["t"]] * 5
+    text = client.get("/api/v0/data/export/", params={**params, "format": "csv", "columns": "n,split"}).text
+    table = list(csv.DictReader(io.StringIO(text)))
+    assert list(table[0])[-2:] == ["n", "split"] and table[0]["tags"] == '["t"]'
+    assert [(r["id"], int(r["n"]), r["split"]) for r in table] == [
+        (d["id"], d["properties"]["n"], "train") for d in listed
+    ]
+    import pyarrow.parquet as pq
+
+    blob = client.get("/api/v0/data/export/", params={**params, "format": "parquet", "columns": "n"}).content
+    parquet = pq.read_table(io.BytesIO(blob)).to_pylist()
+    assert [(r["id"], r["size"], r["tags"], r["properties.n"]) for r in parquet] == [
+        (d["id"], d["size"], d["tags"], d["properties"]["n"]) for d in listed
+    ]
+    every = client.get("/api/v0/data/export/", params={"format": "csv"}).text.splitlines()
+    assert every[0] == "id,name,execution,size,sha256,tags,ctime,mtime,n,split" and len(every) == 11
+    assert client.get("/api/v0/data/export/", params={"filter": "n >"}).status_code == 400
+
+
+def test_the_export_command_writes_what_the_route_streams(
+    client: TestClient, engine: Engine, staging: Staging, settings: Settings, tmp_path: Path
+) -> None:
+    load(engine, staging, sample(12))
+    populate_datums(engine, [{"n": i} for i in range(3)])
+
+    def cli(*argv: str) -> bytes:
+        out = tmp_path / "out"
+        assert main(["export", *argv, "-o", str(out), "--database-url", settings.effective_database_url]) == 0
+        return out.read_bytes()
+
+    assert (
+        cli("--versions", "--filter", "n < 5", "--format", "csv")
+        == client.get("/api/v0/dataset-versions/export/", params={"filter": "n < 5", "format": "csv"}).content
+    )
+    assert (
+        cli("--data", "--execution", "e")
+        == client.get("/api/v0/data/export/", params={"output_execution": "e"}).content
+    )
+    assert len(cli("--data", "--execution", "nobody")) == 0
+    assert cli() == client.get("/api/v0/datasets/export/").content

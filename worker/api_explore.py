@@ -1,5 +1,6 @@
 """Routes that look at a whole filtered set: facets, keys and exports (`.../facets/`,
-`.../keys/`, `.../export/` under `/api/v0/datasets/` and `/api/v0/dataset-versions/`).
+`.../keys/`, `.../export/` under `/api/v0/datasets/`, `/api/v0/dataset-versions/` and
+`/api/v0/data/`).
 
 Registered before the `{id}` routes, which would otherwise take `facets` for an id.
 """
@@ -7,11 +8,11 @@ Registered before the `{id}` routes, which would otherwise take `facets` for an 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -22,8 +23,8 @@ from .api_params import Filter
 from .edge import error_response
 from .errors import BadURI, InvalidEntry
 from .query import FilterError, Key
-from .store import diff, export, facets, queries, saved
-from .store.search import ordering_key
+from .store import datums, diff, export, facets, queries, saved, sets
+from .store.search import OwnerKind, ordering_key
 
 log = logging.getLogger(__name__)
 API_ERRORS = (401, 413, 503)
@@ -78,6 +79,7 @@ def parse_keys(text: str) -> list[Key]:
 def explore_routes(app: FastAPI, engine: Engine) -> None:
     _routes(app, engine, "dataset", "datasets")
     _routes(app, engine, "version", "dataset-versions")
+    _routes(app, engine, "datum", "data")
 
     @app.get(
         "/api/v0/dataset-versions/{version_id}/diff/",
@@ -164,13 +166,34 @@ def saved_routes(app: FastAPI, engine: Engine) -> None:
         return Response(status_code=204)
 
 
-def _routes(app: FastAPI, engine: Engine, kind: Literal["dataset", "version"], base: str) -> None:
-    def owners(session: Session, ask: queries.ListQuery) -> Any:
-        """The set's ids as a query; None for all; False for none."""
-        if not ask.filter and not ask.name and not ask.dataset:
-            return None
-        ids = queries.dataset_ids(session, ask) if kind == "dataset" else queries.version_ids(session, ask)
-        return False if ids is None else ids
+def _dataset_ask(filter: Filter = None, name: str | None = None) -> sets.Ask:
+    return queries.ListQuery(name=name, filter=filter)
+
+
+def _version_ask(filter: Filter = None, name: str | None = None, dataset: str | None = None) -> sets.Ask:
+    return queries.ListQuery(name=name, dataset=dataset, filter=filter)
+
+
+def _datum_ask(
+    filter: Filter = None,
+    output_execution: str | None = None,
+    name: str | None = None,
+    tag: str | None = None,
+) -> sets.Ask:
+    return datums.DatumQuery(execution=output_execution, name=name, tag=tag, filter=filter)
+
+
+# Each kind's set is named as its list names it (`/api/v0/data/` by execution, path and tag).
+_ASKS: dict[OwnerKind, Callable[..., sets.Ask]] = {
+    "dataset": _dataset_ask,
+    "version": _version_ask,
+    "datum": _datum_ask,
+}
+
+
+def _routes(app: FastAPI, engine: Engine, kind: OwnerKind, base: str) -> None:
+    # A default, not an Annotated alias: the annotations are strings, read in the module's scope.
+    asked = Depends(_ASKS[kind])
 
     @app.get(
         f"/api/v0/{base}/facets/",
@@ -178,16 +201,13 @@ def _routes(app: FastAPI, engine: Engine, kind: Literal["dataset", "version"], b
         response_model=dict[str, Any],
         responses=errors(*API_ERRORS, 400),
     )
-    def get_facets(
-        keys: Keys, filter: Filter = None, name: str | None = None, dataset: str | None = None
-    ) -> dict[str, Any]:
+    def get_facets(keys: Keys, ask: sets.Ask = asked) -> dict[str, Any]:
         """For each key, within the filtered set: how many have it (by type) and how many do not;
         the 20 most frequent strings and the booleans with counts (then `other`); for numbers,
         min, max and a 10-bucket histogram."""
         wanted = parse_keys(keys)
-        ask = queries.ListQuery(name=name, dataset=dataset if kind == "version" else None, filter=filter)
         with Session(engine) as session:
-            ids = owners(session, ask)
+            ids = sets.owner_ids(session, kind, ask)
             if ids is False:
                 return {"count": 0, "facets": [facets.facets_of_nothing(k) for k in wanted]}
             return facets.facets(session, kind, ids, wanted)
@@ -198,14 +218,11 @@ def _routes(app: FastAPI, engine: Engine, kind: Literal["dataset", "version"], b
         response_model=dict[str, Any],
         responses=errors(*API_ERRORS, 400),
     )
-    def get_keys(
-        filter: Filter = None, prefix: Prefix = "", name: str | None = None, dataset: str | None = None
-    ) -> dict[str, Any]:
+    def get_keys(prefix: Prefix = "", ask: sets.Ask = asked) -> dict[str, Any]:
         """The distinct property keys of the filtered set (nested ones as `a.b`), each with how
         many have it and by which JSON type."""
-        ask = queries.ListQuery(name=name, dataset=dataset if kind == "version" else None, filter=filter)
         with Session(engine) as session:
-            ids = owners(session, ask)
+            ids = sets.owner_ids(session, kind, ask)
             found = [] if ids is False else facets.key_counts(session, kind, ids, prefix)
         return {"count": len(found), "results": found}
 
@@ -220,20 +237,17 @@ def _routes(app: FastAPI, engine: Engine, kind: Literal["dataset", "version"], b
     )
     def get_export(
         format: Literal["csv", "jsonl", "parquet"] = "jsonl",
-        filter: Filter = None,
         columns: Columns = None,
-        name: str | None = None,
-        dataset: str | None = None,
+        ask: sets.Ask = asked,
     ) -> StreamingResponse:
         """Every row of the filtered set in id order, streamed in constant memory: the object's
         fields, then its properties (JSON Lines: the property set; CSV: one column per key,
         nested values as JSON text; Parquet: typed columns `properties.<key>`)."""
-        ask = queries.ListQuery(name=name, dataset=dataset if kind == "version" else None, filter=filter)
         chosen = tuple(c.strip() for c in (columns or "").split(",") if c.strip())
         job = export.Export(kind, ask, format, chosen)
         with Session(engine) as session:
-            if filter:
-                owners(session, ask)  # a filter that does not parse is a 400 now, not a broken stream
+            if ask.filter:  # a filter that does not parse is a 400 now, not a broken stream
+                sets.owner_ids(session, kind, ask)
         suffix = {"csv": "csv", "jsonl": "jsonl", "parquet": "parquet"}[format]
         headers = {"Content-Disposition": f'attachment; filename="{base}.{suffix}"'}
         return StreamingResponse(

@@ -10,8 +10,9 @@ from typing import Any, BinaryIO, TextIO
 from sqlalchemy.orm import Session
 
 from .settings import Settings
-from .store import diff, export, queries
+from .store import datums, diff, export, queries, sets
 from .store.db import make_engine
+from .store.search import OwnerKind
 
 
 def cmd_diff(settings: Settings, args: argparse.Namespace) -> int:
@@ -62,12 +63,17 @@ def _text(value: Any) -> str:
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     columns = tuple(c.strip() for c in (args.columns or "").split(",") if c.strip())
-    ask = queries.ListQuery(filter=args.filter, dataset=args.dataset)
-    job = export.Export("version" if args.versions else "dataset", ask, args.format, columns)
+    kind: OwnerKind = "datum" if args.data else "version" if args.versions else "dataset"
+    ask: sets.Ask = (
+        datums.DatumQuery(filter=args.filter, execution=args.execution)
+        if kind == "datum"
+        else queries.ListQuery(filter=args.filter, dataset=args.dataset)
+    )
+    job = export.Export(kind, ask, args.format, columns)
     engine = make_engine(settings.effective_database_url)
     try:
         with Session(engine) as session:  # a bad filter fails here (FilterError), before any output
-            total = _count(session, job)
+            total = sets.count(session, kind, ask)
         out: BinaryIO = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: SIM115
         try:
             rows = 0
@@ -89,14 +95,6 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(session: Session, job: export.Export) -> int:
-    ask = queries.ListQuery(filter=job.ask.filter, dataset=job.ask.dataset, limit=1)
-    count, _ = (
-        queries.list_versions(session, ask) if job.kind == "version" else queries.list_datasets(session, ask)
-    )
-    return count
-
-
 def _bar(done: int, total: int) -> None:
     width = 30
     filled = width * done // max(total, 1)
@@ -113,12 +111,15 @@ def add_commands(sub: Any, common: Any) -> None:
     d.add_argument("--json", action="store_true")
     d.set_defaults(run=cmd_diff)
     e = sub.add_parser(
-        "export", help="write datasets (or versions) matching a filter as CSV, JSONL or Parquet"
+        "export", help="write datasets (or versions, or datums) matching a filter as CSV, JSONL or Parquet"
     )
     common(e)
-    e.add_argument("--versions", action="store_true", help="export dataset versions")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--versions", action="store_true", help="export dataset versions")
+    which.add_argument("--data", action="store_true", help="export datums (files of executions)")
     e.add_argument("--filter", help="a filter in the search language")
     e.add_argument("--dataset", help="only this dataset's versions (name or id)")
+    e.add_argument("--execution", help="only the datums of this execution (with --data)")
     e.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="jsonl")
     e.add_argument("--columns", help="comma-separated property keys [all]")
     e.add_argument("-o", "--output", help="a file to write (a progress bar on a terminal) [stdout]")

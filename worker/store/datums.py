@@ -55,14 +55,7 @@ def get_datum(session: Session, ident: str | int) -> Datum:
 def list_datums(session: Session, ask: DatumQuery) -> tuple[int, list[Datum]]:
     """Datums matching `ask`; FilterError if its filter or ordering does not parse. Ordered by
     `id` (creation), `name` (path), `ctime`, `mtime`, or a property, as datasets and versions."""
-    dialect = session.get_bind().dialect.name
-    where: list[Any] = []
-    if ask.execution is not None:
-        where.append(Datum.execution == ask.execution)
-    if ask.name is not None:
-        where.append(Datum.path == ask.name)
-    if ask.tag is not None:
-        where.append(_has_tag(ask.tag, dialect))
+    where = datum_where(ask, session.get_bind().dialect.name)
     query = select(Datum).where(*where)
     ids = select(Datum.id).where(*where) if where else None
     page = queries.ListQuery(filter=ask.filter, ordering=ask.ordering, limit=ask.limit, offset=ask.offset)
@@ -70,6 +63,26 @@ def list_datums(session: Session, ask: DatumQuery) -> tuple[int, list[Datum]]:
     fields = queries.list_fields(Datum, Datum.path)
     count, rows = queries.list_page(session, query, ids, page, "datum", _OWNER_ID, fields)
     return count, rows
+
+
+def datum_where(ask: DatumQuery, dialect: str) -> list[Any]:
+    """The conditions of `ask`'s exact matches (execution, path, tag), before its filter."""
+    where: list[Any] = []
+    if ask.execution is not None:
+        where.append(Datum.execution == ask.execution)
+    if ask.name is not None:
+        where.append(Datum.path == ask.name)
+    if ask.tag is not None:
+        where.append(_has_tag(ask.tag, dialect))
+    return where
+
+
+def datum_ids(session: Session, ask: DatumQuery) -> Any:
+    """The ids of the datums `ask` lists (its exact matches and filter), as a query; None if
+    none. FilterError if the filter does not parse."""
+    where = datum_where(ask, session.get_bind().dialect.name)
+    query = select(Datum.id).where(*where)
+    return queries.narrow(session, query, query if where else None, ask.filter, "datum", _OWNER_ID)
 
 
 def _has_tag(tag: str, dialect: str) -> Any:

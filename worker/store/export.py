@@ -1,4 +1,4 @@
-"""Exports of a filtered list (datasets or versions) as CSV, JSON Lines or Parquet, streamed.
+"""Exports of a filtered list (datasets, versions or datums) as CSV, JSON Lines or Parquet, streamed.
 
 Rows are read in batches by id (keyset: each batch is `id > last`, a short read of its own), so
 an export of a million rows holds one batch in memory and no long transaction, and each batch is
@@ -17,9 +17,13 @@ import orjson
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, joinedload
 
+from ..datum_keys import TAGS_KEY
+from .datums import DatumQuery, datum_where
 from .facets import key_counts
-from .models import Dataset, DatasetVersion
-from .queries import ListQuery, dataset_ids, iso, narrow, version_ids, version_names
+from .models import Dataset, DatasetVersion, Datum
+from .queries import DATUM_FIELD_KEYS, iso, narrow, version_names
+from .search import OwnerKind
+from .sets import Ask, owner_ids
 
 Format = Literal["csv", "jsonl", "parquet"]
 BATCH = 1000
@@ -35,8 +39,8 @@ MEDIA = {
 class Export:
     """What to export: a kind, the list's names and filter, the format and property columns."""
 
-    kind: Literal["dataset", "version"]
-    ask: ListQuery
+    kind: OwnerKind
+    ask: Ask
     format: Format
     columns: tuple[str, ...] = ()
 
@@ -45,6 +49,8 @@ def fields(kind: str) -> tuple[str, ...]:
     """The object fields that lead every row, before the properties."""
     if kind == "dataset":
         return ("id", "name", "uri", "ctime", "mtime")
+    if kind == "datum":
+        return ("id", "name", "execution", "size", "sha256", "tags", "ctime", "mtime")
     return ("id", "name", "dataset", "uri", "status", "ctime", "mtime", "completed_at")
 
 
@@ -53,44 +59,55 @@ def columns_of(engine: Engine, job: Export) -> tuple[str, ...]:
     if job.columns:
         return job.columns
     with Session(engine) as session:
-        owners = _owners(session, job)
+        owners = owner_ids(session, job.kind, job.ask)
         if owners is False:
             return ()
         found = key_counts(session, job.kind, owners)
-    return tuple(e["path"][0] for e in found if len(e["path"]) == 1)[:MAX_COLUMNS]
+    # A datum's tags and alias are fields of the datum API's answer (`tags` leads each row here),
+    # not properties: no column of their own.
+    hidden = DATUM_FIELD_KEYS if job.kind == "datum" else ()
+    top = (e["path"][0] for e in found if len(e["path"]) == 1 and e["path"][0] not in hidden)
+    return tuple(top)[:MAX_COLUMNS]
 
 
-def _owners(session: Session, job: Export) -> Any:
-    """The owner ids of the set as a query, None for all, False for none (the filter parses)."""
-    if not job.ask.filter and not job.ask.name and not job.ask.dataset:
-        return None
-    ids = dataset_ids(session, job.ask) if job.kind == "dataset" else version_ids(session, job.ask)
-    return False if ids is None else ids
+_MODELS: dict[str, Any] = {"dataset": Dataset, "version": DatasetVersion, "datum": Datum}
+
+
+def _batch_query(session: Session, job: Export, last: int) -> tuple[Any, Any]:
+    """The rows after id `last` that the list's exact matches leave, and their ids when those
+    matches narrow the set (None: every row of the kind, before the filter)."""
+    ask = job.ask
+    if job.kind == "version":
+        assert not isinstance(ask, DatumQuery)
+        query = (
+            select(DatasetVersion)
+            .join(Dataset)
+            .where(*version_names(ask), DatasetVersion.id > last)
+            .options(joinedload(DatasetVersion.dataset))
+        )
+        if not (ask.name or ask.dataset):
+            return query, None
+        named = [*version_names(ask), DatasetVersion.id > last]
+        return query, select(DatasetVersion.id).join(Dataset).where(*named)
+    if job.kind == "datum":
+        assert isinstance(ask, DatumQuery)
+        where = datum_where(ask, session.get_bind().dialect.name)
+        rows = select(Datum).where(*where, Datum.id > last)
+        return rows, select(Datum.id).where(*where, Datum.id > last) if where else None
+    assert not isinstance(ask, DatumQuery)
+    if ask.name is None:
+        return select(Dataset).where(Dataset.id > last), None
+    named = [Dataset.name == ask.name, Dataset.id > last]
+    return select(Dataset).where(*named), select(Dataset.id).where(*named)
 
 
 def records(engine: Engine, job: Export) -> Iterator[list[dict[str, Any]]]:
     """The rows of the set, in id order, a batch at a time: fields and the whole property set."""
-    model: Any = Dataset if job.kind == "dataset" else DatasetVersion
+    model = _MODELS[job.kind]
     last = 0
     while True:
         with Session(engine) as session:
-            query = select(model).where(model.id > last)
-            ids = None
-            if job.kind == "version":
-                query = (
-                    query.join(Dataset)
-                    .where(*version_names(job.ask))
-                    .options(joinedload(DatasetVersion.dataset))
-                )
-                if job.ask.name or job.ask.dataset:
-                    ids = (
-                        select(DatasetVersion.id)
-                        .join(Dataset)
-                        .where(*version_names(job.ask), DatasetVersion.id > last)
-                    )
-            elif job.ask.name is not None:
-                query = query.where(Dataset.name == job.ask.name)
-                ids = select(Dataset.id).where(Dataset.name == job.ask.name, Dataset.id > last)
+            query, ids = _batch_query(session, job, last)
             query = narrow(session, query, ids, job.ask.filter, job.kind, model.id)
             if query is None:
                 return
@@ -102,6 +119,21 @@ def records(engine: Engine, job: Export) -> Iterator[list[dict[str, Any]]]:
 
 
 def _record(kind: str, row: Any) -> dict[str, Any]:
+    if kind == "datum":
+        # As the datum API shows one: `name` is its path; its tags are a field, not properties.
+        properties = row.properties or {}
+        tags = properties.get(TAGS_KEY)
+        return {
+            "id": row.uid,
+            "name": row.path,
+            "execution": row.execution,
+            "size": row.size,
+            "sha256": row.sha256,
+            "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
+            "ctime": iso(row.created_at),
+            "mtime": iso(row.updated_at),
+            "properties": {k: v for k, v in properties.items() if k not in DATUM_FIELD_KEYS},
+        }
     out: dict[str, Any] = {"id": row.uid, "name": row.name}
     if kind == "version":
         out.update(dataset=row.dataset.name, uri=row.uri, status=row.status)
@@ -213,8 +245,9 @@ def _parquet(
     types = _column_types(engine, job, columns)
     arrow = {"number": pa.float64(), "string": pa.string(), "boolean": pa.bool_(), "json": pa.string()}
     head = fields(job.kind)
+    field_types = {"size": pa.int64(), "tags": pa.list_(pa.string())}
     schema = pa.schema(
-        [pa.field(f, pa.string()) for f in head]
+        [pa.field(f, field_types.get(f, pa.string())) for f in head]
         + [pa.field(f"properties.{c}", arrow[types[c]]) for c in columns]
     )
     sink = _Sink()
@@ -243,7 +276,7 @@ def _column_types(engine: Engine, job: Export, columns: Sequence[str]) -> dict[s
     """A column's Parquet type: the one JSON type every value of the key has in the set (numbers
     as doubles, as the index keeps them); a key of mixed or nested types is JSON text."""
     with Session(engine) as session:
-        owners = _owners(session, job)
+        owners = owner_ids(session, job.kind, job.ask)
         found = (
             {}
             if owners is False
