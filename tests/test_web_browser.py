@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -643,6 +644,16 @@ def test_definitions_name_the_keys_and_violations_are_marked(page: Any, server: 
         expect(page.locator("#allowed-values option")).to_have_count(1)
         assert page.locator("#allowed-values option").first.get_attribute("value") == "day"
         assert page.locator("#new-value").get_attribute("list") == "allowed-values"
+        # The list marks the rows with violations, and the cells of the keys that break a rule.
+        page.goto("/dataset-versions/?col=shift&col=sample_count")
+        row = page.locator("#results tbody tr", has_text="2026-01-14")
+        expect(row).to_have_class("violation")
+        mark = row.get_by_role("img")
+        expect(mark).to_have_attribute("aria-label", re.compile("shift: not an allowed value"))
+        expect(mark).to_have_attribute("aria-label", re.compile("operator: required, missing"))
+        expect(row.locator("td").nth(2)).to_have_class(re.compile("violation"))  # shift
+        expect(row.locator("td").nth(3)).not_to_have_class(re.compile("violation"))  # sample_count
+        page.screenshot(path=str(shots / "versions-violations.png"), full_page=True)
     finally:
         for key in definitions:
             server.http.delete(f"/api/v0/property-definitions/{key}/")

@@ -301,11 +301,21 @@
       return h("th", { scope: "col", "aria-sort": state }, button);
     }
 
-    function cell(props, key) {
-      if (!props || !Object.hasOwn(props, key)) return h("td", { class: "muted", text: "—" });
+    function cell(props, key, faults) {
+      const broken = faults[key] ? "violation" : "";
+      const title = faults[key] ? faultText(faults[key]) : null;
+      if (!props || !Object.hasOwn(props, key)) return h("td", { class: `muted ${broken}`.trim(), title, text: "—" });
       const value = props[key];
-      return h("td", { class: typeof value === "number" ? "num" : null, text: show(value) });
+      return h("td", { class: [typeof value === "number" ? "num" : "", broken].join(" ").trim() || null, title, text: show(value) });
     }
+
+    /** A row's violations by key, and the ⚠ beside its name that lists them. */
+    function faultsOf(row) {
+      const faults = {};
+      for (const v of row.violations || []) (faults[v.key] = faults[v.key] || []).push(v);
+      return faults;
+    }
+    const faultText = (list) => list.map((v) => `${v.key}: ${RULES[v.rule] || v.rule}`).join("; ");
 
     function chooser(results) {
       const keys = new Set(columns);
@@ -340,15 +350,20 @@
       $("results").tHead.replaceChildren(h("tr", {}, head));
       const rows = results.map((row) => {
         const link = versions ? `${ROOT}/dataset-versions/${row.id}/` : `${ROOT}/datasets/${row.id}/`;
-        const cells = [h("th", { scope: "row" }, h("a", { href: link, text: row.name }))];
+        const faults = faultsOf(row);
+        const all = Object.values(faults).flat();
+        const mark = all.length
+          ? h("span", { class: "violation-note", role: "img", "aria-label": `violations: ${faultText(all)}`, title: faultText(all), text: " ⚠" })
+          : null;
+        const cells = [h("th", { scope: "row" }, h("a", { href: link, text: row.name }), mark)];
         if (versions) {
           cells.push(h("td", {}, h("a", { href: `${ROOT}/datasets/${row.dataset.id}/`, text: row.dataset.name })));
           cells.push(h("td", {}, badge(row.status)));
         }
-        if (columns.length) cells.push(...columns.map((key) => cell(row.properties, key)));
+        if (columns.length) cells.push(...columns.map((key) => cell(row.properties, key, faults)));
         else cells.push(h("td", {}, chips(row.properties)));
         cells.push(h("td", {}, when(versions ? row.completed_at : row.created_at)));
-        return h("tr", {}, cells);
+        return h("tr", { class: all.length ? "violation" : null }, cells);
       });
       const tbody = $("results").tBodies[0];
       tbody.replaceChildren(...rows);
