@@ -6,6 +6,11 @@ set, null deletes), the files of one target in the order their lines were first 
 the files are given here), then the API writes in their order. `expected_state` computes that;
 `assert_matches_db` compares it with the database key by key and names every difference.
 
+With property definitions (`definitions`: key -> the definition's body as the API takes it), a
+change that a `reject` definition of its key refuses is left out of the fold (the rest of its
+line applies), and `expected_violations` says what each target must carry (`warn`: the value is
+stored and the target names the rule it breaks).
+
 Independent of `worker/` on purpose (it must not share code with what it checks): lines are
 parsed with the standard `json` module and judged by the README's rules, re-implemented here;
 only the table models are imported, to read the database.
@@ -195,12 +200,104 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# -- property definitions -------------------------------------------------------------------------
+
+Definitions = Mapping[str, Mapping[str, Any]]
+_SCOPES = ("dataset", "version", "datum")
+
+
+def scope_of(target: str) -> str:
+    """`dataset`, `version` or `datum`, from an oracle target key."""
+    if target.startswith("datum:"):
+        return "datum"
+    return "version" if target.count("/") == 3 else "dataset"
+
+
+def _covers(definition: Mapping[str, Any], scope: str) -> bool:
+    return scope in definition.get("scopes", _SCOPES)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _of_type(kind: str, value: Any) -> bool:
+    if kind == "integer":
+        return _is_number(value) and value == math.floor(value)
+    if kind == "date":
+        return (
+            isinstance(value, str)
+            and re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ][0-9:.]+(Z|[+-]\d{2}:\d{2})?)?", value) is not None
+        )
+    python = {"string": str, "boolean": bool, "object": dict, "array": list}
+    if kind == "number":
+        return _is_number(value)
+    return isinstance(value, python[kind])
+
+
+def _allowed(definition: Mapping[str, Any]) -> list[Any]:
+    return [a["value"] if isinstance(a, dict) else a for a in definition.get("allowed_values") or []]
+
+
+def broken_rule(definition: Mapping[str, Any], value: Any) -> str | None:
+    """The rule a (non-null) value breaks: `type` first, then `allowed_values`; None if none."""
+    kind = definition.get("type")
+    if kind is not None and not _of_type(kind, value):
+        return "type"
+    allowed = _allowed(definition)
+    if allowed and not any(
+        (a == value if _is_number(a) and _is_number(value) else same(a, value)) for a in allowed
+    ):
+        return "allowed_values"
+    return None
+
+
+def _refused(definitions: Definitions | None, target: str, key: str, value: Any) -> bool:
+    definition = (definitions or {}).get(key)
+    return (
+        definition is not None
+        and value is not None
+        and definition.get("enforcement") == "reject"
+        and _covers(definition, scope_of(target))
+        and broken_rule(definition, value) is not None
+    )
+
+
+def expected_violations(
+    state: State, definitions: Definitions, *, completed: Iterable[str] = ()
+) -> dict[str, list[dict[str, Any]]]:
+    """Target -> its violations in key order (`{"key", "rule", "value"}`), for every target of
+    `state`. `required` counts for datasets and datums, and for versions once `completed`."""
+    done = set(completed)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for target, properties in state.items():
+        scope = scope_of(target)
+        found = []
+        for key in sorted(definitions):
+            definition = definitions[key]
+            if not _covers(definition, scope):
+                continue
+            if key in properties:
+                rule = broken_rule(definition, properties[key])
+                if rule is not None:
+                    found.append({"key": key, "rule": rule, "value": properties[key]})
+            elif definition.get("required") and (scope != "version" or target in done):
+                found.append({"key": key, "rule": "required", "value": None})
+        out[target] = found
+    return out
+
+
 # -- the fold -----------------------------------------------------------------------------------
 
 
-def fold_into(state: dict[str, Any], metadata: Mapping[str, Any]) -> None:
-    """Shallow set, null deletes (its own code: the oracle shares nothing with worker.merge)."""
+def fold_into(
+    state: dict[str, Any], metadata: Mapping[str, Any], refused: Any = lambda _key, _value: False
+) -> None:
+    """Shallow set, null deletes (its own code: the oracle shares nothing with worker.merge);
+    a change `refused(key, value)` is left out."""
     for key, value in metadata.items():
+        if refused(key, value):
+            continue
         if value is None:
             state.pop(key, None)
         else:
@@ -220,6 +317,7 @@ def expected_state(
     root: Path | None = None,
     api_writes: Sequence[tuple[str, Mapping[str, Any]]] = (),
     final: bool = False,
+    definitions: Definitions | None = None,
 ) -> State:
     """Target key -> its expected properties, once everything has completed and been applied.
 
@@ -230,6 +328,7 @@ def expected_state(
     simple: one file per target, or files whose keys do not collide). `api_writes`:
     (target key, metadata) in the order they were made, applied after every line.
     Keys are `dataset://<name>`, `dataset://<name>/<version>` and `datum:<execution>/<path>`.
+    `definitions`: changes their `reject` definitions refuse are left out (lines and API writes).
     """
     if isinstance(files, Mapping):
         named: list[tuple[str, Sequence[bytes]]] = [(str(k), v) for k, v in files.items()]
@@ -240,10 +339,14 @@ def expected_state(
         execution = _execution_of(name, root)
         for raw in lines:
             for target, metadata in classify(raw.rstrip(b"\n"), execution):
-                fold_into(state.setdefault(target, {}), metadata)
+                fold_into(state.setdefault(target, {}), metadata, _refusing(definitions, target))
     for target, written in api_writes:
-        fold_into(state.setdefault(target, {}), written)
+        fold_into(state.setdefault(target, {}), written, _refusing(definitions, target))
     return state
+
+
+def _refusing(definitions: Definitions | None, target: str) -> Any:
+    return lambda key, value: _refused(definitions, target, key, value)
 
 
 # -- membership ---------------------------------------------------------------------------------
@@ -366,6 +469,19 @@ def assert_files_match_db(engine: Engine, expected: Members, *, only: Iterable[s
 # -- the database -------------------------------------------------------------------------------
 
 
+def db_violations(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    """Every target's stored violations, keyed as the oracle keys targets."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    with Session(engine) as session:
+        for ds in session.scalars(select(Dataset)):
+            out[f"dataset://{ds.name}"] = list(ds.violations or [])
+        for v in session.scalars(select(DatasetVersion).options(joinedload(DatasetVersion.dataset))):
+            out[f"dataset://{v.dataset.name}/{v.name}"] = list(v.violations or [])
+        for d in session.scalars(select(Datum)):
+            out[datum_key(d.execution, d.path)] = list(d.violations or [])
+    return out
+
+
 def db_state(engine: Engine) -> tuple[State, dict[str, str]]:
     """(every target's properties, every version's status) as the database holds them."""
     props: State = {}
@@ -443,17 +559,31 @@ def diff(
 
 
 def assert_matches_db(
-    engine: Engine, expected: State, *, completed: Iterable[str] = (), only: Iterable[str] | None = None
+    engine: Engine,
+    expected: State,
+    *,
+    completed: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    definitions: Definitions | None = None,
 ) -> None:
     """Fail with a key-by-key account of every difference between the database and the oracle.
 
-    The whole database is compared unless `only` names the targets to compare."""
+    The whole database is compared unless `only` names the targets to compare. With
+    `definitions`, each target's violations are compared too (a target the oracle does not
+    know holds no properties, so only `required` keys can be missing on it)."""
     actual, status = db_state(engine)
     if only is not None:
         keep = set(only)
         expected = {k: v for k, v in expected.items() if k in keep}
         actual = {k: v for k, v in actual.items() if k in keep}
+    completed = list(completed)
     problems = diff(expected, actual, status, completed)
+    if definitions is not None:
+        held = {target: expected.get(target, {}) for target in actual}
+        want = expected_violations(held, definitions, completed=completed)
+        for target, have in sorted(db_violations(engine).items()):
+            if target in actual and not same(want.get(target, []), have):
+                problems.append(f"{target}: violations {_show(have)}, expected {_show(want.get(target, []))}")
     if problems:
         agree = sum(1 for t in expected if not any(p.startswith(f"{t}:") for p in problems))
         head = f"the database differs from the oracle ({agree} of {len(expected)} expected targets agree):"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from tests import oracle
 from tests.helpers import outcome
 from worker.api import create_app
 from worker.applying import apply_target
@@ -259,50 +261,72 @@ def test_datums_show_violations_are_searchable_and_api_writes_are_refused(
     assert client.get("/api/v0/data/", params={"filter": "violates"}).json()["count"] == 0
 
 
-def _expected(lines: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]], list[int]]:
-    """An oracle independent of worker/definitions.py: `a` is an integer (reject), `b` one of
-    "x", "y" (warn), `c` free. (properties, violations, rejected line numbers)."""
-    state: dict[str, Any] = {}
-    rejected = []
-    for number, meta in enumerate(lines, 1):
-        for key, value in meta.items():
-            if key == "a" and value is not None and (type(value) is not int):
-                rejected.append(number)
-                continue
-            if value is None:
-                state.pop(key, None)
-            else:
-                state[key] = value
-    broken = (
-        []
-        if "b" not in state or state["b"] in ("x", "y")
-        else [{"key": "b", "rule": "allowed_values", "value": state["b"]}]
-    )
-    return state, broken, rejected
+KEYS = ("a", "b", "c", "d")
+VALUES: list[Any] = [None, 1, 2, 1.5, "1", "x", "y", "z", True, "2026-01-15", [1], {"k": 1}]
+ALLOWED = {None: ["x", "y", 1], "integer": [1, 2], "string": ["x", "y"], "number": [1, 1.5]}
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_random_lines_against_the_enforcement_oracle(engine: Engine, staging: Staging, seed: int) -> None:
-    import json
+def random_definitions(rng: Any) -> list[dict[str, Any]]:
+    """A definition for some keys: any scopes, type, allowed values of that type, `required`
+    and enforcement; the other keys stay free-form."""
+    out = []
+    for key in rng.sample(KEYS, rng.randint(1, len(KEYS))):
+        kind = rng.choice([None, "integer", "string", "number", "boolean", "date"])
+        body: dict[str, Any] = {
+            "key": key,
+            "scopes": rng.sample(["dataset", "version", "datum"], rng.randint(1, 3)),
+            "enforcement": rng.choice(["warn", "reject"]),
+            "required": rng.random() < 0.3,
+        }
+        if kind is not None:
+            body["type"] = kind
+        if kind in ALLOWED and rng.random() < 0.5:
+            body["allowed_values"] = ALLOWED[kind]
+        out.append(body)
+    return out
+
+
+def random_lines(rng: Any) -> list[bytes]:
+    """Lines for the dataset, its version v1 and two datums, each setting some of the keys."""
+    heads = [
+        '"dataset": "dataset://press"',
+        '"dataset-version": "dataset://press/v1"',
+        '"file": "a.png"',
+        '"file": "b.png"',
+    ]
+    lines = []
+    for _ in range(rng.randint(1, 16)):
+        meta = {k: rng.choice(VALUES) for k in rng.sample(KEYS, rng.randint(1, 3))}
+        lines.append(b'{%s, "metadata": %s}' % (rng.choice(heads).encode(), json.dumps(meta).encode()))
+    return lines
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_definitions_and_lines_against_the_oracle(engine: Engine, staging: Staging, seed: int) -> None:
+    """Definitions × enforcement × scope: the database holds the oracle's fold, in which a change
+    that a `reject` definition refuses is absent and a `warn` one is present with its violation;
+    every refused change is a reject naming its line."""
     import random
 
     rng = random.Random(seed)
-    define(
-        engine,
-        {"key": "a", "type": "integer", "enforcement": "reject"},
-        {"key": "b", "allowed_values": ["x", "y"]},
-    )
-    choices: list[Any] = [None, 1, 2, "1", 1.5, True, "x", "y", "z", [1], {"k": 1}]
-    lines = [
-        {k: rng.choice(choices) for k in rng.sample(["a", "b", "c"], rng.randint(1, 3))}
-        for _ in range(rng.randint(1, 12))
-    ]
-    raws = [
-        b'{"dataset-version": "dataset://press/v1", "metadata": %s}' % json.dumps(m).encode() for m in lines
-    ]
+    bodies = random_definitions(rng)
+    define(engine, *bodies)
+    raws = random_lines(rng)
     stage(staging, *raws)
     complete(engine, staging)
-    properties, broken, rejected = _expected(lines)
-    row = version(engine)
-    assert (row.properties, row.violations) == (properties, broken), lines
-    assert sorted(r.line for r in staging.rejects(100)) == rejected
+    known = {b["key"]: b for b in bodies}
+    expected = oracle.expected_state({FILE: raws}, definitions=known)
+    oracle.assert_matches_db(engine, expected, completed=[V1.key], definitions=known)
+    refused = sorted(
+        n
+        for n, raw in enumerate(raws, 1)
+        for target, meta in oracle.classify(raw, "exec-1")
+        if any(
+            oracle.broken_rule(known[k], v)
+            and known[k]["enforcement"] == "reject"
+            and oracle.scope_of(target) in known[k]["scopes"]
+            for k, v in meta.items()
+            if k in known and v is not None
+        )
+    )
+    assert sorted({r.line for r in staging.rejects(100)}) == sorted(set(refused)), raws

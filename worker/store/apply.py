@@ -407,11 +407,7 @@ class Applier:
     def dataset(self, name: str) -> Owner:
         key = ("dataset", name)
         if key not in self.owners:
-            row = self._get_or_create(
-                _DATASETS,
-                {"name": name},
-                {"properties": {}, "created_at": self.now, "updated_at": self.now},
-            )
+            row = self._get_or_create(_DATASETS, {"name": name}, self._defaults("dataset"))
             self.owners[key] = Owner("dataset", row.id, row.properties or {})
         return self.owners[key]
 
@@ -426,7 +422,7 @@ class Applier:
                 row = self._get_or_create(
                     _VERSIONS,
                     {"dataset_id": self.dataset(target.dataset).id, "name": target.version},
-                    {"status": "building", "properties": {}, "created_at": self.now, "updated_at": self.now},
+                    self._defaults("version"),
                     absent=absent,
                 )
             self.owners[key] = Owner("version", row.id, row.properties or {}, status=row.status)
@@ -436,9 +432,8 @@ class Applier:
         key = ("datum", execution, path)
         if key not in self.owners:
             natural = {"execution": execution, "path": path}
-            defaults = {"properties": {}, "created_at": self.now, "updated_at": self.now}
             # `prefetch` found none: straight to the INSERT (which still tolerates a racing one).
-            row = self._get_or_create(_DATUMS, natural, defaults, absent=key in self.absent)
+            row = self._get_or_create(_DATUMS, natural, self._defaults("datum"), absent=key in self.absent)
             self.owners[key] = Owner("datum", row.id, row.properties or {})
         return self.owners[key]
 
@@ -502,9 +497,7 @@ class Applier:
         wanted = {_cache_key(kind, n, datasets): n for n in naturals}
         missing = self._read(table, kind, {k: n for k, n in wanted.items() if k not in self.owners}, datasets)
         if missing and create:
-            defaults: dict[str, Any] = {"properties": {}, "created_at": self.now, "updated_at": self.now}
-            if kind == "version":
-                defaults["status"] = "building"
+            defaults = self._defaults(kind)
             rows = [{**n, **defaults} for n in missing.values()]
             self.conn.execute(_statements(self.conn).create_rows[table.name], rows)
             missing = self._read(table, kind, missing, datasets)
@@ -524,6 +517,18 @@ class Applier:
                     status = row.status if kind == "version" else None
                     self.owners[key] = Owner(kind, row.id, row.properties or {}, status=status)
         return left
+
+    def _defaults(self, kind: str) -> dict[str, Any]:
+        """The columns of a row this apply creates. A dataset or datum is checked whenever it
+        exists, so one created with no properties (a version's dataset, a datum named only by a
+        member line) already misses its `required` keys, as the re-check would find; a new
+        version is building, and building versions have none."""
+        out: dict[str, Any] = {"properties": {}, "created_at": self.now, "updated_at": self.now}
+        if kind == "version":
+            out["status"] = "building"
+        else:
+            out["violations"] = definitions.owner_violations(self.definitions(), kind, {}, None)
+        return out
 
     def _get_or_create(
         self, table: Table, natural: dict[str, Any], defaults: dict[str, Any], *, absent: bool = False
