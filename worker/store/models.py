@@ -227,6 +227,35 @@ class SavedSearch(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class BulkEdit(Base):
+    """One bulk edit by filter (`worker/bulk.py`): what it sets, on which owners, and how far it got.
+
+    `state` goes queued → running → done (or failed). `after_id` is its cursor: the owners are
+    taken in id order, batch by batch, and the cursor is committed after each batch's apply, so
+    an edit interrupted (a killed worker) resumes after the last batch it finished. `done`
+    counts the owners handled, `applied` those changed at once, `staged` those still building
+    (their change is applied when they complete).
+    """
+
+    __tablename__ = "bulk_edits"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(16))  # "dataset", "version" or "datum"
+    filter: Mapped[str] = mapped_column(Text)
+    changes: Mapped[dict[str, Any]]  # the body's `set` (null deletes)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    total: Mapped[int] = mapped_column(BigInteger, default=0)
+    after_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    done: Mapped[int] = mapped_column(BigInteger, default=0)
+    applied: Mapped[int] = mapped_column(BigInteger, default=0)
+    staged: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class PropertyDefinition(Base):
     """What one key's values must be (worker/definitions.py); a key without one is free-form."""
 
