@@ -263,4 +263,6 @@ def _source(source: dict[str, Any]) -> str:
         return f"{source['file']}:{source['line']}"
     if source.get("origin") == "rollback":
         return f"rollback {source.get('id')} of {source.get('execution')}"
+    if source.get("origin") == "bulk":
+        return f"bulk edit {source.get('id')} ({source.get('filter')})"
     return str(source.get("origin"))

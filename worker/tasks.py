@@ -1,7 +1,8 @@
 """The Celery side: `sidecar.apply` (one target) and `sidecar.apply_batch` (many, in one
 transaction), which run the apply; `sidecar.drain`, which the watcher's sweep sends to apply
 every target due for too long; `sidecar.checksums`, which reads the files of an execution whose
-datums were just applied.
+datums were just applied; `sidecar.bulk_edit`, which runs a bulk edit by filter a slice at a
+time.
 
 Delivery is at-least-once (acks_late + reject_on_worker_lost: a worker killed mid-apply leaves
 the task to be redelivered); the watermarks in the database make the second run a no-op. If a
@@ -26,12 +27,14 @@ import sqlalchemy.exc
 from celery import Celery, Task
 from sqlalchemy import Engine
 
-from . import connections, metrics
+from . import bulk, connections, metrics
 from .applying import ApplyResult, apply_target, apply_targets
 from .checksums import check_execution
+from .errors import NotFound
 from .keys import Keys
 from .settings import Settings
 from .staging import REDIS_TRANSIENT, Staging
+from .store import bulk as store_bulk
 from .store import definitions, quarantine
 from .uris import Target
 
@@ -42,6 +45,8 @@ BATCH_TASK = "sidecar.apply_batch"
 DRAIN_TASK = "sidecar.drain"
 CHECKSUM_TASK = "sidecar.checksums"
 RECHECK_TASK = "sidecar.recheck"
+BULK_TASK = "sidecar.bulk_edit"
+BULK_SLICE = 10.0  # seconds of batches one bulk-edit task runs before it sends the rest on
 FEW = 8  # targets due at once that `Enqueuer.many` sends one by one
 
 # Errors worth a retry: the database or Redis is down or locked for now.
@@ -161,7 +166,45 @@ def make_app(settings: Settings) -> Celery:
             )
         return {"outcome": done.outcome, "checked": done.checked, "changed": done.changed}
 
+    _bulk_task(app, settings, resources)
     return app
+
+
+def _bulk_task(app: Celery, settings: Settings, resources: _Resources) -> None:
+    @app.task(
+        name=BULK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, shared=False, max_retries=None
+    )
+    def bulk_edit(self: Task[Any, Any], ident: str) -> dict[str, Any]:
+        """A slice of a bulk edit (`worker/bulk.py`), then the rest sent on as another task, so
+        the applies queued meanwhile run in between. A redelivered or duplicate task resumes at
+        the edit's cursor; one for an edit that is over does nothing."""
+        engine, staging = resources.get()
+        try:
+            return run_bulk(app, settings, engine, staging, ident)
+        except TRANSIENT as exc:
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+
+
+def run_bulk(app: Celery, settings: Settings, engine: Engine, staging: Staging, ident: str) -> dict[str, Any]:
+    """The bulk-edit task's work: its batches applied as the batch task applies (a target that
+    fails alone is split out and retried by itself), for `BULK_SLICE` seconds."""
+
+    def apply(targets: list[Target]) -> None:
+        _run_batch(app, settings, engine, staging, targets)
+
+    try:
+        edit = bulk.run(engine, staging, ident, apply, batch=settings.apply_batch, seconds=BULK_SLICE)
+    except NotFound:
+        return {"state": "unknown"}
+    except TRANSIENT:
+        raise
+    except Exception as exc:  # not transient (a bug, a filter a new version no longer reads)
+        log.exception("bulk edit %s failed", ident)
+        store_bulk.finish(engine, ident, "failed", describe(exc))
+        return {"state": "failed"}
+    if edit.state == "running":
+        _send(app, BULK_TASK, [ident])
+    return {"state": edit.state, "done": edit.done}
 
 
 def run_drain(
@@ -245,8 +288,8 @@ def _applied(app: Celery, result: ApplyResult) -> None:
 
 def _send(app: Celery, task: str, args: list[Any], countdown: float | None = None) -> None:
     """Send a task: batches and drains to the bulk queue, the rest to the apply queue."""
-    bulk = task in (BATCH_TASK, DRAIN_TASK)
-    queue = app.conf.sidecar_bulk_queue if bulk else app.conf.task_default_queue
+    bulk_queue = task in (BATCH_TASK, DRAIN_TASK, BULK_TASK)
+    queue = app.conf.sidecar_bulk_queue if bulk_queue else app.conf.task_default_queue
     app.send_task(task, args=args, queue=queue, countdown=countdown)
 
 
@@ -411,3 +454,7 @@ class Enqueuer:
     def recheck(self) -> None:
         """After a definition change (the API's PUT and DELETE)."""
         send_recheck(self.app)
+
+    def bulk_edit(self, ident: str) -> None:
+        """A bulk edit just recorded (the API's POST .../metadata/bulk/)."""
+        _send(self.app, BULK_TASK, [ident])
