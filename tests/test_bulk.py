@@ -16,6 +16,7 @@ from sqlalchemy import Engine, select
 
 from tests import oracle
 from tests.helpers import outcome
+from tests.test_props_cli import run as run_cli
 from tests.test_rollback import _apply_due, _reset
 from worker import bulk
 from worker.api import create_app
@@ -23,6 +24,7 @@ from worker.api_bulk import inline_runner
 from worker.applying import apply_targets, roll_back
 from worker.errors import InvalidEntry, ReservedKey
 from worker.query import FilterError, matches, parse
+from worker.settings import Settings
 from worker.staging import Staging
 from worker.store import bulk as store_bulk
 from worker.store.models import PropertyChange
@@ -320,3 +322,31 @@ def test_a_failed_batch_leaves_nothing_staged_and_the_edit_resumes(engine: Engin
     with engine.connect() as conn:
         made = conn.scalars(select(PropertyChange.key).where(PropertyChange.made_by == ident)).all()
     assert made == ["z", "z", "z"]
+
+
+def test_the_cli_edits_by_filter_after_a_dry_run(
+    settings: Settings,
+    engine: Engine,
+    staging: Staging,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SIDECAR_REDIS_PREFIX", settings.redis_prefix)
+    _versions(engine, staging, 3)
+    before, _ = oracle.db_state(engine)
+    assert run_cli(settings, "props", "set", "--filter", "n >= 1", "z=1", "shift=night", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert 'dataset://press/v1  z: - -> 1, shift: - -> "night"' in out and "2 matching" in out
+    assert oracle.db_state(engine)[0] == before
+    assert run_cli(settings, "props", "set", "--filter", "n >= 1", "z=1", "shift=night") == 0
+    assert "2 of 2 targets, 2 changed now, 0 staged" in capsys.readouterr().out
+    props, _ = oracle.db_state(engine)
+    assert [props[f"dataset://press/v{i}"].get("z") for i in range(3)] == [None, 1, 1]
+    assert run_cli(settings, "props", "unset", "--filter", "exists z", "z", "shift", "--json") == 0
+    assert orjson.loads(capsys.readouterr().out)["done"] == 2
+    assert oracle.db_state(engine)[0] == before
+    # A filter with no key, a filter that does not parse: an error, nothing changed.
+    assert run_cli(settings, "props", "set", "--filter", "n >= 1") == 1
+    assert run_cli(settings, "props", "set", "--filter", "n >=", "z=1") == 1
+    assert "position 4" in capsys.readouterr().err
+    assert oracle.db_state(engine)[0] == before

@@ -127,7 +127,7 @@ def make_app(settings: Settings) -> Celery:
         """Many targets in one transaction (what `Enqueuer.many` sends when many are due)."""
         engine, staging = resources.get()
         try:
-            return _run_batch(app, settings, engine, staging, [Target.parse(k) for k in target_keys])
+            return run_batch(app, settings, engine, staging, [Target.parse(k) for k in target_keys])
         except TRANSIENT as exc:  # the database or Redis is away: the whole batch, later
             metrics.APPLIES.labels("retry").inc()
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
@@ -190,7 +190,7 @@ def run_bulk(app: Celery, settings: Settings, engine: Engine, staging: Staging, 
     fails alone is split out and retried by itself), for `BULK_SLICE` seconds."""
 
     def apply(targets: list[Target]) -> None:
-        _run_batch(app, settings, engine, staging, targets)
+        run_batch(app, settings, engine, staging, targets)
 
     try:
         edit = bulk.run(engine, staging, ident, apply, batch=settings.apply_batch, seconds=BULK_SLICE)
@@ -217,7 +217,7 @@ def run_drain(
         keys = staging.due_targets(older_than)
         for start in range(0, len(keys), settings.apply_batch):
             batch = [Target.parse(k) for k in keys[start : start + settings.apply_batch]]
-            _run_batch(app, settings, engine, staging, batch)
+            run_batch(app, settings, engine, staging, batch)
             done += len(batch)
             staging.drain_alive(older_than)
     except TRANSIENT as exc:
@@ -230,7 +230,7 @@ def run_drain(
     return {"targets": done}
 
 
-def _run_batch(
+def run_batch(
     app: Celery, settings: Settings, engine: Engine, staging: Staging, targets: list[Target]
 ) -> dict[str, Any]:
     """Apply `targets` in one transaction. If the batch fails with an error that is not
@@ -252,7 +252,7 @@ def _run_batch(
         out: dict[str, Any] = {"applied": 0, "failed": 0}
         for part in (targets[:half], targets[half:]):
             try:
-                got = _run_batch(app, settings, engine, staging, part)
+                got = run_batch(app, settings, engine, staging, part)
             except TRANSIENT as again:
                 log.warning("%d targets of a split batch will be tried again: %s", len(part), again)
                 _send(app, BATCH_TASK, [[t.key for t in part]], _backoff(settings, 0))
