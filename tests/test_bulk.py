@@ -17,6 +17,7 @@ from sqlalchemy import Engine, select
 from tests import oracle
 from tests.helpers import outcome
 from tests.test_props_cli import run as run_cli
+from tests.test_quarantine import _cure, _poison
 from tests.test_rollback import _apply_due, _reset
 from worker import bulk
 from worker.api import create_app
@@ -28,6 +29,7 @@ from worker.settings import Settings
 from worker.staging import Staging
 from worker.store import bulk as store_bulk
 from worker.store.models import PropertyChange
+from worker.tasks import make_app, retry_targets, run_bulk
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis
@@ -350,3 +352,31 @@ def test_the_cli_edits_by_filter_after_a_dry_run(
     assert run_cli(settings, "props", "set", "--filter", "n >=", "z=1") == 1
     assert "position 4" in capsys.readouterr().err
     assert oracle.db_state(engine)[0] == before
+
+
+def test_a_poison_target_in_a_batch_holds_back_none_of_the_others(
+    settings: Settings, engine: Engine, staging: Staging
+) -> None:
+    """The task's batches apply as the batch task does: the version whose apply fails alone
+    (a line staged before the edit poisons it) is quarantined with both its entries kept, and
+    every other version gets the edit; `sidecar retry` applies the line, then the edit."""
+    settings = settings.with_(apply_retries=0)
+    _versions(engine, staging, 4)
+    poisoned = Target("version", "press", "v2")
+    _stage(staging, "late.metadata.jsonl", [_doc("v2", {"poison": "yes"})])
+    ident = bulk.create(engine, bulk.checked("version", {"filter": "exists n", "set": {"z": 1}}), limit=100)
+    _poison(engine)
+    try:
+        assert run_bulk(make_app(settings), settings, engine, staging, ident)["state"] == "done"
+        props, _ = oracle.db_state(engine)
+        assert [props[f"dataset://press/v{i}"].get("z") for i in range(4)] == [1, 1, None, 1]
+        assert set(staging.quarantined()) == {poisoned.key}
+    finally:
+        _cure(engine)
+
+    def apply(key: str) -> None:
+        apply_targets(engine, staging, [Target.parse(key)])
+
+    retry_targets(engine, staging, apply, [poisoned.key])
+    props, _ = oracle.db_state(engine)
+    assert props[poisoned.key] == {"k0": "a", "n": 2, "poison": "yes", "z": 1}
