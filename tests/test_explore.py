@@ -241,7 +241,7 @@ def test_the_export_command_writes_what_the_route_streams(
 
 
 SCALAR = st.one_of(
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6),
+    st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=6),
     st.integers(min_value=-(2**62), max_value=2**62),
     st.floats(allow_nan=False, allow_infinity=False),
     st.booleans(),
