@@ -49,44 +49,62 @@ def _rows(kind: OwnerKind, owners: Any, key: Key) -> list[Any]:
 
 
 def _facet(session: Session, kind: OwnerKind, owners: Any, key: Key, total: int) -> dict[str, Any]:
+    """One key's facet in as few passes over the index as its types need.
+
+    At 1M owners each pass over a key's index entries is ~130 ms here, and reading `vtype` means
+    visiting the table (~450 ms), so the types are counted from what the two value indexes hold
+    (`num` is set for numbers only, `str_key` for strings only): one pass counts the rows and the
+    numbers, one groups the strings (with their total, in the same pass), and only the rows that
+    are neither (booleans, objects, arrays, nulls) are read from the table, when there are any.
+    """
     where = _rows(kind, owners, key)
-    types = dict(
-        session.execute(
-            select(PropertyIndex.vtype, func.count()).where(*where).group_by(PropertyIndex.vtype)
-        ).all()
-    )
-    present = sum(types.values())
+    present, numbers = session.execute(
+        select(func.count(), func.count(PropertyIndex.num)).where(*where)
+    ).one()
+    types: dict[str, int] = {}
     out: dict[str, Any] = {
         "key": key_text(key),
         "present": present,
         "missing": total - present,
         "types": types,
     }
-    if types.get("string"):
-        # str_key is set for strings only, so the (owner_kind, path, str_key) index answers this
-        # alone. Values longer than 200 characters are grouped by their first 200.
+    if numbers:
+        types["number"] = numbers
+    strings = 0
+    if present > numbers:
+        # The (owner_kind, path, str_key) index answers this alone. Values longer than 200
+        # characters are grouped by their first 200.
         top = session.execute(
-            select(PropertyIndex.str_key, func.count().label("n"))
+            select(PropertyIndex.str_key, func.count().label("n"), func.sum(func.count()).over().label("all"))
             .where(*where, PropertyIndex.str_key.is_not(None))
             .group_by(PropertyIndex.str_key)
             .order_by(func.count().desc(), PropertyIndex.str_key)
             .limit(TOP)
         ).all()
-        shown = sum(n for _, n in top)
-        out["strings"] = {
-            "values": [{"value": v, "count": n} for v, n in top],
-            "other": types["string"] - shown,
-        }
-    if types.get("boolean"):
-        pairs = session.execute(
-            select(PropertyIndex.bool_value, func.count())
-            .where(*where, PropertyIndex.vtype == "boolean")
-            .group_by(PropertyIndex.bool_value)
-            .order_by(func.count().desc(), PropertyIndex.bool_value)
+        strings = int(top[0].all) if top else 0
+        if strings:
+            types["string"] = strings
+            shown = sum(r.n for r in top)
+            out["strings"] = {
+                "values": [{"value": r.str_key, "count": r.n} for r in top],
+                "other": strings - shown,
+            }
+    if present > numbers + strings:
+        rest = session.execute(
+            select(PropertyIndex.vtype, PropertyIndex.bool_value, func.count())
+            .where(*where, PropertyIndex.num.is_(None), PropertyIndex.str_key.is_(None))
+            .group_by(PropertyIndex.vtype, PropertyIndex.bool_value)
         ).all()
-        out["booleans"] = {"values": [{"value": bool(v), "count": n} for v, n in pairs], "other": 0}
-    if types.get("number"):
-        out["numbers"] = _numbers(session, where, types["number"])
+        booleans: dict[bool, int] = {}
+        for vtype, value, n in rest:
+            types[vtype] = types.get(vtype, 0) + n
+            if vtype == "boolean":
+                booleans[bool(value)] = booleans.get(bool(value), 0) + n
+        if booleans:
+            pairs = sorted(booleans.items(), key=lambda p: (-p[1], p[0]))
+            out["booleans"] = {"values": [{"value": v, "count": n} for v, n in pairs], "other": 0}
+    if numbers:
+        out["numbers"] = _numbers(session, where, numbers)
     return out
 
 
