@@ -50,6 +50,12 @@ class Settings:
     # Targets applied per transaction when many are due at once (a completion, the sweep).
     apply_batch: int = 250
     retention_seconds: float = 86400.0
+    # Change notifications (worker/delivering.py): a delivery is tried this many times, waiting
+    # delivery_backoff, 2x, 4x ... seconds (at most an hour, jittered) between tries, then given
+    # up (`sidecar deliveries retry` sends it again); each POST waits delivery_timeout seconds.
+    delivery_attempts: int = 10
+    delivery_backoff: float = 5.0
+    delivery_timeout: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -81,6 +87,9 @@ class Settings:
             (self.apply_retry_backoff < 0, "APPLY_RETRY_BACKOFF", "must be 0 or more seconds"),
             (not 1 <= self.apply_batch <= 10_000, "APPLY_BATCH", "must be between 1 and 10000 targets"),
             (self.retention_seconds < 0, "RETENTION_SECONDS", "must be 0 or more"),
+            (not 1 <= self.delivery_attempts <= 100, "DELIVERY_ATTEMPTS", "must be between 1 and 100"),
+            (self.delivery_backoff < 0, "DELIVERY_BACKOFF", "must be 0 or more seconds"),
+            (not 0 < self.delivery_timeout <= 300, "DELIVERY_TIMEOUT", "must be between 0 and 300 seconds"),
         )
         for broken, name, message in ranges:
             if broken:
@@ -192,6 +201,9 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "apply_retry_backoff": float,
     "apply_batch": int,
     "retention_seconds": float,
+    "delivery_attempts": int,
+    "delivery_backoff": float,
+    "delivery_timeout": float,
 }
 
 

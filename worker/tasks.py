@@ -1,7 +1,7 @@
 """The Celery side: `sidecar.apply` (one target) and `sidecar.apply_batch` (many, in one
 transaction), which run the apply; `sidecar.drain`, which the watcher's sweep sends to apply
 every target due for too long; `sidecar.checksums`, which reads the files of an execution whose
-datums were just applied.
+datums were just applied; `sidecar.deliver`, which sends change notifications from the outbox.
 
 Delivery is at-least-once (acks_late + reject_on_worker_lost: a worker killed mid-apply leaves
 the task to be redelivered); the watermarks in the database make the second run a no-op. If a
@@ -26,13 +26,13 @@ import sqlalchemy.exc
 from celery import Celery, Task
 from sqlalchemy import Engine
 
-from . import connections, metrics
+from . import connections, delivering, metrics
 from .applying import ApplyResult, apply_target, apply_targets
 from .checksums import check_execution
 from .keys import Keys
 from .settings import Settings
 from .staging import REDIS_TRANSIENT, Staging
-from .store import definitions, quarantine
+from .store import definitions, outbox, quarantine
 from .uris import Target
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ BATCH_TASK = "sidecar.apply_batch"
 DRAIN_TASK = "sidecar.drain"
 CHECKSUM_TASK = "sidecar.checksums"
 RECHECK_TASK = "sidecar.recheck"
+DELIVER_TASK = "sidecar.deliver"
+# A sent `sidecar.deliver` keeps others from being sent this long (it runs for at most
+# `delivering.BUDGET` seconds plus a batch's timeout; a lost one is sent again after this).
+DELIVER_MARK_MS = 120_000
 FEW = 8  # targets due at once that `Enqueuer.many` sends one by one
 
 # Errors worth a retry: the database or Redis is down or locked for now.
@@ -112,8 +116,11 @@ def make_app(settings: Settings) -> Celery:
             metrics.APPLIES.labels("retry").inc()
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
         except Exception as exc:  # not transient: retried a bounded number of times, then held
-            return _failed(self, settings, engine, staging, target, exc)
+            held = _failed(self, settings, engine, staging, target, exc)
+            _notify(app, staging)  # its quarantine's event
+            return held
         _applied(app, result)
+        _notify(app, staging)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         return {"applied": result.applied, "watermark": result.watermark, "skipped": result.skipped}
 
@@ -126,6 +133,8 @@ def make_app(settings: Settings) -> Celery:
         except TRANSIENT as exc:  # the database or Redis is away: the whole batch, later
             metrics.APPLIES.labels("retry").inc()
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+        finally:
+            _notify(app, staging)
 
     @task(name=DRAIN_TASK, max_retries=0)
     def drain(self: Task[Any, Any], older_than: float) -> dict[str, Any]:
@@ -161,7 +170,63 @@ def make_app(settings: Settings) -> Celery:
             )
         return {"outcome": done.outcome, "checked": done.checked, "changed": done.changed}
 
+    _deliver_task(app, task, settings, resources)
     return app
+
+
+def _deliver_task(
+    app: Celery, task: functools.partial[Task[Any, Any]], settings: Settings, resources: _Resources
+) -> None:
+    """Register `sidecar.deliver` on `app` (as `make_app` registers the others)."""
+
+    @task(name=DELIVER_TASK, max_retries=None)
+    def deliver(self: Task[Any, Any]) -> dict[str, Any]:
+        """Send the due change notifications (delivering.py) for up to `delivering.BUDGET`
+        seconds; then, if some are still due, another of this task. Deliveries due later (a
+        failed try's backoff) are picked up by the watcher's sweep (`Watcher._sweep`)."""
+        engine, staging = resources.get()
+        try:
+            return run_deliver(app, settings, engine, staging)
+        except TRANSIENT as exc:
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+
+
+def run_deliver(app: Celery, settings: Settings, engine: Engine, staging: Staging) -> dict[str, Any]:
+    """The deliver task's work: send what is due, then let the next request send another task
+    (and send one now if something is still due)."""
+    stats = delivering.send_due(engine, settings)
+    # The mark goes first, then the check: an apply that wrote events after our last claim
+    # either finds no mark (and sends its own task) or is seen by the check.
+    staging.deliver_done()
+    if stats.more or (stats.next_due is not None and stats.next_due <= datetime.now(UTC)):
+        request_delivery(app, staging)
+    if stats.delivered or stats.failed:
+        log.info("deliveries: %d delivered, %d tries failed", stats.delivered, stats.failed)
+    return {"delivered": stats.delivered, "failed": stats.failed}
+
+
+def request_delivery(app: Celery, staging: Staging) -> bool:
+    """Send a `sidecar.deliver`, unless one is queued or running (its Redis mark). Whether one
+    was sent."""
+    if not staging.deliver_claim(DELIVER_MARK_MS):
+        return False
+    try:
+        _send(app, DELIVER_TASK, [])
+    except BaseException:
+        staging.deliver_done()  # not sent: the next request (or sweep) tries again
+        raise
+    return True
+
+
+def _notify(app: Celery, staging: Staging) -> None:
+    """After an apply (or quarantine) that wrote change notifications, have them sent. A failure
+    here is logged only: the events are in the outbox, and the watcher's sweep sends them."""
+    if not outbox.took_events():
+        return
+    try:
+        request_delivery(app, staging)
+    except Exception as exc:
+        log.warning("could not send a deliver task (%s); the sweep will", exc)
 
 
 def run_drain(
@@ -182,6 +247,7 @@ def run_drain(
     finally:
         with contextlib.suppress(*REDIS_TRANSIENT):
             staging.drain_done()
+        _notify(app, staging)
     if done:
         log.info("drain applied %d targets due for over %.1f s", done, older_than)
     return {"targets": done}
@@ -411,3 +477,7 @@ class Enqueuer:
     def recheck(self) -> None:
         """After a definition change (the API's PUT and DELETE)."""
         send_recheck(self.app)
+
+    def deliver(self, staging: Staging) -> bool:
+        """A send of the due change notifications, unless one is on its way (the sweep)."""
+        return request_delivery(self.app, staging)
