@@ -350,17 +350,19 @@ def _aware(moment: datetime) -> datetime:
 # -- the delivery log and retries ----------------------------------------------------------------
 
 
-def deliveries_of(session: Session, ref: str, limit: int, offset: int) -> tuple[int, list[dict[str, Any]]]:
-    """(how many, one page newest first) of a subscription's deliveries: status, attempts, last
-    error, when due again (pending) or delivered, and the event."""
+def deliveries_of(
+    session: Session, ref: str, limit: int, offset: int, status: str | None = None
+) -> tuple[int, list[dict[str, Any]]]:
+    """(how many, one page newest first) of a subscription's deliveries (of one `status`, if
+    given): status, attempts, last error, when due again (pending) or delivered, and the event."""
     sub = find(session, ref)
-    count = session.scalar(select(func.count()).where(_D.subscription_id == sub.id)) or 0
+    where = [_D.subscription_id == sub.id] + ([_D.status == status] if status is not None else [])
+    count = session.scalar(select(func.count()).select_from(_DELIVERIES).where(*where)) or 0
+    event = (_EVENTS.c.uid, _EVENTS.c.type, _EVENTS.c.target, _EVENTS.c.uri, _EVENTS.c.created_at)
     query = (
-        select(
-            _DELIVERIES, _EVENTS.c.uid, _EVENTS.c.type, _EVENTS.c.target, _EVENTS.c.uri, _EVENTS.c.created_at
-        )
+        select(_D.id, _D.status, _D.attempts, _D.last_error, _D.next_at, _D.delivered_at, *event)
         .join(_EVENTS, _EVENTS.c.id == _D.event_id)
-        .where(_D.subscription_id == sub.id)
+        .where(*where)
         .order_by(_D.id.desc())
         .limit(limit)
         .offset(offset)
@@ -399,6 +401,17 @@ def retry_failed(engine: Engine, ref: str | None, now: datetime) -> int:
             query = query.where(_D.subscription_id == find(session, ref).id)
         done = session.execute(query.values(status="pending", attempts=0, next_at=now))
         return int(getattr(done, "rowcount", 0) or 0)
+
+
+def failed_count(engine: Engine, ref: str | None) -> int:
+    """How many deliveries (of one subscription, or all) are given up."""
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as session:
+        query = select(func.count()).select_from(_DELIVERIES).where(_D.status == "failed")
+        if ref is not None:
+            query = query.where(_D.subscription_id == find(session, ref).id)
+        return int(session.scalar(query) or 0)
 
 
 def counts(engine: Engine) -> Mapping[str, int]:

@@ -76,6 +76,13 @@ def remove(engine: Engine, ref: str) -> None:
         session.execute(delete(Subscription).where(Subscription.id == row.id))
 
 
+def remove_all(engine: Engine) -> None:
+    """Delete every subscription and every delivery (`DELETE /api/v0/subscriptions/`)."""
+    with writer(engine).begin() as conn:
+        conn.execute(delete(Delivery))
+        conn.execute(delete(Subscription))
+
+
 def find(session: Session, ref: str) -> Subscription:
     """The subscription of public id `ref`; NotFound otherwise."""
     row = None
