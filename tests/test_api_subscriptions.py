@@ -16,7 +16,8 @@ from worker.uris import Target
 
 pytestmark = pytest.mark.redis
 BASE = "/api/v0/subscriptions/"
-BODY = {"url": "https://hooks.example.com/in", "events": ["property.changed"], "secret": "t0p-s3cret"}
+SECRET = "t0p-s3cret"
+BODY: dict[str, object] = {"url": "https://hooks.example.com/in", "events": ["property.changed"], "secret": SECRET}
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_create_get_list_and_delete_never_showing_the_secret(client: TestClient)
     listed = client.get(BASE).json()
     assert listed["count"] == 1 and listed["results"] == [shown]
     for answer in (made, client.get(BASE), client.get(f"{BASE}{shown['id']}/")):
-        assert BODY["secret"] not in answer.text
+        assert SECRET not in answer.text
     assert client.delete(f"{BASE}{shown['id']}/").status_code == 204
     assert client.get(f"{BASE}{shown['id']}/").status_code == 404
     assert client.delete(f"{BASE}{shown['id']}/").status_code == 404

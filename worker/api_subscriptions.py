@@ -16,7 +16,7 @@ from .api_models import Deliveries, OwnerId, Subscription, Subscriptions, errors
 from .api_params import Offset
 from .edge import error_response
 from .errors import InvalidEntry
-from .notifications import EVENT_TYPES, SECRET_MAX, URL_MAX, checked
+from .notifications import EVENT_TYPES, SECRET_MAX, URL_MAX, URL_PATTERN, checked
 from .query import MAX_LENGTH as MAX_FILTER
 from .query import FilterError
 from .store import outbox, subscriptions
@@ -32,7 +32,7 @@ _BODY = {
         "url": {
             "type": "string",
             "maxLength": URL_MAX,
-            "pattern": "^https?://[A-Za-z0-9.-]+(:[0-9]{1,4})?(/[!-~]*)?$",
+            "pattern": f"^{URL_PATTERN}$",
             "description": "Where events are POSTed: http:// or https:// (redirects are never followed)",
         },
         "events": {"type": "array", "items": {"enum": list(EVENT_TYPES)}, "minItems": 1},
@@ -40,6 +40,7 @@ _BODY = {
             "type": "string",
             "format": "sidecar-filter",
             "maxLength": MAX_FILTER,
+            "pattern": "^[^\\x00]*$",  # PostgreSQL's text cannot hold U+0000
             "description": "Only targets matching it, as the list endpoints' `filter`; a bad one is a 400",
         },
         "secret": {
