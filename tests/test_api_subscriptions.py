@@ -17,7 +17,11 @@ from worker.uris import Target
 pytestmark = pytest.mark.redis
 BASE = "/api/v0/subscriptions/"
 SECRET = "t0p-s3cret"
-BODY: dict[str, object] = {"url": "https://hooks.example.com/in", "events": ["property.changed"], "secret": SECRET}
+BODY: dict[str, object] = {
+    "url": "https://hooks.example.com/in",
+    "events": ["property.changed"],
+    "secret": SECRET,
+}
 
 
 @pytest.fixture
