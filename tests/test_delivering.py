@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,7 +18,9 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from tests.e2e_helpers import wait_until
 from tests.helpers import outcome
+from tests.test_worker_process import Worker, start_worker, workers  # noqa: F401 - fixture
 from worker.applying import apply_target
 from worker.delivering import send_due
 from worker.notifications import checked
@@ -25,7 +28,9 @@ from worker.settings import Settings
 from worker.staging import Staging
 from worker.store import outbox, subscriptions
 from worker.store.models import Delivery
+from worker.tasks import Enqueuer, make_app
 from worker.uris import Target
+from worker.watch import Watcher
 from worker.webhooks import signature_problem
 
 pytestmark = pytest.mark.redis
@@ -255,3 +260,55 @@ def _now() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+# -- through a real `sidecar worker`: the apply task asks for a send, the sweep retries ---------
+
+
+@pytest.mark.e2e
+def test_a_real_worker_sends_what_its_applies_wrote_and_the_sweep_resends_after_an_outage(
+    settings: Settings,
+    staging: Staging,
+    engine: Engine,
+    receiver: Receiver,
+    workers: list[Worker],  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    settings = settings.with_(delivery_backoff=0.2, delivery_timeout=2.0)
+    _subscribe(engine, receiver.url, ["property.changed", "version.completed"])
+    worker = start_worker(settings, workers, tmp_path)
+    enqueue = Enqueuer(make_app(settings))
+    target = Target("version", "press", "v1")
+    staging.stage_lines(
+        FILE, "exec-1", [outcome(b'{"dataset-version": "dataset://press/v1", "metadata": {"a": 1}}')], "s"
+    )
+    for key in staging.complete_version(target):
+        enqueue(key)
+    worker.wait_ready()
+    # The apply task wrote the events and sent `sidecar.deliver` itself: no sweep needed.
+    wait_until(
+        lambda: len(receiver.events()) == 2, timeout=60, what=f"events (worker log:\n{worker.log()[-3000:]})"
+    )
+    receiver.kill()
+    staging.stage_lines(
+        FILE, "exec-1", [outcome(b'{"dataset-version": "dataset://press/v1", "metadata": {"a": 2}}', 2)], "s"
+    )
+    enqueue(target.key)
+    wait_until(
+        lambda: any(s == "pending" and n >= 1 for s, n in _statuses(engine)), timeout=60, what="a failed try"
+    )
+    receiver.start()
+    # Nothing is sent until a delivery is due again and the watcher's sweep sees it.
+    watcher = Watcher(settings, staging, enqueue, threading.Event())
+
+    def swept() -> bool:
+        watcher._deliveries()
+        return len(receiver.events()) == 3
+
+    wait_until(
+        swept, timeout=60, interval=0.5, what=f"the event after the outage (log:\n{worker.log()[-3000:]})"
+    )
+    assert [
+        e["changes"][0]["new"] for e in receiver.events().values() if e["type"] == "property.changed"
+    ] == [1, 2]
+    wait_until(_all_delivered(engine), timeout=30, what="every delivery recorded")
