@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, event, func, insert, select
 from sqlalchemy.orm import Session
 
 from tests.helpers import outcome
-from worker.applying import apply_target
+from worker.applying import apply_target, apply_targets
 from worker.notifications import checked
 from worker.staging import Staging
 from worker.store import outbox, quarantine, subscriptions
@@ -231,3 +231,29 @@ def test_deleting_a_subscription_drops_its_deliveries_and_an_orphan_is_dropped_a
         )
     assert outbox.claim(engine, datetime.now(UTC), 30.0, 10) == []
     assert _deliveries(engine) == []
+
+
+def test_a_batch_reads_the_subscriptions_once_and_a_no_op_apply_not_at_all(
+    engine: Engine, staging: Staging
+) -> None:
+    _subscribe(engine, ["property.changed"])
+    names = [f"v{n}" for n in range(5)]
+    _stage(staging, [_version_line(name, '{"a": 1}') for name in names])
+    targets = [Target("version", "press", name) for name in names]
+    for target in targets:
+        staging.complete_version(target)
+    reads: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "FROM subscriptions" in statement:
+            reads.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        apply_targets(engine, staging, targets)
+        assert len(reads) == 1 and len(_events(engine)) == 5
+        reads.clear()
+        apply_targets(engine, staging, targets)  # nothing new after the watermarks
+        assert reads == []
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
