@@ -257,3 +257,28 @@ def test_a_batch_reads_the_subscriptions_once_and_a_no_op_apply_not_at_all(
         assert reads == []
     finally:
         event.remove(engine, "before_cursor_execute", seen)
+
+
+def test_prune_deletes_old_deliveries_and_unused_events_and_keeps_failed_and_pending(
+    engine: Engine, staging: Staging
+) -> None:
+    _subscribe(engine, ["property.changed"])
+    _subscribe(engine, ["property.changed"], url="http://127.0.0.1:10/")
+    for n, name in enumerate(("v1", "v2")):
+        _stage(staging, [_version_line(name, f'{{"a": {n}}}')])
+        _complete(engine, staging, name)
+    now = datetime.now(UTC)
+    claimed = outbox.claim(engine, now, 30.0, 10)
+    assert len(claimed) == 4
+    by_event: dict[str, list[outbox.Claimed]] = {}
+    for c in claimed:
+        by_event.setdefault(c.payload["uri"], []).append(c)
+    # v1: delivered to both; v2: delivered to one, given up by the other.
+    outcomes = [Outcome(c, None) for c in by_event["dataset://press/v1"]]
+    first, second = by_event["dataset://press/v2"]
+    outcomes += [Outcome(first, None), Outcome(second, "HTTP 500")]
+    outbox.finish(engine, outcomes, now, 1, lambda _: 1.0)
+    assert outbox.prune(engine, now - timedelta(seconds=1)) == 0  # nothing that old
+    assert outbox.prune(engine, now + timedelta(seconds=1)) == 3
+    assert [(d.status, d.last_error) for d in _deliveries(engine)] == [("failed", "try 1: HTTP 500")]
+    assert [e["uri"] for e in _events(engine)] == ["dataset://press/v2"]  # still needed

@@ -13,7 +13,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 from sqlalchemy import Engine
@@ -86,7 +86,25 @@ def send_due(
         if own:
             http.close()
     stats.next_due = outbox.next_due(engine)
+    _prune_now_and_then(engine, settings)
     return stats
+
+
+PRUNE_EVERY = 600.0  # seconds between two prunes of the outbox by one process
+_pruned_at: list[float] = []
+
+
+def _prune_now_and_then(engine: Engine, settings: Settings) -> None:
+    """Delete what `delivery_retention_seconds` no longer keeps, at most every `PRUNE_EVERY`
+    seconds per process (two processes pruning at once delete the same rows: harmless)."""
+    now = time.monotonic()
+    if _pruned_at and now - _pruned_at[-1] < PRUNE_EVERY:
+        return
+    _pruned_at[:] = [now]
+    before = datetime.now(UTC) - timedelta(seconds=settings.delivery_retention_seconds)
+    deleted = outbox.prune(engine, before)
+    if deleted:
+        log.info("deliveries: %d delivered before %s deleted", deleted, before.isoformat())
 
 
 def _delay(settings: Settings) -> outbox.Delay:

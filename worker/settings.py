@@ -56,6 +56,8 @@ class Settings:
     delivery_attempts: int = 10
     delivery_backoff: float = 5.0
     delivery_timeout: float = 10.0
+    # Delivered notifications (and events no delivery needs any more) are deleted this long after.
+    delivery_retention_seconds: float = 604800.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -90,6 +92,7 @@ class Settings:
             (not 1 <= self.delivery_attempts <= 100, "DELIVERY_ATTEMPTS", "must be between 1 and 100"),
             (self.delivery_backoff < 0, "DELIVERY_BACKOFF", "must be 0 or more seconds"),
             (not 0 < self.delivery_timeout <= 300, "DELIVERY_TIMEOUT", "must be between 0 and 300 seconds"),
+            (self.delivery_retention_seconds < 0, "DELIVERY_RETENTION_SECONDS", "must be 0 or more"),
         )
         for broken, name, message in ranges:
             if broken:
@@ -204,6 +207,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "delivery_attempts": int,
     "delivery_backoff": float,
     "delivery_timeout": float,
+    "delivery_retention_seconds": float,
 }
 
 

@@ -127,6 +127,7 @@ class Watcher:
         self.enqueue = sender(enqueue, staging.due_targets)
         self.stop = stop
         self._engine: Engine | None = None  # made when first needed (see `_db`)
+        self._deliveries_failing = False  # the last check of the due deliveries failed
         self._db_ready_at = -1e9  # when the database last had the tables (or -1e9: never seen)
         self.ingestor = Ingestor(
             self.root, staging, line_limit=settings.line_limit, finished=self._find_finished
@@ -340,8 +341,13 @@ class Watcher:
         try:
             if outbox.any_due(self._db(), datetime.now(UTC)):
                 self.enqueue.deliver(self.staging)
+            self._deliveries_failing = False
         except (sqlalchemy.exc.SQLAlchemyError, RedisError) as exc:
-            log.warning("could not check the due deliveries (%s); the next sweep will", exc)
+            # Said once per outage (a watcher without the database, or before `db upgrade`,
+            # would say it every sweep otherwise).
+            level = logging.DEBUG if self._deliveries_failing else logging.WARNING
+            log.log(level, "could not check the due deliveries (%s); the next sweeps will", exc)
+            self._deliveries_failing = True
         except Exception as exc:  # the broker is down
             log.warning("could not send a deliver task (%s); the next sweep will retry", exc)
 

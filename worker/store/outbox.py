@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, exists, func, insert, select, update
 
 from ..ids import new_id
 from ..notifications import (
@@ -412,6 +412,18 @@ def failed_count(engine: Engine, ref: str | None) -> int:
         if ref is not None:
             query = query.where(_D.subscription_id == find(session, ref).id)
         return int(session.scalar(query) or 0)
+
+
+def prune(engine: Engine, before: datetime, limit: int = 10_000) -> int:
+    """Delete up to `limit` deliveries delivered before `before`, then the events from before it
+    that no delivery refers to any more (delivered, or their subscription deleted). Failed and
+    pending deliveries, and their events, stay. Returns the deliveries deleted."""
+    old = select(_D.id).where(_D.status == "delivered", _D.delivered_at < before).limit(limit)
+    unused = ~exists().where(_D.event_id == _EVENTS.c.id)
+    with writer(engine).begin() as conn:
+        done = conn.execute(delete(_DELIVERIES).where(_D.id.in_(old.scalar_subquery())))
+        conn.execute(delete(_EVENTS).where(_EVENTS.c.created_at < before, unused))
+    return int(getattr(done, "rowcount", 0) or 0)
 
 
 def counts(engine: Engine) -> Mapping[str, int]:
