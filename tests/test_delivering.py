@@ -305,9 +305,13 @@ def test_a_real_worker_sends_what_its_applies_wrote_and_the_sweep_resends_after_
         watcher._deliveries()
         return len(receiver.events()) == 3
 
-    wait_until(
-        swept, timeout=60, interval=0.5, what=f"the event after the outage (log:\n{worker.log()[-3000:]})"
-    )
+    try:
+        wait_until(
+            swept, timeout=60, interval=0.5, what=f"the event after the outage (log:\n{worker.log()[-3000:]})"
+        )
+    finally:
+        if watcher._engine is not None:  # `run` disposes of it at its end; this watcher never ran
+            watcher._engine.dispose()
     assert [
         e["changes"][0]["new"] for e in receiver.events().values() if e["type"] == "property.changed"
     ] == [1, 2]
