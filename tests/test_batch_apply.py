@@ -30,7 +30,7 @@ from worker.staging import Staging
 from worker.store import quarantine
 from worker.store.db import make_engine
 from worker.store.models import Base
-from worker.tasks import _run_batch, make_app, retry_targets
+from worker.tasks import make_app, retry_targets, run_batch
 from worker.uris import Target
 
 pytestmark = pytest.mark.redis
@@ -283,7 +283,7 @@ def test_one_poison_target_among_a_thousand_holds_back_none_of_the_others(
         staging.complete_version(target)
     due = [k for k in staging.due_targets(-1) if k.startswith("dataset://many/")]
     _poison(engine)
-    result = _run_batch(make_app(settings), settings, engine, staging, [Target.parse(k) for k in sorted(due)])
+    result = run_batch(make_app(settings), settings, engine, staging, [Target.parse(k) for k in sorted(due)])
     assert result["failed"] == 1
     got = state(engine)
     applied = {v["name"]: v for v in got["dataset_versions"]}

@@ -596,6 +596,40 @@ def test_datum_page(page: Any, server: Server) -> None:
     expect(page.locator("#history-table tbody tr")).to_have_count(2)  # camera, valohai.dataset-versions
 
 
+def test_edit_all_results_of_a_filter_after_a_preview(page: Any, server: Server, shots: Path) -> None:
+    """The list's "edit all N results": a preview counts the results and shows what changes, then
+    the edit runs in the worker (a Celery task) and the page follows it to the end."""
+    from playwright.sync_api import expect
+
+    login(page, "/dataset-versions/?filter=sample_count+%3E%3D+4000&col=reviewed")
+    expect(page.locator("#results tbody tr")).to_have_count(2)
+    panel = page.locator("#bulk")
+    expect(panel.locator("summary")).to_have_text("Edit all 2 results")
+    panel.locator("summary").click()
+    editor = page.get_by_label("Keys to set on every result of this filter", exact=False)
+    editor.fill("[1]")
+    page.get_by_role("button", name="Preview").click()
+    expect(page.locator("#bulk-result")).to_contain_text("Write a JSON object")
+    expect(page.get_by_role("button", name="Apply to all", exact=False)).to_be_disabled()
+    editor.fill('{"reviewed": "qa"}')
+    page.get_by_role("button", name="Preview").click()
+    result = page.locator("#bulk-result")
+    expect(result).to_contain_text("2 results would be edited")
+    expect(result.locator("li")).to_have_count(2)
+    expect(result.locator("li").first).to_contain_text("reviewed: – → qa")
+    page.screenshot(path=str(shots / "versions-bulk-edit.png"), full_page=True)
+    page.get_by_role("button", name="Apply to all 2").click()
+    expect(result).to_contain_text("Done: 2 edited now", timeout=DEADLINE * 1000)
+    versions = server.get("/api/v0/dataset-versions/", filter="sample_count >= 4000")["results"]
+    assert [v["properties"].get("reviewed") for v in versions] == ["qa", "qa"]
+    page.get_by_role("link", name="Reload the results").click()
+    expect(page.locator("#results tbody td", has_text="qa")).to_have_count(2)
+    # Undone through the API, so the test after this one sees the versions as they were.
+    body = {"filter": "exists reviewed", "set": {"reviewed": None}}
+    answer = server.http.post("/api/v0/dataset-versions/metadata/bulk/", json=body).json()
+    wait_until(lambda: server.get(answer["url"])["state"] == "done", timeout=DEADLINE, what="the undo")
+
+
 def test_definitions_name_the_keys_and_violations_are_marked(page: Any, server: Server, shots: Path) -> None:
     """Last in the module: the definitions it adds re-check every stored target. A display name
     and description label a key, a value breaking its definition is marked with the rule, a

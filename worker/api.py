@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from . import __version__, metrics
+from .api_bulk import bulk_routes, inline_runner
 from .api_definitions import definition_routes
 from .api_explore import explore_routes, saved_routes
 from .api_models import (
@@ -84,10 +85,13 @@ def create_app(
     watcher_max_age: float = 120.0,
     allowed_origins: Sequence[str] = (),
     recheck: Callable[[], None] | None = None,
+    bulk_edit: Callable[[str], None] | None = None,
+    bulk_limit: int = 100_000,
 ) -> FastAPI:
     """The ASGI app. Read handlers are plain functions (run in a thread pool) over one engine.
     `recheck` asks for the background re-check after a definition change (without one, it waits
-    for `sidecar definitions recheck`; `sidecar status` shows it pending)."""
+    for `sidecar definitions recheck`; `sidecar status` shows it pending). `bulk_edit` sends a
+    bulk edit just recorded to a worker (without one, it runs in the request)."""
     app = FastAPI(title="Dataset properties sidecar", version=__version__)
     _error_handlers(app)
     _health_routes(app, engine, staging, watcher_max_age)
@@ -106,6 +110,7 @@ def create_app(
     saved_routes(app, engine)
     definition_routes(app, engine, recheck or (lambda: None))
     subscription_routes(app, engine)
+    bulk_routes(app, engine, bulk_limit, bulk_edit or inline_runner(engine, staging))  # before {id}
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):
         _metadata_routes(app, engine, staging, kind, base)

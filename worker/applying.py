@@ -77,7 +77,7 @@ def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> li
     The targets are applied in key order, each with its own clock reading, its member entries
     settled before the next starts: the batch equals the same applies run one by one in that
     order (tests/test_batch_apply.py). An error fails the whole batch; the task then applies
-    it in halves down to the target that fails alone (`tasks._run_batch`), so one bad target
+    it in halves down to the target that fails alone (`tasks.run_batch`), so one bad target
     cannot hold back the others.
     """
     ordered = sorted({t.key: t for t in targets}.values(), key=lambda t: t.key)

@@ -176,6 +176,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         connections.staging(settings),
         enqueue,
         recheck=enqueue.recheck,
+        bulk_edit=enqueue.bulk_edit,
+        bulk_limit=settings.bulk_limit,
         webhook_secret=settings.webhook_secret,
         api_token=settings.api_token,
         watcher_max_age=3 * settings.rescan_interval + 30,

@@ -1,4 +1,5 @@
-"""The data commands of the CLI: `sidecar props`, `query`, `history`, `stale`, `rollback`.
+"""The data commands of the CLI: `sidecar props` (`--filter`: a bulk edit), `query`, `history`,
+`stale`, `rollback`.
 
 They work on the same database and Redis as a running `sidecar up` (same --data-dir), through the
 same functions the HTTP API uses.
@@ -9,20 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TextIO
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from . import connections
+from . import bulk, connections
 from .applying import roll_back, rollback_json, write_datum_properties, write_properties
 from .datum_keys import alias_name
 from .errors import ConfigError, InvalidEntry
 from .settings import Settings
+from .store import bulk as store_bulk
 from .store import datums, queries
+from .store.models import BulkEdit
+from .store.search import OwnerKind
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -63,6 +68,12 @@ def cmd_props(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _props(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
+    if getattr(args, "filter", None) is not None:
+        return _bulk_props(settings, engine, args)
+    if args.uri is None:
+        raise InvalidEntry("name a dataset://, dataset://<name>/<version> or datum:// URI, or give --filter")
+    if args.action != "get" and not args.items:
+        raise InvalidEntry("name at least one key")
     alias = alias_name(args.uri)
     if alias is not None:
         return _datum_props(settings, engine, args, alias)
@@ -109,14 +120,91 @@ def _datum_props(settings: Settings, engine: Engine, args: argparse.Namespace, a
     return 0
 
 
-def _changes(args: argparse.Namespace) -> dict[str, Any]:
-    if args.action == "set":
-        changes = dict(parse_assignment(a) for a in args.items)
-    else:
-        changes = dict.fromkeys(args.items)
+def _changes(args: argparse.Namespace, items: Sequence[str] | None = None) -> dict[str, Any]:
+    items = args.items if items is None else items
+    set_ = args.action == "set"
+    changes = dict(parse_assignment(a) for a in items) if set_ else dict.fromkeys(items)
     if not changes:
         raise InvalidEntry("name at least one key")
     return changes
+
+
+def _bulk_props(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
+    """`props set|unset --filter EXPR key=value ...`: a bulk edit of every dataset, version (the
+    default) or datum the filter matches, run here batch by batch with a progress bar (a target
+    whose apply fails alone is left to the workers, as their batches leave it)."""
+    from .tasks import make_app, run_batch  # Celery only for this command
+
+    kind: OwnerKind = "dataset" if args.datasets else "datum" if args.data else "version"
+    body: dict[str, Any] = {
+        "filter": args.filter,
+        "set": _changes(args, [a for a in (args.uri, *args.items) if a]),
+    }
+    body["dry_run"] = args.dry_run
+    if args.confirm is not None:
+        body["confirm"] = args.confirm
+    asked = bulk.checked(kind, body)
+    if asked.dry_run:
+        preview = bulk.preview(engine, asked, settings.bulk_limit)
+        if args.json:
+            _print_json(preview)
+            return 0
+        for target in preview["targets"]:
+            where = target["target"] + (f" {target['path']}" if "path" in target else "")
+            said = ", ".join(
+                f"{c['key']}: {_short(c['old'])} -> {_short(c['new'])}" for c in target["changes"]
+            )
+            print(f"{where}  {said or '(no change)'}{'  [building]' if target['building'] else ''}")
+        shown = len(preview["targets"])
+        print(
+            f"{preview['count']} matching"
+            + (f", the first {shown} shown" if preview["count"] > shown else "")
+        )
+        if preview["needs_confirm"]:
+            limit, found = settings.bulk_limit, preview["count"]
+            print(f"more than SIDECAR_BULK_LIMIT ({limit}): run it with --confirm {found}")
+        return 0
+    ident = bulk.create(engine, asked, settings.bulk_limit)
+    staging = connections.staging(settings)
+    app = make_app(settings)
+    try:
+        edit = bulk.run(
+            engine,
+            staging,
+            ident,
+            lambda targets: run_batch(app, settings, engine, staging, targets),
+            batch=settings.apply_batch,
+            progress=_bar(),
+        )
+    finally:
+        staging.close()
+    answer = store_bulk.edit_json(edit)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(
+            f"bulk edit {ident}: {edit.done} of {edit.total} targets, {edit.applied} changed now, "
+            f"{edit.staged} staged until they complete"
+        )
+    return 0 if edit.state == "done" else 1
+
+
+def _bar(stream: TextIO = sys.stderr) -> bulk.Progress | None:
+    """A one-line progress bar on a terminal; None when not on one."""
+    if not stream.isatty():
+        return None
+
+    def show(edit: BulkEdit) -> None:
+        width = 30
+        filled = width * edit.done // max(edit.total, 1)
+        stream.write(
+            f"\r[{'#' * min(filled, width)}{'.' * max(width - filled, 0)}] {edit.done}/{edit.total} targets"
+        )
+        if edit.state == "done":
+            stream.write("\n")
+        stream.flush()
+
+    return show
 
 
 def cmd_query(settings: Settings, args: argparse.Namespace) -> int:
@@ -179,9 +267,16 @@ def add_commands(sub: Any, common: Any) -> None:
     ):
         p = actions.add_parser(action, help=help_text, description=help_text)
         common(p)
-        p.add_argument("uri", help="dataset://<name>, dataset://<name>/<version> or datum://<alias>")
+        p.add_argument(
+            "uri",
+            nargs="?" if items else None,
+            help="dataset://<name>, dataset://<name>/<version> or datum://<alias> (with --filter: the first "
+            + (items or "key")
+            + ")",
+        )
         if items:
-            p.add_argument("items", nargs="+", metavar=items)
+            p.add_argument("items", nargs="*", metavar=items)
+            _bulk_flags(p)
         p.set_defaults(run=cmd_props)
     query = sub.add_parser("query", help="search datasets (or versions) by property values")
     common(query)
@@ -215,6 +310,20 @@ def add_commands(sub: Any, common: Any) -> None:
     rollback.add_argument("--dry-run", action="store_true", help="say what would be reverted; change nothing")
     rollback.add_argument("--json", action="store_true")
     rollback.set_defaults(run=cmd_rollback)
+
+
+def _bulk_flags(p: Any) -> None:
+    p.add_argument("--filter", metavar="EXPR", help="edit every target this filter matches (a bulk edit)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--datasets", action="store_true", help="with --filter: datasets [versions]")
+    which.add_argument("--data", action="store_true", help="with --filter: datums [versions]")
+    p.add_argument(
+        "--dry-run", action="store_true", help="with --filter: say what would change; change nothing"
+    )
+    p.add_argument(
+        "--confirm", type=int, metavar="N", help="with --filter: the count, past SIDECAR_BULK_LIMIT"
+    )
+    p.add_argument("--json", action="store_true", help="with --filter: the answer as JSON")
 
 
 def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
@@ -263,4 +372,6 @@ def _source(source: dict[str, Any]) -> str:
         return f"{source['file']}:{source['line']}"
     if source.get("origin") == "rollback":
         return f"rollback {source.get('id')} of {source.get('execution')}"
+    if source.get("origin") == "bulk":
+        return f"bulk edit {source.get('id')} ({source.get('filter')})"
     return str(source.get("origin"))

@@ -23,7 +23,7 @@ MAX_DEPTH = 32
 DATASET_VERSIONS_KEY = "valohai.dataset-versions"
 _CONTAINERS = (dict, list)
 
-Origin = Literal["sidecar", "api", "platform", "rollback"]
+Origin = Literal["sidecar", "api", "platform", "rollback", "bulk"]
 Op = Literal["set", "member", "revert"]
 
 
@@ -35,7 +35,8 @@ Op = Literal["set", "member", "revert"]
 @dataclass(slots=True)
 class Source:
     """Where an entry came from: a sidecar line (execution, file, line, byte offset), an API call,
-    or a rollback (`execution`: the id rolled back; `id`: the rollback's own id)."""
+    a rollback (`execution`: the id rolled back; `id`: the rollback's own id), or a bulk edit
+    (`id`: the edit's id; its filter is in its row, `bulk_edits`)."""
 
     origin: Origin
     execution: str = ""

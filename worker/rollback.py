@@ -72,4 +72,6 @@ def describe(source: dict[str, Any]) -> str:
         return f"execution {source.get('execution')} ({source.get('file')}:{source.get('line')})"
     if origin == "rollback":
         return f"rollback {source.get('id')} (of {source.get('execution')})"
+    if origin == "bulk":
+        return f"bulk edit {source.get('id')} ({source.get('filter')})"
     return str(origin) if origin == "platform" else "an API write"

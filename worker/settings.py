@@ -49,6 +49,8 @@ class Settings:
     apply_retry_backoff: float = 1.0
     # Targets applied per transaction when many are due at once (a completion, the sweep).
     apply_batch: int = 250
+    # A bulk edit by filter that matches more targets than this needs `"confirm": <count>`.
+    bulk_limit: int = 100_000
     retention_seconds: float = 86400.0
     # Change notifications (worker/delivering.py): a delivery is tried this many times, waiting
     # delivery_backoff, 2x, 4x ... seconds (at most an hour, jittered) between tries, then given
@@ -88,6 +90,7 @@ class Settings:
             (self.apply_retries < 0, "APPLY_RETRIES", "must be 0 or more"),
             (self.apply_retry_backoff < 0, "APPLY_RETRY_BACKOFF", "must be 0 or more seconds"),
             (not 1 <= self.apply_batch <= 10_000, "APPLY_BATCH", "must be between 1 and 10000 targets"),
+            (self.bulk_limit < 1, "BULK_LIMIT", "must be at least 1 target"),
             (self.retention_seconds < 0, "RETENTION_SECONDS", "must be 0 or more"),
             (not 1 <= self.delivery_attempts <= 100, "DELIVERY_ATTEMPTS", "must be between 1 and 100"),
             (self.delivery_backoff < 0, "DELIVERY_BACKOFF", "must be 0 or more seconds"),
@@ -203,6 +206,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "apply_retries": int,
     "apply_retry_backoff": float,
     "apply_batch": int,
+    "bulk_limit": int,
     "retention_seconds": float,
     "delivery_attempts": int,
     "delivery_backoff": float,

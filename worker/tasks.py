@@ -1,7 +1,8 @@
 """The Celery side: `sidecar.apply` (one target) and `sidecar.apply_batch` (many, in one
 transaction), which run the apply; `sidecar.drain`, which the watcher's sweep sends to apply
 every target due for too long; `sidecar.checksums`, which reads the files of an execution whose
-datums were just applied; `sidecar.deliver`, which sends change notifications from the outbox.
+datums were just applied; `sidecar.bulk_edit`, which runs a bulk edit by filter a slice at a
+time; `sidecar.deliver`, which sends change notifications from the outbox.
 
 Delivery is at-least-once (acks_late + reject_on_worker_lost: a worker killed mid-apply leaves
 the task to be redelivered); the watermarks in the database make the second run a no-op. If a
@@ -26,12 +27,14 @@ import sqlalchemy.exc
 from celery import Celery, Task
 from sqlalchemy import Engine
 
-from . import connections, delivering, metrics
+from . import bulk, connections, delivering, metrics
 from .applying import ApplyResult, apply_target, apply_targets
 from .checksums import check_execution
+from .errors import NotFound
 from .keys import Keys
 from .settings import Settings
 from .staging import REDIS_TRANSIENT, Staging
+from .store import bulk as store_bulk
 from .store import definitions, outbox, quarantine
 from .uris import Target
 
@@ -42,6 +45,8 @@ BATCH_TASK = "sidecar.apply_batch"
 DRAIN_TASK = "sidecar.drain"
 CHECKSUM_TASK = "sidecar.checksums"
 RECHECK_TASK = "sidecar.recheck"
+BULK_TASK = "sidecar.bulk_edit"
+BULK_SLICE = 10.0  # seconds of batches one bulk-edit task runs before it sends the rest on
 DELIVER_TASK = "sidecar.deliver"
 # A sent `sidecar.deliver` keeps others from being sent this long (it runs for at most
 # `delivering.BUDGET` seconds plus a batch's timeout; a lost one is sent again after this).
@@ -129,12 +134,10 @@ def make_app(settings: Settings) -> Celery:
         """Many targets in one transaction (what `Enqueuer.many` sends when many are due)."""
         engine, staging = resources.get()
         try:
-            return _run_batch(app, settings, engine, staging, [Target.parse(k) for k in target_keys])
+            return run_batch(app, settings, engine, staging, [Target.parse(k) for k in target_keys])
         except TRANSIENT as exc:  # the database or Redis is away: the whole batch, later
             metrics.APPLIES.labels("retry").inc()
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
-        finally:
-            _notify(app, staging)
 
     @task(name=DRAIN_TASK, max_retries=0)
     def drain(self: Task[Any, Any], older_than: float) -> dict[str, Any]:
@@ -171,6 +174,7 @@ def make_app(settings: Settings) -> Celery:
         return {"outcome": done.outcome, "checked": done.checked, "changed": done.changed}
 
     _deliver_task(app, task, settings, resources)
+    _bulk_task(app, settings, resources)
     return app
 
 
@@ -187,6 +191,21 @@ def _deliver_task(
         engine, staging = resources.get()
         try:
             return run_deliver(app, settings, engine, staging)
+        except TRANSIENT as exc:
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+
+
+def _bulk_task(app: Celery, settings: Settings, resources: _Resources) -> None:
+    @app.task(
+        name=BULK_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, shared=False, max_retries=None
+    )
+    def bulk_edit(self: Task[Any, Any], ident: str) -> dict[str, Any]:
+        """A slice of a bulk edit (`worker/bulk.py`), then the rest sent on as another task, so
+        the applies queued meanwhile run in between. A redelivered or duplicate task resumes at
+        the edit's cursor; one for an edit that is over does nothing."""
+        engine, staging = resources.get()
+        try:
+            return run_bulk(app, settings, engine, staging, ident)
         except TRANSIENT as exc:
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
 
@@ -229,6 +248,28 @@ def _notify(app: Celery, staging: Staging) -> None:
         log.warning("could not send a deliver task (%s); the sweep will", exc)
 
 
+def run_bulk(app: Celery, settings: Settings, engine: Engine, staging: Staging, ident: str) -> dict[str, Any]:
+    """The bulk-edit task's work: its batches applied as the batch task applies (a target that
+    fails alone is split out and retried by itself), for `BULK_SLICE` seconds."""
+
+    def apply(targets: list[Target]) -> None:
+        run_batch(app, settings, engine, staging, targets)
+
+    try:
+        edit = bulk.run(engine, staging, ident, apply, batch=settings.apply_batch, seconds=BULK_SLICE)
+    except NotFound:
+        return {"state": "unknown"}
+    except TRANSIENT:
+        raise
+    except Exception as exc:  # not transient (a bug, a filter a new version no longer reads)
+        log.exception("bulk edit %s failed", ident)
+        store_bulk.finish(engine, ident, "failed", describe(exc))
+        return {"state": "failed"}
+    if edit.state == "running":
+        _send(app, BULK_TASK, [ident])
+    return {"state": edit.state, "done": edit.done}
+
+
 def run_drain(
     app: Celery, settings: Settings, engine: Engine, staging: Staging, older_than: float
 ) -> dict[str, Any]:
@@ -239,7 +280,7 @@ def run_drain(
         keys = staging.due_targets(older_than)
         for start in range(0, len(keys), settings.apply_batch):
             batch = [Target.parse(k) for k in keys[start : start + settings.apply_batch]]
-            _run_batch(app, settings, engine, staging, batch)
+            run_batch(app, settings, engine, staging, batch)
             done += len(batch)
             staging.drain_alive(older_than)
     except TRANSIENT as exc:
@@ -247,13 +288,12 @@ def run_drain(
     finally:
         with contextlib.suppress(*REDIS_TRANSIENT):
             staging.drain_done()
-        _notify(app, staging)
     if done:
         log.info("drain applied %d targets due for over %.1f s", done, older_than)
     return {"targets": done}
 
 
-def _run_batch(
+def run_batch(
     app: Celery, settings: Settings, engine: Engine, staging: Staging, targets: list[Target]
 ) -> dict[str, Any]:
     """Apply `targets` in one transaction. If the batch fails with an error that is not
@@ -269,13 +309,14 @@ def _run_batch(
     except Exception as exc:
         if len(targets) == 1:
             _failed_alone(app, settings, engine, staging, targets[0], exc)
+            _notify(app, staging)  # its quarantine's event, if it was quarantined
             return {"applied": 0, "failed": 1}
         log.warning("a batch of %d targets failed (%s); applying it in halves", len(targets), describe(exc))
         half = len(targets) // 2
         out: dict[str, Any] = {"applied": 0, "failed": 0}
         for part in (targets[:half], targets[half:]):
             try:
-                got = _run_batch(app, settings, engine, staging, part)
+                got = run_batch(app, settings, engine, staging, part)
             except TRANSIENT as again:
                 log.warning("%d targets of a split batch will be tried again: %s", len(part), again)
                 _send(app, BATCH_TASK, [[t.key for t in part]], _backoff(settings, 0))
@@ -286,6 +327,7 @@ def _run_batch(
     metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
     for result in results:
         _applied(app, result)
+    _notify(app, staging)  # the batch task, the drain, a bulk edit (here or in `sidecar props`)
     return {"applied": sum(r.applied for r in results), "failed": 0}
 
 
@@ -311,8 +353,8 @@ def _applied(app: Celery, result: ApplyResult) -> None:
 
 def _send(app: Celery, task: str, args: list[Any], countdown: float | None = None) -> None:
     """Send a task: batches and drains to the bulk queue, the rest to the apply queue."""
-    bulk = task in (BATCH_TASK, DRAIN_TASK)
-    queue = app.conf.sidecar_bulk_queue if bulk else app.conf.task_default_queue
+    bulk_queue = task in (BATCH_TASK, DRAIN_TASK, BULK_TASK)
+    queue = app.conf.sidecar_bulk_queue if bulk_queue else app.conf.task_default_queue
     app.send_task(task, args=args, queue=queue, countdown=countdown)
 
 
@@ -477,6 +519,10 @@ class Enqueuer:
     def recheck(self) -> None:
         """After a definition change (the API's PUT and DELETE)."""
         send_recheck(self.app)
+
+    def bulk_edit(self, ident: str) -> None:
+        """A bulk edit just recorded (the API's POST .../metadata/bulk/)."""
+        _send(self.app, BULK_TASK, [ident])
 
     def deliver(self, staging: Staging) -> bool:
         """A send of the due change notifications, unless one is on its way (the sweep)."""

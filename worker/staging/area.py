@@ -280,6 +280,33 @@ class Staging(Health):
             self.redis.zadd(self.keys.due, {target.key: now_ms()}, nx=True)
         return stream_id.decode(), bool(done)
 
+    def stage_writes(self, entries: list[Entry]) -> list[tuple[str, bool]]:
+        """`stage_write` of many entries in one round trip: (stream id, target done) of each.
+
+        Not one MULTI: each entry's EXISTS runs after its own XADD on this connection, which is
+        all the race in `stage_write` needs (a completion between the two either sees the entry
+        or is seen here). The caller makes the done targets it applies due (`make_due`).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for entry in entries:
+            pipe.xadd(self.keys.stream(entry.target), {"e": entry.to_json()})
+            pipe.exists(self.keys.done(entry.target))
+        replies = pipe.execute()
+        return [(replies[i].decode(), bool(replies[i + 1])) for i in range(0, len(replies), 2)]
+
+    def make_due(self, targets: list[Target]) -> None:
+        """Put targets in the due set (kept if there already): the sweep applies them if the
+        apply that is about to run does not get to (its process dies first)."""
+        if targets:
+            self.redis.zadd(self.keys.due, {t.key: now_ms() for t in targets}, nx=True)
+
+    def done_flags(self, targets: list[Target]) -> list[bool]:
+        """`is_done` of each target, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for target in targets:
+            pipe.exists(self.keys.done(target))
+        return [bool(found) for found in pipe.execute()]
+
     def withdraw(self, target: Target, stream_id: str) -> None:
         """Take back one staged entry that has not been applied (an API write answered with an error)."""
         self.redis.xdel(self.keys.stream(target), stream_id)

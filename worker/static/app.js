@@ -378,6 +378,7 @@
         : `No ${noun}${filtered ? " match" : " yet"}.`;
       chooser(results);
       pager(count);
+      if (!$("bulk").hidden) $("bulk-count").textContent = page.count_exact === false ? "the" : count.toLocaleString();
     }
 
     function pager(count) {
@@ -510,6 +511,70 @@
         a.click();
         a.remove();
         setTimeout(() => URL.revokeObjectURL(url), 10000);
+      });
+    }
+
+    // -- bulk edit: every result of the filter (POST .../metadata/bulk/), previewed first. Only
+    // offered for a filter alone: the edit names its targets by the filter, not by dataset name.
+    const bulkFilter = (params.get("filter") || "").trim();
+    let bulkPreview = null; // {set, count, needs_confirm} of the last preview
+    if (bulkFilter && !(versions && params.get("dataset"))) {
+      $("bulk").hidden = false;
+      const result = $("bulk-result");
+      const readSet = () => {
+        try {
+          const value = JSON.parse($("bulk-set").value);
+          if (value && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length) return value;
+        } catch {
+          /* shown below */
+        }
+        notice(result, 'Write a JSON object of at least one key, e.g. {"reviewed": true}.', "error");
+        $("bulk-set").setAttribute("aria-invalid", "true");
+        return null;
+      };
+      $("bulk-set").addEventListener("input", () => {
+        bulkPreview = null;
+        $("bulk-apply").disabled = true;
+        $("bulk-set").removeAttribute("aria-invalid");
+      });
+      const post = (body) =>
+        api(`/api/v0/${kind}/metadata/bulk/`, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ filter: bulkFilter, ...body }) });
+      const changeText = (c) => `${c.key}: ${c.old === null ? "–" : show(c.old)} → ${c.new === null ? "removed" : show(c.new)}`;
+      $("bulk-preview").addEventListener("click", async () => {
+        const set = readSet();
+        if (!set) return;
+        try {
+          const { data } = await post({ set, dry_run: true });
+          bulkPreview = { set, count: data.count, confirm: data.needs_confirm };
+          const items = data.targets.map((t) =>
+            h("li", {}, h("code", { text: t.target }), t.building ? " (building) " : " ", t.changes.length ? t.changes.map(changeText).join(", ") : h("span", { class: "muted", text: "no change" })),
+          );
+          const more = data.count > data.targets.length ? ` (the first ${data.targets.length} shown)` : "";
+          notice(result, [h("p", { text: `${plural(data.count, "result", "results")} would be edited${more}.` }), h("ul", { class: "bulk-preview" }, items)], "");
+          $("bulk-apply").disabled = data.count === 0;
+          $("bulk-apply").textContent = `Apply to all ${data.count.toLocaleString()}`;
+        } catch (error) {
+          notice(result, `Could not preview: ${problem(error)}.`, "error");
+        }
+      });
+      $("bulk-form").addEventListener("submit", async (event) => {
+        event.preventDefault();
+        if (!bulkPreview) return;
+        $("bulk-apply").disabled = true;
+        try {
+          const body = { set: bulkPreview.set, ...(bulkPreview.confirm ? { confirm: bulkPreview.count } : {}) };
+          let { data } = await post(body);
+          while (data.state === "queued" || data.state === "running") {
+            notice(result, `Editing: ${data.done.toLocaleString()} of ${data.total.toLocaleString()}…`, "");
+            await new Promise((r) => setTimeout(r, 500));
+            data = (await api(`/api/v0/bulk/${data.id}/`)).data;
+          }
+          if (data.state === "failed") throw new ApiError(500, { detail: data.error });
+          const staged = data.staged ? `, ${data.staged.toLocaleString()} staged until they complete` : "";
+          notice(result, [h("p", { text: `Done: ${data.applied.toLocaleString()} edited now${staged}. ` }, h("a", { href: location.href, text: "Reload the results" }))], "success");
+        } catch (error) {
+          notice(result, `The edit failed: ${problem(error)}.`, "error");
+        }
       });
     }
 
@@ -874,6 +939,7 @@
       if (!src || src.origin === "api") return "API";
       if (src.origin === "platform") return "platform";
       if (src.origin === "rollback") return ["rollback ", h("code", { text: src.id }), " of ", h("code", { text: src.execution })];
+      if (src.origin === "bulk") return ["bulk edit ", h("code", { text: src.id }), h("br"), h("span", { class: "muted" }, "filter ", h("code", { text: src.filter }))];
       return [
         "execution ",
         h("code", { text: src.execution }),

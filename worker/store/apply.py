@@ -33,7 +33,16 @@ from ..uris import Target, parse_uri
 from . import aliases, definitions, outbox, subscriptions
 from .datum_aliases import point_aliases
 from .index import bulk_insert, index_rows, reindex
-from .models import Dataset, DatasetVersion, Datum, PropertyChange, PropertyIndex, VersionFile, Watermark
+from .models import (
+    BulkEdit,
+    Dataset,
+    DatasetVersion,
+    Datum,
+    PropertyChange,
+    PropertyIndex,
+    VersionFile,
+    Watermark,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +175,8 @@ class Applier:
     absent: dict[tuple[str, ...], None] = field(default_factory=dict)  # owners `prefetch` found missing
     # Property definitions, read (from the process cache) at the first `set`: store/definitions.py.
     defined: Mapping[str, Definition] | None = None
+    # Bulk edits' filters by id, read once per apply for their history rows' source.
+    bulk_filters: dict[str, str] = field(default_factory=dict)
     # Subscriptions to change notifications, read at the first `write` with something to tell
     # (store/subscriptions.py); empty, as it usually is, and nothing more is written.
     subscribers: list[Subscriber] | None = None
@@ -217,7 +228,7 @@ class Applier:
         if not changes:
             return
         owner.updates["updated_at"] = self.now
-        source = _source_json(entry.source)
+        source = self._history_source(entry.source)
         made_by = made_by_of(entry.source)
         for c in changes:
             work.changed[c.key] = None
@@ -233,6 +244,18 @@ class Applier:
                     "made_by": made_by,
                 }
             )
+
+    def _history_source(self, source: Source) -> dict[str, Any]:
+        """A history row's `source`; a bulk edit's names its filter, read from its row (a bulk
+        edit's entries carry only its id, so that the filter is not copied into each one)."""
+        if source.origin != "bulk":
+            return _source_json(source)
+        found = self.bulk_filters.get(source.id)
+        if found is None:
+            found = self.bulk_filters[source.id] = (
+                self.conn.execute(_SELECT_BULK_FILTER, {"id": source.id}).scalar() or ""
+            )
+        return {"origin": "bulk", "id": source.id, "filter": found}
 
     def _claim_alias(self, owner: Owner, entry: Entry, changes: list[Change]) -> None:
         """`valohai.alias` set on a datum points the alias at it (moved at `flush`). A line read
@@ -580,10 +603,11 @@ def _source_json(source: Source) -> dict[str, Any]:
 
 def made_by_of(source: Source) -> str | None:
     """What a history row names as the maker of its change (`property_changes.made_by`): the
-    execution of a sidecar line, the id of a rollback; None for API and platform writes."""
+    execution of a sidecar line, the id of a rollback or of a bulk edit; None for API and
+    platform writes."""
     if source.origin == "sidecar":
         return source.execution or None
-    if source.origin == "rollback":
+    if source.origin in ("rollback", "bulk"):
         return source.id
     return None
 
@@ -597,6 +621,8 @@ _FILES = cast(Table, VersionFile.__table__)
 _MARKS = cast(Table, Watermark.__table__)
 _CHANGES = cast(Table, PropertyChange.__table__)
 _INDEX = cast(Table, PropertyIndex.__table__)
+_BULK = cast(Table, BulkEdit.__table__)
+_SELECT_BULK_FILTER = select(_BULK.c.filter).where(_BULK.c.id == bindparam("id"))
 
 _SELECT_MARKS = (
     select(_MARKS.c.target, _MARKS.c.stream_id)

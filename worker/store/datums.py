@@ -23,7 +23,7 @@ from ..errors import InvalidEntry, NotFound, ReservedKey
 from ..records import RESERVED_PREFIX, Entry, check_properties
 from ..uris import Target
 from . import queries
-from .apply import Applier, lock_watermark
+from .apply import Applier, lock_watermarks
 from .db import writer
 from .models import AliasChange, Datum, DatumAlias, Watermark
 from .queries import datum_json, iso
@@ -212,13 +212,15 @@ def write_target(engine: Engine, ident: str | int) -> DatumWrite:
         return DatumWrite(datum.id, target, datum.path, applied_once)
 
 
-def write_directly(engine: Engine, entry: Entry) -> None:
-    """Apply one API write of a datum in its own transaction, under its target's watermark lock
-    (the execution's staging state left Redis: see `applying.write_datum_properties`)."""
+def write_directly(engine: Engine, *entries: Entry) -> None:
+    """Apply API writes of datums in one transaction, under their targets' watermark locks
+    (the executions' staging state left Redis: see `applying.write_datum_properties`)."""
     with writer(engine).begin() as conn:
-        lock_watermark(conn, entry.target.key)  # an apply of the same target waits, and we for it
+        # An apply of the same target waits, and we for it (locked in key order: no deadlock).
+        lock_watermarks(conn, sorted({e.target.key for e in entries}))
         applier = Applier(conn, datetime.now(UTC))
-        applier.apply(entry)
+        for entry in entries:
+            applier.apply(entry)
         applier.flush()
 
 
