@@ -282,3 +282,26 @@ def test_prune_deletes_old_deliveries_and_unused_events_and_keeps_failed_and_pen
     assert outbox.prune(engine, now + timedelta(seconds=1)) == 3
     assert [(d.status, d.last_error) for d in _deliveries(engine)] == [("failed", "try 1: HTTP 500")]
     assert [e["uri"] for e in _events(engine)] == ["dataset://press/v2"]  # still needed
+
+
+def test_status_shows_the_deliveries_and_calls_given_up_or_overdue_ones_problems(
+    engine: Engine, staging: Staging
+) -> None:
+    from worker.status import collect
+
+    _subscribe(engine, ["property.changed"])
+    _subscribe(engine, ["property.changed"], url="http://127.0.0.1:10/")
+    _stage(staging, [_version_line("v1", '{"a": 1}')])
+    _complete(engine, staging, "v1")
+    staging.beat("worker", "w", {}, ttl=60)
+    report = collect(staging, stuck_after=300, engine=engine)
+    assert report["deliveries"]["pending"] == 2 and report["problems"] == []
+    now = datetime.now(UTC)
+    first, _ = outbox.claim(engine, now, 30.0, 1) + [None]
+    assert first is not None
+    outbox.finish(engine, [Outcome(first, "HTTP 500")], now, 1, lambda _: 1.0)
+    later = collect(staging, stuck_after=0.0, engine=engine)
+    assert (later["deliveries"]["failed"], later["deliveries"]["pending"]) == (1, 1)
+    assert later["deliveries"]["oldest_due_seconds"] > 0
+    assert any("given up" in p for p in later["problems"])
+    assert any("has been due for" in p for p in later["problems"])

@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from sqlalchemy import Engine
 
-from . import __version__
-from .notifications import body_of, headers_for, retry_delay
+from . import __version__, metrics
+from .notifications import body_of, gives_up, headers_for, retry_delay
 from .settings import Settings
 from .store import outbox
 from .store.outbox import Claimed, Outcome
@@ -79,9 +79,7 @@ def send_due(
                 )
                 stats.delivered += sum(e is None for e in errors)
                 stats.failed += sum(e is not None for e in errors)
-                for c, e in zip(claimed, errors, strict=True):
-                    if e is not None:
-                        log.warning("delivery %d to %s, try %d: %s", c.id, c.url, c.attempt, e)
+                _count(claimed, errors, settings.delivery_attempts)
     finally:
         if own:
             http.close()
@@ -105,6 +103,19 @@ def _prune_now_and_then(engine: Engine, settings: Settings) -> None:
     deleted = outbox.prune(engine, before)
     if deleted:
         log.info("deliveries: %d delivered before %s deleted", deleted, before.isoformat())
+
+
+def _count(claimed: list[Claimed], errors: list[str | None], limit: int) -> None:
+    """Metrics and a log line per failed try."""
+    for c, e in zip(claimed, errors, strict=True):
+        if e is None:
+            metrics.DELIVERIES.labels("delivered").inc()
+            continue
+        last = gives_up(c.attempt, limit)
+        metrics.DELIVERIES.labels("given_up" if last else "failed").inc()
+        log.warning(
+            "delivery %d to %s, try %d%s: %s", c.id, c.url, c.attempt, " (given up)" if last else "", e
+        )
 
 
 def _delay(settings: Settings) -> outbox.Delay:

@@ -12,7 +12,7 @@ waits for. A sender that dies mid-send leaves its claims to come due again when 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -426,8 +426,15 @@ def prune(engine: Engine, before: datetime, limit: int = 10_000) -> int:
     return int(getattr(done, "rowcount", 0) or 0)
 
 
-def counts(engine: Engine) -> Mapping[str, int]:
-    """Deliveries by status (for `sidecar deliveries retry`'s report and status pages)."""
+def summary(engine: Engine, now: datetime) -> dict[str, Any]:
+    """Deliveries by status, and how long the longest-due pending one has waited (`sidecar
+    status`): the seconds since its `next_at`, 0 when none is due."""
     with engine.connect() as conn:
         rows = conn.execute(select(_D.status, func.count()).group_by(_D.status)).all()
-    return {status: int(n) for status, n in rows}
+        due = conn.execute(
+            select(func.min(_D.next_at)).where(_D.status == "pending", _D.next_at <= now)
+        ).scalar()
+    found: dict[str, Any] = {"pending": 0, "delivered": 0, "failed": 0}
+    found.update({status: int(n) for status, n in rows})
+    found["oldest_due_seconds"] = round((now - _aware(due)).total_seconds(), 3) if due is not None else 0.0
+    return found
