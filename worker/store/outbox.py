@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from ..ids import new_id
 from ..notifications import (
@@ -32,13 +33,13 @@ from ..notifications import (
     short_error,
 )
 from ..uris import Target
+from . import definitions
 from .db import writer
 from .models import Dataset, DatasetVersion, Datum, Delivery, OutboxEvent, Subscription
+from .queries import iso
 from .subscriptions import active, find
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from .apply import Applier, Owner
 
 _EVENTS = cast(Table, OutboxEvent.__table__)
@@ -84,10 +85,11 @@ def record_apply(applier: Applier, subscribers: Sequence[Subscriber], completed:
     completes. Each subscriber's filter is matched here, against the owner's properties after
     the apply (in memory, no SQL), so an event goes only where it is wanted. Returns the events
     written."""
-    by_id = {(o.kind, o.id): (key, o) for key, o in applier.owners.items()}
     grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in applier.changes:
         grouped.setdefault((row["owner_kind"], row["owner_id"]), []).append(row)
+    needed = set(grouped) | {(o.kind, o.id) for o in completed}
+    by_id = {(o.kind, o.id): (key, o) for key, o in applier.owners.items() if (o.kind, o.id) in needed}
     wanted: list[tuple[str, tuple[str, ...], Owner, list[int], dict[str, Any]]] = []
     needs = any(s.needs_violations for s in subscribers)
     for (kind, owner_id), rows in grouped.items():
@@ -114,8 +116,6 @@ def record_apply(applier: Applier, subscribers: Sequence[Subscriber], completed:
 def _wanting(
     applier: Applier, subscribers: Sequence[Subscriber], kind: str, owner: Owner, needs: bool
 ) -> list[int]:
-    from . import definitions  # the apply's own import; here only when someone subscribed
-
     violations: list[dict[str, Any]] = []
     if needs:
         found = applier.definitions()
@@ -371,8 +371,6 @@ def deliveries_of(
 
 
 def _delivery_json(row: Any) -> dict[str, Any]:
-    from .queries import iso
-
     return {
         "id": row.id,
         "event": {
@@ -393,8 +391,6 @@ def _delivery_json(row: Any) -> dict[str, Any]:
 def retry_failed(engine: Engine, ref: str | None, now: datetime) -> int:
     """`sidecar deliveries retry`: the given-up deliveries (of one subscription, or all) pending
     again, due now, their attempts counted from zero. Returns how many."""
-    from sqlalchemy.orm import Session
-
     with Session(writer(engine)) as session, session.begin():
         query = update(_DELIVERIES).where(_D.status == "failed")
         if ref is not None:
@@ -405,8 +401,6 @@ def retry_failed(engine: Engine, ref: str | None, now: datetime) -> int:
 
 def failed_count(engine: Engine, ref: str | None) -> int:
     """How many deliveries (of one subscription, or all) are given up."""
-    from sqlalchemy.orm import Session
-
     with Session(engine) as session:
         query = select(func.count()).select_from(_DELIVERIES).where(_D.status == "failed")
         if ref is not None:
