@@ -11,10 +11,14 @@ from typing import Any
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sqlalchemy import Engine
 
 from tests.helpers import outcome
 from tests.test_datums_search import populate_datums
+from tests.test_rollback import _reset as reset
 from worker.api import create_app
 from worker.api_explore import parse_keys
 from worker.applying import apply_target
@@ -234,3 +238,85 @@ def test_the_export_command_writes_what_the_route_streams(
     )
     assert len(cli("--data", "--execution", "nobody")) == 0
     assert cli() == client.get("/api/v0/datasets/export/").content
+
+
+SCALAR = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6),
+    st.integers(min_value=-(2**62), max_value=2**62),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+)
+VALUE = st.one_of(
+    SCALAR, st.lists(SCALAR, max_size=2), st.dictionaries(st.sampled_from("xy"), SCALAR, max_size=2)
+)
+PROPS = st.dictionaries(st.sampled_from(["a", "b", "c"]), VALUE, max_size=3)
+
+
+def _same(read: Any, value: Any) -> bool:
+    """A value read back equals the API's: numbers by value (1 == 1.0), else exactly typed."""
+    if isinstance(value, bool) or isinstance(read, bool):
+        return type(read) is type(value) and read == value
+    if isinstance(value, int | float) and isinstance(read, int | float):
+        return float(read) == float(value)
+    if isinstance(value, list):
+        return isinstance(read, list) and len(read) == len(value) and all(map(_same, read, value))
+    if isinstance(value, dict):
+        return (
+            isinstance(read, dict)
+            and read.keys() == value.keys()
+            and all(_same(read[k], value[k]) for k in value)
+        )
+    return bool(read == value)
+
+
+@hsettings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(versions=st.lists(PROPS, min_size=1, max_size=12))
+def test_csv_and_parquet_read_back_equal_the_apis_results(
+    client: TestClient, engine: Engine, staging: Staging, versions: list[dict[str, Any]]
+) -> None:
+    """Each cell read back, by the rules the README gives (CSV: strings as they are, the rest as
+    JSON; Parquet: a key of one scalar type typed, numbers as doubles, else JSON text), equals
+    the value the list API answers for that version."""
+    reset(engine, staging)
+    load(engine, staging, {f"v{i:03}": props for i, props in enumerate(versions)})
+    listed = client.get("/api/v0/dataset-versions/", params={"limit": 1000}).json()["results"]
+    api = {v["name"]: v["properties"] for v in listed}
+    keys = sorted({k for props in api.values() for k in props})
+
+    table = {
+        r["name"]: r for r in csv.DictReader(io.StringIO(client.get(EXPORT, params={"format": "csv"}).text))
+    }
+    assert table.keys() == api.keys()
+    for name, props in api.items():
+        for key in keys:
+            cell, value = table[name][key], props.get(key)
+            if value is None or isinstance(value, str):
+                assert cell == (value or ""), (name, key)
+            else:
+                assert _same(orjson.loads(cell), value), (name, key, cell, value)
+
+    import pyarrow.parquet as pq
+
+    parquet = pq.read_table(io.BytesIO(client.get(EXPORT, params={"format": "parquet"}).content)).to_pylist()
+    assert [r["name"] for r in parquet] == sorted(api)
+    for row in parquet:
+        for key in keys:
+            read, value = row[f"properties.{key}"], api[row["name"]].get(key)
+            kinds = {_kind(p[key]) for p in api.values() if key in p}
+            if value is None:
+                assert read is None
+            elif len(kinds) == 1 and kinds <= {"number", "string", "boolean"}:
+                assert _same(read, value), (row["name"], key, read, value)
+            else:
+                assert isinstance(read, str) and _same(orjson.loads(read), value), (row["name"], key, read)
+
+
+EXPORT = "/api/v0/dataset-versions/export/"
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "string" if isinstance(value, str) else "json"

@@ -26,6 +26,7 @@ from .api_bulk import bulk_routes, inline_runner
 from .api_definitions import definition_routes
 from .api_explore import explore_routes, saved_routes
 from .api_models import (
+    PROPERTY_VALUE,
     Change,
     Dataset,
     Datum,
@@ -40,7 +41,9 @@ from .api_models import (
     ResolvedDatum,
     Rollback,
     Version,
+    datum_properties_schema,
     errors,
+    properties_schema,
 )
 from .api_params import CountMode, Cursor, Filter, Limit, Offset, Ordering, VersionURI
 from .api_subscriptions import subscription_routes
@@ -279,9 +282,10 @@ def _describe(app: FastAPI, token: bool) -> None:
                     operation["responses"].pop("422", None)
                     if token and path.startswith("/api/"):
                         operation["security"] = [{"token": []}]
-            schemas = spec.get("components", {}).get("schemas", {})
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             for unused in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(unused, None)
+            schemas["PropertyValue"] = PROPERTY_VALUE  # what the write bodies' values refer to
             if token:
                 scheme = {"type": "apiKey", "in": "header", "name": "Authorization"}
                 spec["components"]["securitySchemes"] = {"token": scheme | {"description": "Token <token>"}}
@@ -695,7 +699,7 @@ def _datum_write_routes(app: FastAPI, engine: Engine, staging: Staging) -> None:
     @app.post(
         "/api/v0/data/{datum_id}/metadata/",
         response_model=dict[str, Any],
-        openapi_extra=_json_body(_datum_properties_schema()),
+        openapi_extra=_json_body(datum_properties_schema()),
         responses=errors(
             *WRITE_ERRORS,
             also={202: {"model": dict[str, Any], "description": "Its execution is still running: staged."}},
@@ -809,30 +813,11 @@ def _write_many(engine: Engine, staging: Staging, sets: dict[str, Any]) -> dict[
     return answer
 
 
-def _datum_properties_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": "Properties to set; null deletes. `valohai.tags` and `valohai.alias` allowed.",
-        "propertyNames": {
-            "minLength": 1,
-            "maxLength": 256,
-            "anyOf": [{"not": {"pattern": "^valohai\\."}}, {"enum": list(datums.DATUM_KEYS)}],
-        },
-        "properties": {
-            "valohai.tags": {"type": ["array", "null"], "items": {"type": "string"}},
-            "valohai.alias": {
-                "anyOf": [{"type": "null"}, {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,255}$"}]
-            },
-        },
-        "additionalProperties": True,
-    }
-
-
 def _bulk_datum_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
-            "datum_metadata": {"type": "object", "additionalProperties": _datum_properties_schema()}
+            "datum_metadata": {"type": "object", "additionalProperties": datum_properties_schema()}
         },
         "required": ["datum_metadata"],
     }
@@ -840,13 +825,7 @@ def _bulk_datum_schema() -> dict[str, Any]:
 
 def _properties_body() -> dict[str, Any]:
     """OpenAPI for the metadata body, which the handler reads itself (to check it whole)."""
-    schema = {
-        "type": "object",
-        "description": "Properties to set; a null value deletes the key. At most 32 levels deep.",
-        "propertyNames": {"minLength": 1, "maxLength": 256, "not": {"pattern": "^valohai\\."}},
-        "additionalProperties": True,
-    }
-    return _json_body(schema)
+    return _json_body(properties_schema())
 
 
 def _event_body() -> dict[str, Any]:

@@ -17,10 +17,11 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from . import bulk
-from .api_models import errors
+from .api_models import datum_properties_schema, errors, properties_schema
 from .applying import apply_targets
 from .edge import error_response
 from .errors import InvalidEntry
+from .query import MAX_LENGTH as MAX_FILTER
 from .query import FilterError
 from .staging import Staging
 from .store import bulk as store_bulk
@@ -68,7 +69,7 @@ def _bulk_route(app: FastAPI, engine: Engine, limit: int, runner: Runner, kind: 
         name=f"bulk_edit_{kind}s",
         response_model=dict[str, Any],
         status_code=202,
-        openapi_extra=_bulk_body(),
+        openapi_extra=_bulk_body(kind),
         responses=errors(
             *WRITE_ERRORS,
             also={200: {"model": dict[str, Any], "description": "A dry run: the count and a preview."}},
@@ -104,18 +105,28 @@ def _bulk_route(app: FastAPI, engine: Engine, limit: int, runner: Runner, kind: 
         return JSONResponse({**answer, "url": url}, status_code=202, headers={"Location": url})
 
 
-def _bulk_body() -> dict[str, Any]:
+def _bulk_body(kind: OwnerKind) -> dict[str, Any]:
+    changes = datum_properties_schema() if kind == "datum" else properties_schema()
     schema = {
         "type": "object",
         "properties": {
-            "filter": {"type": "string", "minLength": 1, "description": "Which targets (the list's filter)"},
+            "filter": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_FILTER,
+                "format": "sidecar-filter",
+                "description": "Which targets: the list's filter (required, or every target would match)",
+            },
             "set": {
-                "type": "object",
+                **changes,
                 "minProperties": 1,
                 "description": "Keys to set on each; null deletes the key",
             },
             "dry_run": {"type": "boolean", "default": False},
-            "confirm": {"type": "integer", "description": "The count, past SIDECAR_BULK_LIMIT targets"},
+            "confirm": {
+                "type": ["integer", "null"],
+                "description": "The count, past SIDECAR_BULK_LIMIT targets",
+            },
         },
         "required": ["filter", "set"],
         "additionalProperties": False,

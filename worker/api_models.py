@@ -10,6 +10,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
+from .datum_keys import ALIAS_KEY, TAGS_KEY
 from .limits import ID_MAX
 
 T = TypeVar("T")
@@ -259,6 +260,60 @@ class Rollback(BaseModel):
     reverted: int
     conflicts: int
     owners: list[RollbackOwner]
+
+
+NO_NUL = "^[^\\u0000]*$"  # the database cannot store U+0000 (limits.value_problem)
+VALUE_REF = "#/components/schemas/PropertyValue"
+# Any JSON value the store takes (`limits.value_problem`): no U+0000 in a string or key, integers
+# within 64 bits. Registered by api._describe.
+PROPERTY_VALUE: dict[str, Any] = {
+    "description": "A property's value: any JSON, without U+0000, integers within 64 bits",
+    "anyOf": [
+        {"type": "string", "pattern": NO_NUL},
+        # Integers past 64 bits are refused too; not said here, since JSON Schema calls 1e22 an
+        # integer while the server reads it as the float it is (and stores it).
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "array", "items": {"$ref": VALUE_REF}},
+        {"type": "object", "propertyNames": {"pattern": NO_NUL}, "additionalProperties": {"$ref": VALUE_REF}},
+    ],
+}
+
+
+def properties_schema() -> dict[str, Any]:
+    """A property set a write sends (datasets and versions)."""
+    return {
+        "type": "object",
+        "description": "Properties to set; a null value deletes the key. At most 32 levels deep.",
+        "propertyNames": {
+            "minLength": 1,
+            "maxLength": 256,
+            "pattern": NO_NUL,
+            "not": {"pattern": "^valohai\\."},
+        },
+        "additionalProperties": {"$ref": VALUE_REF},
+    }
+
+
+def datum_properties_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "Properties to set; null deletes. `valohai.tags` and `valohai.alias` allowed.",
+        "propertyNames": {
+            "minLength": 1,
+            "maxLength": 256,
+            "pattern": NO_NUL,
+            "anyOf": [{"not": {"pattern": "^valohai\\."}}, {"enum": [TAGS_KEY, ALIAS_KEY]}],
+        },
+        "properties": {
+            "valohai.tags": {"type": ["array", "null"], "items": {"type": "string", "pattern": NO_NUL}},
+            "valohai.alias": {
+                "anyOf": [{"type": "null"}, {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,255}$"}]
+            },
+        },
+        "additionalProperties": {"$ref": VALUE_REF},
+    }
 
 
 # -- change notifications -------------------------------------------------------------------------

@@ -96,6 +96,8 @@ def checked(kind: OwnerKind, body: Any) -> Request:
     if not isinstance(dry_run, bool):
         raise InvalidEntry("dry_run: true or false", "dry_run")
     confirm = body.get("confirm")
+    if isinstance(confirm, float) and confirm.is_integer():
+        confirm = int(confirm)  # 3.0 is an integer to JSON
     if confirm is not None and (isinstance(confirm, bool) or not isinstance(confirm, int)):
         raise InvalidEntry("confirm: the number of targets the filter matches", "confirm")
     return Request(kind, text, changes, dry_run, confirm)
