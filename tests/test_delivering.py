@@ -262,6 +262,25 @@ def _now() -> Any:
     return datetime.now(UTC)
 
 
+def test_a_post_in_flight_holds_no_lock_an_apply_waits_for(
+    engine: Engine, staging: Staging, receiver: Receiver
+) -> None:
+    receiver.script = ["slow"]  # answers after 2x the timeout: the POST stays in flight
+    _subscribe(engine, receiver.url, ["property.changed"])
+    _apply_version(staging, engine, "v1", ['{"a": 1}'])
+    sender = threading.Thread(target=send_due, args=(engine, FAST))
+    sender.start()
+    wait_until(lambda: len(receiver.got) == 1, timeout=10, what="the POST in flight")
+    started = time.monotonic()
+    _apply_version(staging, engine, "v2", ['{"a": 2}'], start=2)  # writes its own outbox rows
+    took = time.monotonic() - started
+    assert sender.is_alive(), "the POST should still be waiting for its answer"
+    sender.join()
+    assert took < FAST.delivery_timeout / 2, f"the apply waited {took:.2f} s for the sender"
+    _send_until(engine, _all_delivered(engine))
+    assert len(receiver.events()) == 2
+
+
 # -- through a real `sidecar worker`: the apply task asks for a send, the sweep retries ---------
 
 
