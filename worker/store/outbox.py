@@ -209,12 +209,10 @@ def write(conn: Connection, pending: Sequence[Pending], now: datetime) -> int:
         }
         for p in pending
     ]
-    conn.execute(insert(_EVENTS), rows)
-    ids: dict[str, int] = {}
-    uids = [r["uid"] for r in rows]
-    for start in range(0, len(uids), _IN_CHUNK):
-        query = select(_EVENTS.c.uid, _EVENTS.c.id).where(_EVENTS.c.uid.in_(uids[start : start + _IN_CHUNK]))
-        ids.update((uid, event_id) for uid, event_id in conn.execute(query))
+    # One statement for the events and their ids (RETURNING, batched by SQLAlchemy on both
+    # databases); the deliveries refer to them.
+    inserted = conn.execute(insert(_EVENTS).returning(_EVENTS.c.uid, _EVENTS.c.id), rows)
+    ids: dict[str, int] = {uid: event_id for uid, event_id in inserted}
     deliveries = [
         {
             "subscription_id": sub,
