@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
@@ -241,7 +241,7 @@ def test_the_export_command_writes_what_the_route_streams(
 
 
 SCALAR = st.one_of(
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=6),
+    st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=6),
     st.integers(min_value=-(2**62), max_value=2**62),
     st.floats(allow_nan=False, allow_infinity=False),
     st.booleans(),
@@ -271,6 +271,9 @@ def _same(read: Any, value: Any) -> bool:
 
 @hsettings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(versions=st.lists(PROPS, min_size=1, max_size=12))
+# An integer past 2**53 in a number column: Parquet's double column refused it, and the export
+# broke off (leaving its read transaction open).
+@example(versions=[{"a": 10**16}, {"a": 0.5}])
 def test_csv_and_parquet_read_back_equal_the_apis_results(
     client: TestClient, engine: Engine, staging: Staging, versions: list[dict[str, Any]]
 ) -> None:

@@ -102,7 +102,12 @@ def _batch_query(session: Session, job: Export, last: int) -> tuple[Any, Any]:
 
 
 def records(engine: Engine, job: Export) -> Iterator[list[dict[str, Any]]]:
-    """The rows of the set, in id order, a batch at a time: fields and the whole property set."""
+    """The rows of the set, in id order, a batch at a time: fields and the whole property set.
+
+    Each batch is read in its own session, closed before the batch is yielded: the consumer
+    writes it to a client at the client's pace, and a transaction (with its connection) held
+    across that would last as long as the slowest reader, or for ever if the stream is
+    abandoned mid-way (an idle-in-transaction connection holding locks on PostgreSQL)."""
     model = _MODELS[job.kind]
     last = 0
     while True:
@@ -115,7 +120,8 @@ def records(engine: Engine, job: Export) -> Iterator[list[dict[str, Any]]]:
             if not rows:
                 return
             last = rows[-1].id
-            yield [_record(job.kind, row) for row in rows]
+            batch = [_record(job.kind, row) for row in rows]
+        yield batch
 
 
 def _record(kind: str, row: Any) -> dict[str, Any]:
@@ -262,8 +268,11 @@ def _parquet(
                         None if v is None else orjson.dumps(v).decode() for v in values
                     ]
                 elif types[c] == "number":
+                    # Doubles, as the index keeps them: pyarrow refuses an int past 2**53 for a
+                    # double column (the export broke off there), float() rounds it as the index does.
                     data[f"properties.{c}"] = [
-                        v if isinstance(v, int | float) and not isinstance(v, bool) else None for v in values
+                        float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+                        for v in values
                     ]
                 else:
                     data[f"properties.{c}"] = values
