@@ -46,6 +46,7 @@ from .api_models import (
     properties_schema,
 )
 from .api_params import CountMode, Cursor, Filter, Limit, Offset, Ordering, VersionURI
+from .api_subscriptions import subscription_routes
 from .applying import roll_back, rollback_json, write_datum_properties, write_properties
 from .edge import MAX_BODY, WriteGuard, error_response
 from .enqueue import Enqueue, Sender, sender
@@ -111,6 +112,7 @@ def create_app(
     explore_routes(app, engine)  # before /{id}/ routes too: "facets" is no id
     saved_routes(app, engine)
     definition_routes(app, engine, recheck or (lambda: None))
+    subscription_routes(app, engine)
     bulk_routes(app, engine, bulk_limit, bulk_edit or inline_runner(engine, staging))  # before {id}
     _read_routes(app, engine)
     for kind, base in (("dataset", "datasets"), ("version", "dataset-versions")):

@@ -314,3 +314,56 @@ def datum_properties_schema() -> dict[str, Any]:
         },
         "additionalProperties": {"$ref": VALUE_REF},
     }
+
+
+# -- change notifications -------------------------------------------------------------------------
+
+EventType = Literal["property.changed", "version.completed", "target.quarantined"]
+
+
+class Subscription(BaseModel):
+    """Where change notifications go; its secret is never shown."""
+
+    id: Id
+    url: str
+    events: list[EventType]
+    filter: str = Field(description="Only targets matching it (the list endpoints' language); empty: all")
+    created_at: str | None
+
+
+class Subscriptions(BaseModel):
+    count: int
+    next: str | None
+    previous: str | None
+    results: list[Subscription]
+
+
+class DeliveredEvent(BaseModel):
+    """The event a delivery sends: its `id` is the idempotency key (`X-Sidecar-Event-Id`)."""
+
+    id: str
+    type: EventType
+    target: str = Field(description="Its staging target: dataset://..., or execution:<id>")
+    uri: str | None
+    created_at: str | None
+
+
+class Delivery(BaseModel):
+    """One event's delivery to one subscription."""
+
+    id: int
+    event: DeliveredEvent
+    status: Literal["pending", "delivered", "failed"] = Field(
+        description="`failed`: given up after the last try (`sidecar deliveries retry` sends it again)"
+    )
+    attempts: int
+    last_error: str
+    next_at: str | None = Field(description="When it is tried next (pending only)")
+    delivered_at: str | None
+
+
+class Deliveries(BaseModel):
+    count: int
+    next: str | None
+    previous: str | None
+    results: list[Delivery]

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy.exc
 
-from . import __version__, connections, definitions_cli, explore_cli
+from . import __version__, connections, definitions_cli, deliveries_cli, explore_cli
 from .edge import MAX_REQUEST_HEAD, exposure_warning
 from .errors import ConfigError, SidecarError
 from .props_cli import add_commands
@@ -400,6 +400,7 @@ def _parser() -> argparse.ArgumentParser:
     add_commands(sub, _common)
     explore_cli.add_commands(sub, _common)
     definitions_cli.add_commands(sub, _common)
+    deliveries_cli.add_commands(sub, _common)
     status = command("status", cmd_status, "backlog, watchers and workers; exit 1 when something is stuck")
     status.add_argument("--json", action="store_true")
     status.add_argument(

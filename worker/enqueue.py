@@ -8,7 +8,7 @@ at a time and a drain sends each target due for too long.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 Enqueue = Callable[[str], None]
 
@@ -23,6 +23,12 @@ class Sender(Protocol):
 
     def drain(self, older_than: float) -> None:
         """An apply of every target due for longer than `older_than` seconds (`Health.sweep`)."""
+
+
+@runtime_checkable
+class Delivers(Protocol):
+    def deliver(self, staging: Any) -> bool:
+        """A send of the due change notifications, unless one is on its way (`tasks.Enqueuer`)."""
 
 
 class OneByOne:

@@ -93,6 +93,12 @@ class Keys:
         return f"{self.tag}:drain"
 
     @property
+    def delivering(self) -> str:
+        """String, set while a `sidecar.deliver` is queued or running (it expires, so a lost one
+        does not stop the next request for long)."""
+        return f"{self.tag}:delivering"
+
+    @property
     def quarantine(self) -> str:
         """Hash: target -> JSON (error, attempts, at) of a target held after too many failures."""
         return f"{self.tag}:quarantine"

@@ -40,6 +40,11 @@ APPEND_TO_STAGED = Histogram(
     "From a sidecar file's last modification to its new lines being staged",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
 )
+DELIVERIES = Counter(
+    "sidecar_deliveries_total",
+    "Change notification tries by outcome (delivered, failed, given_up)",
+    ["outcome"],
+)
 WEBHOOKS = Counter("sidecar_webhook_requests_total", "Webhook requests by outcome", ["outcome"])
 
 

@@ -52,6 +52,14 @@ class Settings:
     # A bulk edit by filter that matches more targets than this needs `"confirm": <count>`.
     bulk_limit: int = 100_000
     retention_seconds: float = 86400.0
+    # Change notifications (worker/delivering.py): a delivery is tried this many times, waiting
+    # delivery_backoff, 2x, 4x ... seconds (at most an hour, jittered) between tries, then given
+    # up (`sidecar deliveries retry` sends it again); each POST waits delivery_timeout seconds.
+    delivery_attempts: int = 10
+    delivery_backoff: float = 5.0
+    delivery_timeout: float = 10.0
+    # Delivered notifications (and events no delivery needs any more) are deleted this long after.
+    delivery_retention_seconds: float = 604800.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -84,6 +92,10 @@ class Settings:
             (not 1 <= self.apply_batch <= 10_000, "APPLY_BATCH", "must be between 1 and 10000 targets"),
             (self.bulk_limit < 1, "BULK_LIMIT", "must be at least 1 target"),
             (self.retention_seconds < 0, "RETENTION_SECONDS", "must be 0 or more"),
+            (not 1 <= self.delivery_attempts <= 100, "DELIVERY_ATTEMPTS", "must be between 1 and 100"),
+            (self.delivery_backoff < 0, "DELIVERY_BACKOFF", "must be 0 or more seconds"),
+            (not 0 < self.delivery_timeout <= 300, "DELIVERY_TIMEOUT", "must be between 0 and 300 seconds"),
+            (self.delivery_retention_seconds < 0, "DELIVERY_RETENTION_SECONDS", "must be 0 or more"),
         )
         for broken, name, message in ranges:
             if broken:
@@ -196,6 +208,10 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "apply_batch": int,
     "bulk_limit": int,
     "retention_seconds": float,
+    "delivery_attempts": int,
+    "delivery_backoff": float,
+    "delivery_timeout": float,
+    "delivery_retention_seconds": float,
 }
 
 

@@ -15,6 +15,7 @@ from . import connections
 from .settings import Settings
 from .staging import Staging
 from .store import definitions as stored_definitions
+from .store import outbox
 from .store.models import Dataset, DatasetVersion
 from .store.queries import iso
 
@@ -55,8 +56,10 @@ def collect(staging: Staging, *, stuck_after: float, engine: Engine | None = Non
         try:
             report["version_problems"] = version_problems(engine)
             report["definitions_recheck"] = recheck_report(engine)
+            report["deliveries"] = outbox.summary(engine, datetime.now(UTC))
         except SQLAlchemyError as exc:  # status must answer with the database away too
             report["version_problems_error"] = type(exc).__name__
+        problems.extend(_delivery_problems(report.get("deliveries"), stuck_after))
         waited = report.get("definitions_recheck", {}).get("waiting_seconds") or 0
         if waited > stuck_after:
             problems.append(
@@ -64,6 +67,21 @@ def collect(staging: Staging, *, stuck_after: float, engine: Engine | None = Non
                 "`sidecar definitions recheck` runs it here)"
             )
     return report
+
+
+def _delivery_problems(found: dict[str, Any] | None, stuck_after: float) -> list[str]:
+    """Change notifications given up, or due and not sent for longer than `stuck_after`."""
+    if not found:
+        return []
+    out = []
+    if found["failed"]:
+        out.append(f"{found['failed']} change notification(s) given up: `sidecar deliveries retry`")
+    if found["oldest_due_seconds"] > stuck_after:
+        out.append(
+            f"a change notification has been due for {found['oldest_due_seconds']:.0f} s "
+            "(is a worker alive? `sidecar deliveries retry --send` sends from here)"
+        )
+    return out
 
 
 def recheck_report(engine: Engine) -> dict[str, Any]:
@@ -188,6 +206,12 @@ def _print_database(report: dict[str, Any]) -> None:
         )
     if "definitions_recheck" in report:
         print(_recheck_line(report["definitions_recheck"]))
+    if "deliveries" in report:
+        d = report["deliveries"]
+        print(
+            f"change notifications: {d['pending']} pending (longest due {d['oldest_due_seconds']:.0f} s), "
+            f"{d['delivered']} delivered, {d['failed']} given up"
+        )
 
 
 def _recheck_line(r: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 transaction), which run the apply; `sidecar.drain`, which the watcher's sweep sends to apply
 every target due for too long; `sidecar.checksums`, which reads the files of an execution whose
 datums were just applied; `sidecar.bulk_edit`, which runs a bulk edit by filter a slice at a
-time.
+time; `sidecar.deliver`, which sends change notifications from the outbox.
 
 Delivery is at-least-once (acks_late + reject_on_worker_lost: a worker killed mid-apply leaves
 the task to be redelivered); the watermarks in the database make the second run a no-op. If a
@@ -27,7 +27,7 @@ import sqlalchemy.exc
 from celery import Celery, Task
 from sqlalchemy import Engine
 
-from . import bulk, connections, metrics
+from . import bulk, connections, delivering, metrics
 from .applying import ApplyResult, apply_target, apply_targets
 from .checksums import check_execution
 from .errors import NotFound
@@ -35,7 +35,7 @@ from .keys import Keys
 from .settings import Settings
 from .staging import REDIS_TRANSIENT, Staging
 from .store import bulk as store_bulk
-from .store import definitions, quarantine
+from .store import definitions, outbox, quarantine
 from .uris import Target
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ CHECKSUM_TASK = "sidecar.checksums"
 RECHECK_TASK = "sidecar.recheck"
 BULK_TASK = "sidecar.bulk_edit"
 BULK_SLICE = 10.0  # seconds of batches one bulk-edit task runs before it sends the rest on
+DELIVER_TASK = "sidecar.deliver"
+# A sent `sidecar.deliver` keeps others from being sent this long (it runs for at most
+# `delivering.BUDGET` seconds plus a batch's timeout; a lost one is sent again after this).
+DELIVER_MARK_MS = 120_000
 FEW = 8  # targets due at once that `Enqueuer.many` sends one by one
 
 # Errors worth a retry: the database or Redis is down or locked for now.
@@ -117,8 +121,11 @@ def make_app(settings: Settings) -> Celery:
             metrics.APPLIES.labels("retry").inc()
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
         except Exception as exc:  # not transient: retried a bounded number of times, then held
-            return _failed(self, settings, engine, staging, target, exc)
+            held = _failed(self, settings, engine, staging, target, exc)
+            _notify(app, staging)  # its quarantine's event
+            return held
         _applied(app, result)
+        _notify(app, staging)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         return {"applied": result.applied, "watermark": result.watermark, "skipped": result.skipped}
 
@@ -166,8 +173,26 @@ def make_app(settings: Settings) -> Celery:
             )
         return {"outcome": done.outcome, "checked": done.checked, "changed": done.changed}
 
+    _deliver_task(app, task, settings, resources)
     _bulk_task(app, settings, resources)
     return app
+
+
+def _deliver_task(
+    app: Celery, task: functools.partial[Task[Any, Any]], settings: Settings, resources: _Resources
+) -> None:
+    """Register `sidecar.deliver` on `app` (as `make_app` registers the others)."""
+
+    @task(name=DELIVER_TASK, max_retries=None)
+    def deliver(self: Task[Any, Any]) -> dict[str, Any]:
+        """Send the due change notifications (delivering.py) for up to `delivering.BUDGET`
+        seconds; then, if some are still due, another of this task. Deliveries due later (a
+        failed try's backoff) are picked up by the watcher's sweep (`Watcher._sweep`)."""
+        engine, staging = resources.get()
+        try:
+            return run_deliver(app, settings, engine, staging)
+        except TRANSIENT as exc:
+            raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
 
 
 def _bulk_task(app: Celery, settings: Settings, resources: _Resources) -> None:
@@ -183,6 +208,44 @@ def _bulk_task(app: Celery, settings: Settings, resources: _Resources) -> None:
             return run_bulk(app, settings, engine, staging, ident)
         except TRANSIENT as exc:
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
+
+
+def run_deliver(app: Celery, settings: Settings, engine: Engine, staging: Staging) -> dict[str, Any]:
+    """The deliver task's work: send what is due, then let the next request send another task
+    (and send one now if something is still due)."""
+    stats = delivering.send_due(engine, settings)
+    # The mark goes first, then the check: an apply that wrote events after our last claim
+    # either finds no mark (and sends its own task) or is seen by the check.
+    staging.deliver_done()
+    if stats.more or (stats.next_due is not None and stats.next_due <= datetime.now(UTC)):
+        request_delivery(app, staging)
+    if stats.delivered or stats.failed:
+        log.info("deliveries: %d delivered, %d tries failed", stats.delivered, stats.failed)
+    return {"delivered": stats.delivered, "failed": stats.failed}
+
+
+def request_delivery(app: Celery, staging: Staging) -> bool:
+    """Send a `sidecar.deliver`, unless one is queued or running (its Redis mark). Whether one
+    was sent."""
+    if not staging.deliver_claim(DELIVER_MARK_MS):
+        return False
+    try:
+        _send(app, DELIVER_TASK, [])
+    except BaseException:
+        staging.deliver_done()  # not sent: the next request (or sweep) tries again
+        raise
+    return True
+
+
+def _notify(app: Celery, staging: Staging) -> None:
+    """After an apply (or quarantine) that wrote change notifications, have them sent. A failure
+    here is logged only: the events are in the outbox, and the watcher's sweep sends them."""
+    if not outbox.took_events():
+        return
+    try:
+        request_delivery(app, staging)
+    except Exception as exc:
+        log.warning("could not send a deliver task (%s); the sweep will", exc)
 
 
 def run_bulk(app: Celery, settings: Settings, engine: Engine, staging: Staging, ident: str) -> dict[str, Any]:
@@ -246,6 +309,7 @@ def run_batch(
     except Exception as exc:
         if len(targets) == 1:
             _failed_alone(app, settings, engine, staging, targets[0], exc)
+            _notify(app, staging)  # its quarantine's event, if it was quarantined
             return {"applied": 0, "failed": 1}
         log.warning("a batch of %d targets failed (%s); applying it in halves", len(targets), describe(exc))
         half = len(targets) // 2
@@ -263,6 +327,7 @@ def run_batch(
     metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
     for result in results:
         _applied(app, result)
+    _notify(app, staging)  # the batch task, the drain, a bulk edit (here or in `sidecar props`)
     return {"applied": sum(r.applied for r in results), "failed": 0}
 
 
@@ -458,3 +523,7 @@ class Enqueuer:
     def bulk_edit(self, ident: str) -> None:
         """A bulk edit just recorded (the API's POST .../metadata/bulk/)."""
         _send(self.app, BULK_TASK, [ident])
+
+    def deliver(self, staging: Staging) -> bool:
+        """A send of the due change notifications, unless one is on its way (the sweep)."""
+        return request_delivery(self.app, staging)

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Collection, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy.exc
@@ -32,14 +33,14 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from . import connections
-from .enqueue import Enqueue, Sender, sender
+from .enqueue import Delivers, Enqueue, Sender, sender
 from .errors import ConfigError
 from .ingest import JSONL_NAMES, PER_OUTPUT_SUFFIX, Ingestor, IngestStats, sidecar_kind
 from .readqueue import ReadQueue
 from .retention import Retention
 from .settings import Settings
 from .staging import RedisError, Staging, Subscription
-from .store import finished
+from .store import finished, outbox
 from .store.finished import FinishedRecord
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class Watcher:
         self.enqueue = sender(enqueue, staging.due_targets)
         self.stop = stop
         self._engine: Engine | None = None  # made when first needed (see `_db`)
+        self._deliveries_failing = False  # the last check of the due deliveries failed
         self._db_ready_at = -1e9  # when the database last had the tables (or -1e9: never seen)
         self.ingestor = Ingestor(
             self.root, staging, line_limit=settings.line_limit, finished=self._find_finished
@@ -328,6 +330,26 @@ class Watcher:
             return
         if sent:
             log.info("targets due for over %.1f s: drain sent", self.settings.sweep_after)
+        self._deliveries()
+
+    def _deliveries(self) -> None:
+        """The backstop of change notifications, and their retries' clock: when a delivery is
+        due (a lost `sidecar.deliver`, a failed try's backoff run out), send one, unless one is
+        on its way (its Redis mark). A sender that cannot (a plain callable) has none to send."""
+        if not isinstance(self.enqueue, Delivers):
+            return
+        try:
+            if outbox.any_due(self._db(), datetime.now(UTC)):
+                self.enqueue.deliver(self.staging)
+            self._deliveries_failing = False
+        except (sqlalchemy.exc.SQLAlchemyError, RedisError) as exc:
+            # Said once per outage (a watcher without the database, or before `db upgrade`,
+            # would say it every sweep otherwise).
+            level = logging.DEBUG if self._deliveries_failing else logging.WARNING
+            log.log(level, "could not check the due deliveries (%s); the next sweeps will", exc)
+            self._deliveries_failing = True
+        except Exception as exc:  # the broker is down
+            log.warning("could not send a deliver task (%s); the next sweep will retry", exc)
 
     def _completions(self, pubsub: Subscription | None) -> None:
         """Executions that just completed: re-read their files so a held last line is flushed now."""

@@ -108,3 +108,12 @@ class Health:
 
     def drain_done(self) -> None:
         self.redis.delete(self.keys.drain)
+
+    def deliver_claim(self, ttl_ms: int) -> bool:
+        """Mark a `sidecar.deliver` as sent, unless one is queued or running already (then
+        False: that one will send what is due). The mark expires after `ttl_ms`."""
+        return bool(self.redis.set(self.keys.delivering, now_iso(), nx=True, px=ttl_ms))
+
+    def deliver_done(self) -> None:
+        """The `sidecar.deliver` is ending: the next request sends another."""
+        self.redis.delete(self.keys.delivering)

@@ -27,9 +27,10 @@ from ..datum_keys import ALIAS_KEY
 from ..definitions import Definition, split
 from ..membership import Spec, file_list, fold_spec
 from ..merge import Change, merge_into, same_json
+from ..notifications import Subscriber
 from ..records import Entry, Reject, Source
 from ..uris import Target, parse_uri
-from . import aliases, definitions
+from . import aliases, definitions, outbox, subscriptions
 from .datum_aliases import point_aliases
 from .index import bulk_insert, index_rows, reindex
 from .models import (
@@ -176,6 +177,9 @@ class Applier:
     defined: Mapping[str, Definition] | None = None
     # Bulk edits' filters by id, read once per apply for their history rows' source.
     bulk_filters: dict[str, str] = field(default_factory=dict)
+    # Subscriptions to change notifications, read at the first `write` with something to tell
+    # (store/subscriptions.py); empty, as it usually is, and nothing more is written.
+    subscribers: list[Subscriber] | None = None
 
     def apply(self, entry: Entry) -> None:
         target = entry.target
@@ -290,6 +294,7 @@ class Applier:
                 reindex(self.conn, owner.kind, owner.id, work.properties, work.changed.keys())
         bulk_insert(self.conn, _INDEX, fresh)
         self.working.clear()
+        self._notify()  # before the updates are written: a completion is its `status` update
         # Rows of one table with the same columns changed go in one executemany.
         updates: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
         for owner in self.owners.values():
@@ -313,6 +318,17 @@ class Applier:
         if self.datum_aliases:
             point_aliases(self.conn, self.datum_aliases, self.now)
             self.datum_aliases = {}
+
+    def _notify(self) -> None:
+        """Change notifications of what this `write` writes, as outbox rows in this same
+        transaction (store/outbox.py): they exist if and only if the change commits."""
+        completed = [o for o in self.owners.values() if o.updates.get("status") == "completed"]
+        if not self.changes and not completed:
+            return
+        if self.subscribers is None:
+            self.subscribers = subscriptions.active(self.conn)
+        if self.subscribers:
+            outbox.record_apply(self, self.subscribers, completed)
 
     def definitions(self) -> Mapping[str, Definition]:
         if self.defined is None:

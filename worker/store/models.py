@@ -430,3 +430,61 @@ class FinishedExecution(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     flags: Mapped[dict[str, Any]] = mapped_column(default=dict)
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Subscription(Base):
+    """A receiver of change notifications (`worker/notifications.py`): where events are POSTed,
+    which event types, the filter a target must match (the list endpoints' language; empty:
+    every target) and the secret their signature is made with (never shown by the API)."""
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = _uid()
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[Any]]
+    filter: Mapped[str] = mapped_column(Text, default="")
+    secret: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OutboxEvent(Base):
+    """One change notification, written in the transaction of the apply (or quarantine) that
+    made it, so it exists if and only if the change committed. `uid` is its idempotency key
+    (the body's `id`, the `X-Sidecar-Event-Id` header); `payload` is the body as sent."""
+
+    __tablename__ = "outbox_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = _uid()
+    type: Mapped[str] = mapped_column(String(32))
+    owner_kind: Mapped[str | None] = mapped_column(String(16))
+    owner_id: Mapped[int | None]
+    target: Mapped[str] = mapped_column(String(600))
+    uri: Mapped[str | None] = mapped_column(String(600))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Delivery(Base):
+    """One event for one subscription: `pending` (due at `next_at`), `delivered`, or `failed`
+    (given up after `delivery_attempts`; `sidecar deliveries retry` makes it pending again).
+
+    `subscription_id` has no foreign key on purpose: an apply that read the subscriptions may
+    still insert a delivery for one deleted meanwhile (PostgreSQL would fail the apply on the
+    constraint); the sender drops such a delivery."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_due", "status", "next_at"),
+        Index("ix_deliveries_subscription", "subscription_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscription_id: Mapped[int]
+    event_id: Mapped[int] = mapped_column(ForeignKey("outbox_events.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    next_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -9,6 +9,7 @@ from sqlalchemy import Engine, Table, delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from . import outbox
 from .db import writer
 from .models import QuarantinedTarget
 
@@ -17,7 +18,8 @@ _TABLE = cast(Table, QuarantinedTarget.__table__)
 
 def record(engine: Engine, target: str, error: str, attempts: int, at: datetime) -> None:
     """Write (or refresh) a target's quarantine row, in a transaction of its own: the apply's
-    transaction has been rolled back by then."""
+    transaction has been rolled back by then. Its `target.quarantined` event goes in the same
+    transaction."""
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
     row = {"target": target, "error": error, "attempts": attempts, "quarantined_at": at}
     statement = insert(_TABLE).values(row)
@@ -27,6 +29,7 @@ def record(engine: Engine, target: str, error: str, attempts: int, at: datetime)
     )
     with writer(engine).begin() as conn:
         conn.execute(statement)
+        outbox.record_quarantine(conn, target, error, attempts, at)  # a notification, if wanted
 
 
 def remove(engine: Engine, targets: list[str]) -> None:
