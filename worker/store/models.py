@@ -365,6 +365,17 @@ class PropertyIndex(Base):
         Index("ix_property_index_str", "owner_kind", "path", "str_key", "owner_id"),
         # A filter tested row by row looks up (owner, path): one entry, not the owner's every row.
         Index("ix_property_index_owner", "owner_kind", "owner_id", "path"),
+        # The rows neither value index types (booleans, objects, arrays, nulls), so a facet
+        # counts them without visiting the table (migration 0013).
+        Index(
+            "ix_property_index_other",
+            "owner_kind",
+            "path",
+            "vtype",
+            "bool_value",
+            postgresql_where=text("num IS NULL AND str_key IS NULL"),
+            sqlite_where=text("num IS NULL AND str_key IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
