@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Integer, case, cast, func, select
+from sqlalchemy import case, func, literal, select, union_all
 from sqlalchemy.orm import Session
 
 from ..limits import path_text
@@ -68,7 +68,7 @@ def _facet(session: Session, kind: OwnerKind, owners: Any, key: Key, total: int)
         )
     ).one()
     if low is not None and high is not None:
-        found["numbers"] = _numbers(session, where, low, high)
+        found["numbers"] = _numbers(session, where, low, high, filtered=owners is not None)
         types["number"] = found["numbers"]["count"]
     if _any(session, PropertyIndex.str_key, *where, PropertyIndex.str_key.is_not(None)):
         # Values longer than 200 characters are grouped by their first 200.
@@ -118,7 +118,9 @@ def _any(session: Session, column: Any, *where: Any) -> bool:
     return session.execute(select(column).where(*where).limit(1)).first() is not None
 
 
-def _numbers(session: Session, where: list[Any], low: float, high: float) -> dict[str, Any]:
+def _numbers(
+    session: Session, where: list[Any], low: float, high: float, *, filtered: bool
+) -> dict[str, Any]:
     """The key's numbers between `low` and `high` (their minimum and maximum): how many, and a
     10-bucket histogram, in one pass."""
     numbers = [*where, PropertyIndex.num.is_not(None)]
@@ -131,23 +133,34 @@ def _numbers(session: Session, where: list[Any], low: float, high: float) -> dic
             "histogram": [{"low": low, "high": high, "count": count}],
         }
     width = (high - low) / BUCKETS
-    # Bucket i holds [low + i*width, low + (i+1)*width); the maximum goes in the last one. The
-    # offset is never negative, so truncating (CAST in SQLite; floor first for PostgreSQL,
-    # whose CAST rounds) is the floor.
-    offset = (PropertyIndex.num - low) / width
-    dialect = session.get_bind().dialect.name
-    index = cast(func.floor(offset) if dialect == "postgresql" else offset, Integer)
-    bucket = case((PropertyIndex.num >= high, BUCKETS - 1), else_=index).label("bucket")
-    counts: dict[int, int] = dict(
-        session.execute(select(bucket, func.count()).where(*numbers).group_by(bucket)).all()
-    )
+    edges = [low + i * width for i in range(1, BUCKETS)]
+    # Bucket i holds [its low, its high), as the answer states them; the maximum goes in the last.
+    # Over every owner, one range count per bucket (UNION ALL: one statement, each branch a range
+    # of the `num` index, together one pass over the key's numbers, without computing a bucket
+    # per row and hashing it, which took twice as long at 1M). Over a filtered set each branch
+    # would evaluate the set again: there the bucket is computed per row, in one pass.
+    bounds = [None, *edges], [*edges, None]
+    if filtered:
+        value = PropertyIndex.num
+        bucket = case(*((value < e, i) for i, e in enumerate(edges)), else_=BUCKETS - 1).label("bucket")
+        counts = dict(session.execute(select(bucket, func.count()).where(*numbers).group_by(bucket)).all())
+    else:
+        branches = [
+            select(literal(i).label("bucket"), func.count().label("n")).where(
+                *numbers,
+                *([] if start is None else [PropertyIndex.num >= start]),
+                *([] if end is None else [PropertyIndex.num < end]),
+            )
+            for i, (start, end) in enumerate(zip(*bounds, strict=True))
+        ]
+        counts = dict(session.execute(union_all(*branches)).all())
     histogram = [
         {
-            "low": low + i * width,
-            "high": high if i == BUCKETS - 1 else low + (i + 1) * width,
+            "low": start if start is not None else low,
+            "high": end if end is not None else high,
             "count": counts.get(i, 0),
         }
-        for i in range(BUCKETS)
+        for i, (start, end) in enumerate(zip(*bounds, strict=True))
     ]
     return {"count": sum(counts.values()), "min": low, "max": high, "histogram": histogram}
 
