@@ -296,6 +296,44 @@ def _strings(session: Session, segment: Any, key: Any) -> list[Any] | None:
     return [r[0] for r in found]
 
 
+LOOSE_VALUES = 32  # distinct strings a descending page reads one by one before it sorts
+
+
+def _strings_down(
+    session: Session, segment: Any, value: Any, kind: OwnerKind, path: str, owner_id: Any, count: int
+) -> list[Any] | None:
+    """The first `count` rows of a string segment in descending order, ties by id ascending,
+    read one distinct value at a time from the top; None to leave it to the sorting query.
+
+    The index holds (str_key, owner_id): read backwards it gives ties by id descending, so the
+    one-query form sorts every run of equal values before its first row (50,000 rows per value
+    at 1M: 320 ms). Here each value is found by one step down the index (`max(str_key) <` the
+    one before), then its rows are read forwards, in id order, until the page is full. After
+    `LOOSE_VALUES` values (many values with few matches each), or at a string as long as
+    `str_key` (whose full value decides), the sorting query does it all."""
+    dialect = session.get_bind().dialect.name
+    key = PropertyIndex.str_key.collate("C") if dialect == "postgresql" else PropertyIndex.str_key
+    top = select(func.max(key)).where(PropertyIndex.owner_kind == kind, PropertyIndex.path == path)
+    rows: list[Any] = []
+    below: str | None = None
+    for _ in range(LOOSE_VALUES):
+        where = [] if below is None else [key < below]
+        current = session.scalar(top.where(*where))
+        if current is None:
+            return rows  # every string read
+        if len(current) >= STR_KEY_LENGTH:
+            return None
+        rows.extend(
+            session.scalars(segment.where(value == current).order_by(owner_id).limit(count - len(rows)))
+            .unique()
+            .all()
+        )
+        if len(rows) >= count:
+            return rows
+        below = current
+    return None
+
+
 # How `order_by` ranks values by type: numbers, strings, booleans, then objects, arrays and
 # nulls (by id), then the rows without the key (by id).
 _TYPE_SEGMENTS = ("number", "string", "boolean")
@@ -339,6 +377,11 @@ def _by_property(
             # sorts each run of equal values (incremental sort on PostgreSQL).
             tie = owner_id.asc()
             segment = segment.order_by(value.desc() if descending else value.asc(), tie)
+            if vtype == "string" and descending:
+                found = _strings_down(session, segment.order_by(None), value, kind, path, owner_id, left)
+                if found is not None:
+                    rows.extend(found)
+                    continue
             if vtype == "string":
                 found = _strings(session, segment.limit(left), value)
                 if found is not None:
