@@ -20,12 +20,11 @@ from typing import Any, cast
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from . import limits
 from .errors import InvalidEntry
 from .merge import same_json
 from .query import MAX_LENGTH as MAX_FILTER
 from .query import parse
-from .records import Entry, Source, check_properties
+from .records import Entry, Source, check_user_properties
 from .staging import RedisError, Staging
 from .store import bulk as store_bulk
 from .store import datums, definitions, sets
@@ -88,10 +87,7 @@ def checked(kind: OwnerKind, body: Any) -> Request:
     if kind == "datum":
         datums.check_datum_write(changes)
     else:
-        check_properties(changes)
-        problem = limits.value_problem(changes)
-        if problem:
-            raise InvalidEntry(problem)
+        check_user_properties(changes)
     dry_run = body.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise InvalidEntry("dry_run: true or false", "dry_run")

@@ -297,6 +297,12 @@ def _kind(value: Any) -> str:
 
 def user_write(target: Target, metadata: Any, source: Source) -> Entry:
     """Validate an API write (a JSON object of properties) for a dataset or version target."""
+    return Entry(target, "set", source, check_user_properties(metadata))
+
+
+def check_user_properties(metadata: Any) -> dict[str, Any]:
+    """A user's property set for a dataset or version (an API write, a bulk edit's `set`), or
+    InvalidEntry naming what is wrong."""
     if not isinstance(metadata, dict):
         raise InvalidEntry("expected a JSON object of properties")
     check_properties(metadata)
@@ -304,7 +310,7 @@ def user_write(target: Target, metadata: Any, source: Source) -> Entry:
     problem = limits.value_problem(metadata)
     if problem:
         raise InvalidEntry(problem)
-    return Entry(target, "set", source, metadata)
+    return metadata
 
 
 def check_properties(
