@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, Table, func, select, update
 from sqlalchemy.orm import Session
 
 from ..errors import NotFound
@@ -19,7 +19,7 @@ from ..uris import Target
 from .datums import DatumQuery
 from .db import writer
 from .models import BulkEdit, Dataset, DatasetVersion, Datum, Watermark
-from .queries import ListQuery, iso
+from .queries import OWNER_ROWS, ListQuery, iso
 from .search import OwnerKind
 from .sets import Ask, owner_ids
 
@@ -71,7 +71,7 @@ def matched(session: Session, kind: OwnerKind, text: str, after: int, limit: int
     if kind == "dataset":
         return [
             Matched("dataset", r.id, r.uid, Target("dataset", r.name), r.properties or {}, True)
-            for r in conn.execute(_SELECT_DATASETS, {"ids": wanted})
+            for r in conn.execute(OWNER_ROWS["dataset"], {"ids": wanted})
         ]
     if kind == "version":
         return [
@@ -83,9 +83,9 @@ def matched(session: Session, kind: OwnerKind, text: str, after: int, limit: int
                 r.properties or {},
                 r.status == "completed",
             )
-            for r in conn.execute(_SELECT_VERSIONS, {"ids": wanted})
+            for r in conn.execute(OWNER_ROWS["version"], {"ids": wanted})
         ]
-    rows = list(conn.execute(_SELECT_DATUMS, {"ids": wanted}))
+    rows = list(conn.execute(OWNER_ROWS["datum"], {"ids": wanted}))
     targets = {r.execution: Target.for_execution(r.execution) for r in rows}
     applied = _applied_once(conn, [t.key for t in targets.values()])
     return [
@@ -200,29 +200,3 @@ def edit_json(row: BulkEdit) -> dict[str, Any]:
         "progress_at": iso(row.progress_at) if row.progress_at else None,
         "finished_at": iso(row.finished_at) if row.finished_at else None,
     }
-
-
-_IDS: Any = bindparam("ids", expanding=True)
-_SELECT_DATASETS = (
-    select(_DATASETS.c.id, _DATASETS.c.uid, _DATASETS.c.name, _DATASETS.c.properties)
-    .where(_DATASETS.c.id.in_(_IDS))
-    .order_by(_DATASETS.c.id)
-)
-_SELECT_VERSIONS = (
-    select(
-        _VERSIONS.c.id,
-        _VERSIONS.c.uid,
-        _VERSIONS.c.name,
-        _VERSIONS.c.status,
-        _VERSIONS.c.properties,
-        _DATASETS.c.name.label("dataset"),
-    )
-    .join(_DATASETS, _DATASETS.c.id == _VERSIONS.c.dataset_id)
-    .where(_VERSIONS.c.id.in_(_IDS))
-    .order_by(_VERSIONS.c.id)
-)
-_SELECT_DATUMS = (
-    select(_DATUMS.c.id, _DATUMS.c.uid, _DATUMS.c.execution, _DATUMS.c.path, _DATUMS.c.properties)
-    .where(_DATUMS.c.id.in_(_IDS))
-    .order_by(_DATUMS.c.id)
-)

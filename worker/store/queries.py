@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import Table, and_, bindparam, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased, joinedload
 
 from ..errors import NotFound
@@ -798,3 +798,31 @@ def _parse_time(text: str) -> datetime | None:
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+# -- owners' rows by id (Core): what a rollback's plan and a bulk edit's batch read ---------------
+
+_IDS: Any = bindparam("ids", expanding=True)
+_DATASETS = cast(Table, Dataset.__table__)
+_VERSIONS = cast(Table, DatasetVersion.__table__)
+_DATUMS = cast(Table, Datum.__table__)
+# Each kind's id, uid, staging names, status (versions) and properties, for the ids given, in id order.
+OWNER_ROWS: dict[str, Any] = {
+    "dataset": select(_DATASETS.c.id, _DATASETS.c.uid, _DATASETS.c.name, _DATASETS.c.properties)
+    .where(_DATASETS.c.id.in_(_IDS))
+    .order_by(_DATASETS.c.id),
+    "version": select(
+        _VERSIONS.c.id,
+        _VERSIONS.c.uid,
+        _VERSIONS.c.name,
+        _VERSIONS.c.status,
+        _VERSIONS.c.properties,
+        _DATASETS.c.name.label("dataset"),
+    )
+    .join(_DATASETS, _DATASETS.c.id == _VERSIONS.c.dataset_id)
+    .where(_VERSIONS.c.id.in_(_IDS))
+    .order_by(_VERSIONS.c.id),
+    "datum": select(_DATUMS.c.id, _DATUMS.c.uid, _DATUMS.c.execution, _DATUMS.c.path, _DATUMS.c.properties)
+    .where(_DATUMS.c.id.in_(_IDS))
+    .order_by(_DATUMS.c.id),
+}

@@ -10,15 +10,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, bindparam, func, select
+from sqlalchemy import Connection, Table, and_, func, select
 
 from ..rollback import Change, Conflict, Revert, judge
 from ..uris import Target
-from .models import Dataset, DatasetVersion, Datum, FinishedExecution, PropertyChange
+from .models import Datum, FinishedExecution, PropertyChange
+from .queries import OWNER_ROWS
 
 _CHANGES = cast(Table, PropertyChange.__table__)
-_DATASETS = cast(Table, Dataset.__table__)
-_VERSIONS = cast(Table, DatasetVersion.__table__)
 _DATUMS = cast(Table, Datum.__table__)
 _FINISHED = cast(Table, FinishedExecution.__table__)
 _CHUNK = 500
@@ -131,33 +130,13 @@ def _owners(
     for start in range(0, max(len(v) for v in ids.values()), _CHUNK):
         chunk = {kind: found[start : start + _CHUNK] for kind, found in ids.items()}
         r: Any
-        for r in conn.execute(_SELECT_DATASETS, {"ids": chunk["dataset"]}):
+        for r in conn.execute(OWNER_ROWS["dataset"], {"ids": chunk["dataset"]}):
             plan_ = OwnerPlan("dataset", r.id, r.uid, Target("dataset", r.name))
             out[("dataset", r.id)] = (plan_, r.properties or {})
-        for r in conn.execute(_SELECT_VERSIONS, {"ids": chunk["version"]}):
+        for r in conn.execute(OWNER_ROWS["version"], {"ids": chunk["version"]}):
             plan_ = OwnerPlan("version", r.id, r.uid, Target("version", r.dataset, r.name))
             out[("version", r.id)] = (plan_, r.properties or {})
-        for r in conn.execute(_SELECT_DATUMS, {"ids": chunk["datum"]}):
+        for r in conn.execute(OWNER_ROWS["datum"], {"ids": chunk["datum"]}):
             plan_ = OwnerPlan("datum", r.id, r.uid, Target("execution", execution=r.execution), r.path)
             out[("datum", r.id)] = (plan_, r.properties or {})
     return out
-
-
-_IDS: Any = bindparam("ids", expanding=True)
-_SELECT_DATASETS = select(_DATASETS.c.id, _DATASETS.c.uid, _DATASETS.c.name, _DATASETS.c.properties).where(
-    _DATASETS.c.id.in_(_IDS)
-)
-_SELECT_VERSIONS = (
-    select(
-        _VERSIONS.c.id,
-        _VERSIONS.c.uid,
-        _VERSIONS.c.name,
-        _VERSIONS.c.properties,
-        _DATASETS.c.name.label("dataset"),
-    )
-    .join(_DATASETS, _DATASETS.c.id == _VERSIONS.c.dataset_id)
-    .where(_VERSIONS.c.id.in_(_IDS))
-)
-_SELECT_DATUMS = select(
-    _DATUMS.c.id, _DATUMS.c.uid, _DATUMS.c.execution, _DATUMS.c.path, _DATUMS.c.properties
-).where(_DATUMS.c.id.in_(_IDS))
