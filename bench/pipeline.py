@@ -432,7 +432,7 @@ class Stack:
         self.wait_for(url_file.exists, START_TIMEOUT, "private Redis")
         self.redis = redis.Redis.from_url(url_file.read_text().strip())
         self.wait_for(self._healthy, START_TIMEOUT, "API")
-        self.wait_for(lambda: " ready." in self.process.log(), START_TIMEOUT, "worker")
+        self.wait_for(lambda: self.process.log().count(" ready.") >= 2, START_TIMEOUT, "workers")
         marker = write_marker(self.root)  # the watcher's first scan is done once it is staged
         self.wait_for(lambda: bool(self.redis.hexists(self.keys.offsets, marker)), START_TIMEOUT, "watcher")
 

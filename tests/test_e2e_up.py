@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,13 +229,19 @@ def wait_version(up: Up, dataset: str, version: str, check: Any) -> dict[str, An
 
 def test_start_up_is_one_line_per_part_without_celery_banners(up: Up) -> None:
     """A person reads the log of `sidecar up`: no Celery banner, no root SecurityWarning (CI runs
-    as root), one line saying the worker is ready with its pool and concurrency."""
-    wait_until(lambda: "ready: pool" in up.log(), what="the worker's ready line")
+    as root), one line per worker saying it is ready with its pool, concurrency and queues: one
+    worker takes both queues, the other the apply queue alone (late lines never wait for a bulk
+    load's batches)."""
+    wait_until(lambda: up.log().count("ready: pool") == 2, what="the workers' ready lines")
     log = up.log()
     assert "SecurityWarning" not in log and "superuser privileges" not in log
     assert "-------------- [queues]" not in log and "[tasks]" not in log
-    (ready,) = [line for line in log.splitlines() if "ready: pool" in line]
-    assert "pool threads, concurrency 2" in ready and "broker redis" in ready and "**" not in ready
+    readies = [line for line in log.splitlines() if "ready: pool" in line]
+    (both,) = [line for line in readies if "apply-bulk" in line]
+    (alone,) = [line for line in readies if "apply-bulk" not in line]
+    assert "pool threads, concurrency 2" in both and "broker redis" in both and "**" not in both
+    assert re.search(r"queues \S+\.apply and \S+\.apply-bulk,", both)
+    assert re.search(r"concurrency 1, queues \S+\.apply, broker redis", alone)
 
 
 def test_reference_example_is_applied_on_completion_and_late_lines_follow(up: Up) -> None:

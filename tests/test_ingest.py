@@ -203,6 +203,9 @@ def test_a_carried_batch_is_counted_by_the_next_call_and_never_staged_twice(
     assert first.lines == 0 and first.read_bytes > 0  # its only batch is still in flight
     second = ingestor.ingest(two, carry=True)
     assert second.lines == 5 and second.due == {V1.key}  # the batch carried over from the first file
+    # ... counted under its own file: the watcher enqueues each file's due targets on their own,
+    # so that a late line is never batched with a bulk file read just before it.
+    assert second.due_by_file == {"exec-1/valohai.metadata.jsonl": {V1.key}}
     with one.open("a") as f:
         f.write("".join(vline(n=n) for n in range(5, 8)))
     third = ingestor.ingest(one, carry=True)  # settles exec-2's batch, then reads on from 5

@@ -100,14 +100,27 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_queues(app: Any, names: str) -> list[str]:
+    """The broker queues of `--queues` ("apply", "bulk" or both, comma-separated)."""
+    known = {"apply": app.conf.task_default_queue, "bulk": app.conf.sidecar_bulk_queue}
+    asked = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in asked if n not in known]
+    if unknown or not asked:
+        raise ConfigError("--queues", f"{names!r}: name apply, bulk or both (comma-separated)")
+    return [known[n] for n in dict.fromkeys(asked)]
+
+
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    app = make_app(settings)
+    queues = _worker_queues(app, args.queues)
     if args.migrate:
         upgrade(connections.engine(settings))
     _serve_metrics(args.metrics_port)
-    app = make_app(settings)
     name = f"sidecar-{os.getpid()}@{socket.gethostname()}"
     _heartbeat_thread(
-        connections.staging(settings), name, {"concurrency": args.concurrency, "pool": args.pool}
+        connections.staging(settings),
+        name,
+        {"concurrency": args.concurrency, "pool": args.pool, "queues": queues},
     )
     _freeze_startup_objects()  # before Celery forks a prefork pool, too (see its docstring)
     _quiet_celery()
@@ -116,12 +129,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     @worker_ready.connect
     def _ready(**_: Any) -> None:
         log.info(
-            "worker %s ready: pool %s, concurrency %d, queues %s and %s, broker %s",
+            "worker %s ready: pool %s, concurrency %d, queues %s, broker %s",
             name,
             args.pool,
             args.concurrency,
-            app.conf.task_default_queue,
-            app.conf.sidecar_bulk_queue,
+            " and ".join(queues),
             _scheme(app.conf.broker_url),
         )
 
@@ -135,7 +147,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "--loglevel",
             settings.log_level,
             "--queues",
-            f"{app.conf.task_default_queue},{app.conf.sidecar_bulk_queue}",
+            ",".join(queues),
             "--concurrency",
             str(args.concurrency),
             "--pool",
@@ -365,6 +377,12 @@ def _parser() -> argparse.ArgumentParser:
     worker = command("worker", cmd_worker, "run a Celery worker that applies completed versions")
     worker.add_argument("--concurrency", type=int, default=2, help="applies at once [2]")
     worker.add_argument("--pool", default="threads", help="Celery pool: threads, prefork, solo [threads]")
+    worker.add_argument(
+        "--queues",
+        default="apply,bulk",
+        help="what to take: apply (late lines, single completions, API writes), bulk (batched "
+        "applies, drains, bulk edits, checksums, re-checks) or both [apply,bulk]",
+    )
     worker.add_argument(
         "--root", help="the executions' root, to read datums' size and checksums [SIDECAR_ROOT]"
     )

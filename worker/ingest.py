@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +55,21 @@ class IngestStats:
     pending_bytes: int = 0  # bytes after the checkpoint (a held partial line, or not read yet)
     read_bytes: int = 0  # bytes of the lines read (what the watcher's ReadQueue orders by)
     unread: bool = False  # stopped early (budget or stop): read the file again to go on
-    due: set[str] = field(default_factory=set)
+    # Targets made due, by the file whose lines made them due. Kept apart because the watcher
+    # enqueues each file's on its own: with `ingest(carry=True)` one call's stats also count the
+    # batch carried over from the file read before, and a late line's one target sent together
+    # with a bulk file's hundreds would be batched with them, behind the whole load.
+    due_by_file: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def due(self) -> set[str]:
+        """Every target made due, whatever the file."""
+        return set().union(*self.due_by_file.values())
+
+    def made_due(self, file: str, targets: Iterable[str]) -> None:
+        targets = set(targets)
+        if targets:
+            self.due_by_file.setdefault(file, set()).update(targets)
 
     def add(self, other: IngestStats) -> None:
         self.files += other.files
@@ -66,7 +80,8 @@ class IngestStats:
         self.pending_bytes += other.pending_bytes
         self.read_bytes += other.read_bytes
         self.unread |= other.unread
-        self.due |= other.due
+        for file, targets in other.due_by_file.items():
+            self.made_due(file, targets)
 
 
 @contextmanager
@@ -361,7 +376,7 @@ class Ingestor:
         batch, self._carried = self._carried, None
         if batch is None:
             return
-        stats.due.update(batch.sent.wait())
+        stats.made_due(batch.file, batch.sent.wait())
         self._count(batch.outcomes, stats)
         if batch.outcomes:
             metrics.APPEND_TO_STAGED.observe(max(0.0, time.time() - batch.mtime))
@@ -432,7 +447,7 @@ class Ingestor:
             self._restore(record)
         expect = current or ""
         due = self.staging.stage_lines(rel, execution, [outcome], signature, expect=expect, root=self.root_id)
-        stats.due.update(due)
+        stats.made_due(rel, due)
         self._count([outcome], stats)
 
     @staticmethod

@@ -352,8 +352,11 @@ def _applied(app: Celery, result: ApplyResult) -> None:
 
 
 def _send(app: Celery, task: str, args: list[Any], countdown: float | None = None) -> None:
-    """Send a task: batches and drains to the bulk queue, the rest to the apply queue."""
-    bulk_queue = task in (BATCH_TASK, DRAIN_TASK, BULK_TASK)
+    """Send a task: batches, drains, bulk edits, checksums and re-checks (work that grows with
+    the store or the load) to the bulk queue; single applies and deliveries to the apply queue,
+    which a worker of its own (`sidecar worker --queues apply`, one of `sidecar up`'s) keeps free
+    of any bulk load, so that a late line is applied within a second of being staged."""
+    bulk_queue = task in (BATCH_TASK, DRAIN_TASK, BULK_TASK, CHECKSUM_TASK, RECHECK_TASK)
     queue = app.conf.sidecar_bulk_queue if bulk_queue else app.conf.task_default_queue
     app.send_task(task, args=args, queue=queue, countdown=countdown)
 
@@ -386,7 +389,7 @@ def _send_checksums(app: Celery, execution: str) -> None:
     """After an execution's datums were applied. A failed send leaves their checksums null until
     the execution's next apply (a late line) sends it again."""
     try:
-        app.send_task(CHECKSUM_TASK, args=[execution], queue=app.conf.task_default_queue)
+        _send(app, CHECKSUM_TASK, [execution])
     except Exception as exc:
         log.warning("could not send the checksums of %s (%s)", execution, exc)
 

@@ -1,8 +1,9 @@
 """`sidecar up`: everything on one machine, supervised.
 
 A private Redis (append-only, under the data folder) unless SIDECAR_REDIS_URL is set, then the
-watcher, a real Celery worker and the HTTP server as child processes. The private Redis URL is
-written to `<data-dir>/redis.url` so any other `sidecar` command with the same data folder finds it.
+watcher, two real Celery workers (one of them for the apply queue alone) and the HTTP server as
+child processes. The private Redis URL is written to `<data-dir>/redis.url` so any other
+`sidecar` command with the same data folder finds it.
 """
 
 from __future__ import annotations
@@ -57,9 +58,17 @@ def run_up(settings: Settings, *, concurrency: int) -> int:
         env = {**os.environ, **settings.as_env(), "PROMETHEUS_MULTIPROC_DIR": str(_metrics_dir(settings))}
         # `up` only warns about an exposed server (above); its own `serve` must not refuse.
         serve = ["--insecure"] if problem else []
-        parts = {"worker": ["--concurrency", str(concurrency)], "watch": [], "serve": serve}
-        for part, extra in parts.items():
-            children.append(subprocess.Popen([sys.executable, "-m", "worker.cli", part, *extra], env=env))
+        # Two workers: one takes everything; one takes only the apply queue (late lines, single
+        # completions, API writes), so that while a bulk load keeps the first one's threads busy
+        # with batches of ~0.3-2 s each, a late line still waits for nothing but its own apply.
+        parts = {
+            "worker": ["worker", "--concurrency", str(concurrency)],
+            "worker (apply queue)": ["worker", "--queues", "apply", "--concurrency", "1"],
+            "watch": ["watch"],
+            "serve": ["serve", *serve],
+        }
+        for command in parts.values():
+            children.append(subprocess.Popen([sys.executable, "-m", "worker.cli", *command], env=env))
         log.info("sidecar up: watching %s, API on http://%s:%d/", settings.root, settings.host, settings.port)
         code = 0
         while not stopping:

@@ -272,8 +272,8 @@ class Watcher:
 
     def _counted(self, stats: IngestStats) -> None:
         self.stats.add(stats)
-        if stats.due:
-            self._enqueue(stats.due)
+        for targets in stats.due_by_file.values():  # a file at a time: see `IngestStats`
+            self._enqueue(targets)
 
     def _db(self) -> Engine:
         if self._engine is None:
