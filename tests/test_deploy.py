@@ -167,6 +167,7 @@ def test_procfile_runs_under_honcho_start_and_stops_on_sigterm(
     assert {line.split(":", 1)[0] for line in PROCFILE.read_text().splitlines() if line.strip()} == {
         "web",
         "worker",
+        "latelane",
         "watcher",
     }
     root = tmp_path / "root"
