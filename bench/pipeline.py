@@ -25,6 +25,10 @@ Floor (same run, same file, on the stack's own Redis): read + `orjson` parse + p
 the raw lines (`bench.ingest.floor_ingest`), before and after the row; their mean counts.
 Target: ≥ 50% of the floor (written → visible takes at most twice the floor's time).
 
+Store floor (`bench/storefloor.py`), once the stack has stopped: every row the applies wrote,
+written again in one transaction into an empty store by the apply's own bulk path. It is what no
+apply of this schema can beat; the floor column gives it as a share of the ingest floor.
+
 "Visible" is read through the API with a filter on the last key (`exists p1499`; with
 `count=exact`, which a capped count honours), polled no more often than twice the poll's own
 cost, so that polling takes at most a third of a core; the end time is the start of the first
@@ -52,6 +56,7 @@ import redis
 from worker.keys import Keys
 from worker.tail import FileState
 
+from . import storefloor
 from .common import Context, Row, Section, fmt_int, fmt_lat, fmt_ms, fmt_rate, summary, verdict
 from .ingest import floor_ingest
 from .procs import Child, write_marker
@@ -155,6 +160,16 @@ class Result:
     wanted: int = 0
     late: list[float] = field(default_factory=list)
     polls: int = 0
+    store: storefloor.StoreFloor | None = None  # the applies' rows written again at once
+
+    def store_share(self) -> str:
+        """How much of the ingest floor the store floor alone takes, as a ratio like the row's."""
+        if self.store is None:
+            return ""
+        return (
+            f"store floor {fmt_ms(self.store.seconds * 1000)} for {fmt_int(self.store.total_rows)} rows "
+            f"({self.floor_s / self.store.seconds:.0%} of the ingest floor)"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,6 +185,7 @@ class Result:
             "polls": self.polls,
             "late_ms": [s * 1000 for s in self.late],
             "late_summary": summary(self.late) if self.late else None,
+            "store_floor": self.store.to_json() if self.store is not None else None,
         }
 
 
@@ -198,7 +214,7 @@ def _table_row(database: str, plan: Plan, asked: Plan | None, result: Result) ->
         plan.describe(asked),
         f"{fmt_ms(result.visible_s * 1000)} ({fmt_rate(result.lines / result.visible_s, 'lines/s')}); "
         + staged,
-        floor,
+        f"{floor}; {result.store_share()}" if result.store is not None else floor,
         f"{ratio:.1%} of floor",
         "≥ 50% of floor",
         verdict(ratio >= 0.5),
@@ -234,12 +250,17 @@ def _row(ctx: Context, database: str, plan: Plan, timeout: float) -> Result:
     data = b"".join(lines)
     copy = ctx.folder(f"{name}-floor") / JSONL  # the floor reads the same bytes, outside the root
     copy.write_bytes(data)
-    with contextlib.ExitStack() as stack:
-        url = stack.enter_context(ctx.database(database, name)) if database == "postgresql" else None
+    with contextlib.ExitStack() as outer:
+        url = outer.enter_context(ctx.database(database, name)) if database == "postgresql" else None
+        stack = outer.enter_context(contextlib.ExitStack())
         up = stack.enter_context(Stack.running(ctx, name, url))
         floors = [_floor(up, ctx, copy)]
         result = _load(up, plan, dataset, execution, data, timeout)
         floors.append(_floor(up, ctx, copy))
+        source = url or f"sqlite:///{up.data / 'sidecar.db'}"
+        stack.close()  # the stack stops before the store floor, which then has the machine alone
+        if result.visible_s is not None:
+            result.store = storefloor.measure(ctx, database, source, name)
     copy.unlink()
     result.floors_s = floors
     result.floor_s = sum(floors) / len(floors)

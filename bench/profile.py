@@ -114,7 +114,7 @@ def profile_batch(ctx: Context, versions: int) -> None:
         apply_targets(engine, staging, due[i : i + batch])
     profiler.disable()
     print(f"{len(due):,} targets in {time.perf_counter() - start:.2f} s ({batch} per batch)")
-    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    pstats.Stats(profiler).sort_stats(os.environ.get("PROFILE_SORT", "cumulative")).print_stats(30)
     engine.dispose()
     client.close()
 

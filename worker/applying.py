@@ -94,7 +94,7 @@ def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> li
     if not work:
         return [results[t.key] for t in targets if t.key in results]
     finished: list[tuple[Target, str | None, str | None]] = []
-    with sqlite_queue(engine), writer(engine).begin() as conn:
+    with sqlite_queue(engine, urgent=len(work) == 1), writer(engine).begin() as conn:
         marks = lock_watermarks(conn, [t.key for t, _ in work])
         applier = Applier(conn, _tick(None))
         applier.prefetch([(t, _after(s, marks[t.key]), s.done) for t, s in work])

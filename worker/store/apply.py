@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def sqlite_queue(engine: Engine) -> Iterator[None]:
+def sqlite_queue(engine: Engine, *, urgent: bool = False) -> Iterator[None]:
     """On a SQLite file, queue the applies on a file lock (`<database>.apply-lock`) first.
 
     SQLite's busy handler polls with growing sleeps (up to 100 ms), so an apply waiting for the
@@ -56,17 +56,33 @@ def sqlite_queue(engine: Engine) -> Iterator[None]:
     `flock` wakes the next waiter as soon as the holder is done. `BEGIN IMMEDIATE` stays the lock
     that counts (every other writer still takes only that); the file lock is released with its
     descriptor, so a killed worker cannot leave it held.
+
+    `flock` is not first come, first served: every waiter wakes and one wins. During a bulk load
+    two threads take the lock back to back for batches of ~0.3 s, and a late line's apply lost
+    that race for 0.5-1.5 s. So an `urgent` apply (one target) holds `<database>.urgent-lock`
+    shared while it waits and runs, and every other apply first waits until no urgent one holds
+    it: a late line waits for at most the batch already running. (Urgent applies are small; a
+    steady stream of them can hold batches back, never lose them.)
     """
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if fcntl is None or not database or database == ":memory:" or database.startswith("file:"):
         yield
         return
-    fd = os.open(f"{database}.apply-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    gate = os.open(f"{database}.urgent-lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        if urgent:
+            fcntl.flock(gate, fcntl.LOCK_SH)
+        else:
+            fcntl.flock(gate, fcntl.LOCK_EX)  # no urgent apply waiting or running ...
+            fcntl.flock(gate, fcntl.LOCK_UN)  # ... and none kept out for the batch's length
+        fd = os.open(f"{database}.apply-lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        os.close(gate)
 
 
 def lock_watermark(conn: Connection, target: str) -> str | None:
