@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, Table, delete, select
 
 from tests.test_quarantine import _cure, _poison
+from worker import applying
 from worker.applying import apply_target, apply_targets
 from worker.keys import Keys
 from worker.records import LineOutcome, Source, line_digest, parse_line
@@ -304,3 +306,36 @@ def test_one_poison_target_among_a_thousand_holds_back_none_of_the_others(
     retry_targets(engine, staging, apply_now, [f"{DS}/{bad}"])
     fixed = {v["name"]: v for v in state(engine)["dataset_versions"]}[bad]
     assert fixed["status"] == "completed" and fixed["properties"] == {"n": 617, "poison": True}
+
+
+@hsettings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(phases=PHASES)
+def test_an_execution_applied_a_slice_per_transaction_ends_where_one_transaction_would(
+    pair: tuple[Env, Env], phases: list[tuple[list[dict[str, Any]], list[str], bool]]
+) -> None:
+    """`applying.TRANSACTION_ENTRIES` at 1: every execution and dataset target is applied one
+    entry per transaction (each with its watermark and finish), and the store ends as the
+    applies one by one, whole, leave it. History is compared owner by owner: the slices of one
+    target come in between other targets' applies, so rows of different owners interleave
+    otherwise, while each owner's history keeps its order. Alias moves are compared by where
+    each alias ends: an apply points an alias at its last claim, so two claims in two slices
+    record the move in between as well."""
+    one, sliced = pair
+    for env in pair:
+        env.reset()
+    run(one, phases, batched=False)
+    with mock.patch.object(applying, "TRANSACTION_ENTRIES", 1):
+        run(sliced, phases, batched=True)
+    expected, got = state(one.engine), state(sliced.engine)
+    for table in expected:
+        if table == "property_changes":  # a stable sort: each owner's rows stay in their order
+            for rows in (expected, got):
+                rows[table] = sorted(rows[table], key=lambda r: (r["owner_kind"], repr(r["owner_id"])))
+        if table == "alias_changes":
+            for rows in (expected, got):
+                rows[table] = sorted(
+                    {(r["alias_kind"], r["alias_id"]): r["new_id"] for r in rows[table]}.items()
+                )
+        assert got[table] == expected[table], table
+    assert sliced.staging.due_targets(-1) == []
+    assert [r.reason for r in one.staging.rejects()] == [r.reason for r in sliced.staging.rejects()]

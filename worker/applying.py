@@ -10,6 +10,7 @@ they stage, then apply as the worker does.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -50,6 +51,7 @@ class ApplyResult:
     applied: int = 0
     watermark: str | None = None
     skipped: str = ""  # why nothing was done (e.g. the version is still building)
+    more: bool = False  # stopped at TRANSACTION_ENTRIES: what is left goes in the next transaction
 
 
 def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResult:
@@ -61,10 +63,36 @@ def apply_target(engine: Engine, staging: Staging, target: Target) -> ApplyResul
 # Entries read per target before the lock in a batch (the rest is read under the lock): a
 # batch of 500 targets with long streams must not read half a million entries in one reply.
 BATCH_SNAPSHOT = 100
+# At most this many entries of one execution or dataset target per transaction. An execution
+# of 100,000 datums stages 100,000 entries on its one target: applied whole, it held SQLite's
+# write lock for 27 s, and a late line for another version waited all that time. Its datums
+# (and a dataset's keys) are independent owners, so applying them a slice at a time, each slice
+# committed with the watermark after it, ends where one transaction would. A version's entries
+# stay whole: a completed version shows all of its properties at once, never some of them.
+TRANSACTION_ENTRIES = 2_000
 
 
 def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> list[ApplyResult]:
-    """Apply every staged entry of each target after its watermark, all in one transaction.
+    """Apply every staged entry of each target after its watermark: one transaction for all of
+    them (`apply_once`), then, for an execution or dataset target with more than
+    TRANSACTION_ENTRIES entries, one more per slice of it (each a whole `apply_once`: its lock,
+    its watermark, its finish). The results add up every round."""
+    results = apply_once(engine, staging, targets)
+    by_key = {r.target: r for r in results}
+    left = [t for t in targets if t.key in by_key and by_key[t.key].more]
+    while left:
+        for more in apply_once(engine, staging, left):
+            total = by_key[more.target]
+            total.applied += more.applied
+            total.watermark, total.skipped, total.more = more.watermark, more.skipped, more.more
+        left = [t for t in left if by_key[t.key].more]
+    return results
+
+
+def apply_once(engine: Engine, staging: Staging, targets: list[Target]) -> list[ApplyResult]:
+    """Apply the staged entries of each target after its watermark, all in one transaction
+    (an execution's or dataset's up to TRANSACTION_ENTRIES: `ApplyResult.more` says when it
+    stopped there).
 
     Safe to run any number of times, concurrently too: the watermark rows are locked first
     (SELECT ... FOR UPDATE on PostgreSQL, in target order so two batches cannot deadlock;
@@ -111,7 +139,10 @@ def apply_targets(engine: Engine, staging: Staging, targets: list[Target]) -> li
             # The entries after the watermark the lock revealed: the snapshot's, then (for a
             # long stream) read on from Redis under the lock.
             entries = applier.prefetching(staging.read_after(target, mark, snapshot))
+            if target.kind != "version":
+                entries = itertools.islice(entries, TRANSACTION_ENTRIES)
             result.applied, mark = apply_entries(applier, target, mark, entries)
+            result.more = target.kind != "version" and result.applied == TRANSACTION_ENTRIES
             applier.settle()
             saved[target.key] = (mark, applier.now)
             result.watermark = mark
