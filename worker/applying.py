@@ -125,7 +125,9 @@ def apply_once(engine: Engine, staging: Staging, targets: list[Target]) -> list[
     with sqlite_queue(engine, urgent=len(work) == 1), writer(engine).begin() as conn:
         marks = lock_watermarks(conn, [t.key for t, _ in work])
         applier = Applier(conn, _tick(None))
-        applier.prefetch([(t, _after(s, marks[t.key]), s.done) for t, s in work])
+        applier.prefetch(
+            [(t, _after(s, marks[t.key]), s.done) for t, s in work], whole=all(s.whole for _, s in work)
+        )
         saved: dict[str, tuple[str | None, datetime]] = {}
         for target, snapshot in work:
             result = results[target.key]
