@@ -34,6 +34,7 @@ from tests.e2e_helpers import (
 )
 from worker.keys import Keys
 from worker.staging import Staging
+from worker.up import BULK_NICE
 from worker.uris import Target
 from worker.webhooks import sign
 
@@ -242,6 +243,17 @@ def test_start_up_is_one_line_per_part_without_celery_banners(up: Up) -> None:
     assert "pool threads, concurrency 2" in both and "broker redis" in both and "**" not in both
     assert re.search(r"queues \S+\.apply and \S+\.apply-bulk,", both)
     assert re.search(r"concurrency 1, queues \S+\.apply, broker redis", alone)
+    # The bulk worker runs at a lower CPU priority than the rest (the watcher, the server, the
+    # apply-queue worker), which a bulk load must not starve.
+    nice = {
+        cmd: os.getpriority(os.PRIO_PROCESS, pid)
+        for pid, cmd in descendants(up.proc.pid).items()
+        if "worker.cli" in cmd
+    }
+    workers = {cmd: n for cmd, n in nice.items() if "worker.cli worker" in cmd}
+    assert sorted(workers.values()) == [0, BULK_NICE], nice
+    assert [n for cmd, n in workers.items() if "--queues apply" in cmd] == [0], nice
+    assert all(n == 0 for cmd, n in nice.items() if "worker.cli worker" not in cmd), nice
 
 
 def test_reference_example_is_applied_on_completion_and_late_lines_follow(up: Up) -> None:
