@@ -5,6 +5,9 @@
     .venv/bin/python bench/profile.py batch [--versions 1000]    cProfile: apply_targets, row (c) (SQLite)
     .venv/bin/python bench/profile.py history                    the history rows' share of a batched apply
     .venv/bin/python bench/profile.py search [--versions 150000] EXPLAIN ANALYZE of the slow filters
+    .venv/bin/python bench/profile.py row d postgresql [--versions N] [--timeout 600] [--keep]
+        one written → visible row of bench/pipeline.py at any size, without the time box's share
+        (a full-size (d) takes minutes); prints its figures, the store floor and the late lines
 
 Uses the same services and workloads as bench/run.py, with its own prefix and schema, removed after.
 The watcher under load was profiled with py-spy (`pip install py-spy`; `py-spy record -f raw -p PID`).
@@ -13,8 +16,10 @@ The watcher under load was profiled with py-spy (`pip install py-spy`; `py-spy r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +37,8 @@ import pstats  # noqa: E402
 from pyinstrument import Profiler  # noqa: E402
 from sqlalchemy import func, select, text  # noqa: E402
 
-from bench.common import DEFAULT_POSTGRES, DEFAULT_REDIS, Context, new_engine  # noqa: E402
+from bench import pipeline  # noqa: E402
+from bench.common import DEFAULT_POSTGRES, DEFAULT_REDIS, Box, Context, new_engine  # noqa: E402
 from bench.searchstore import build  # noqa: E402
 from bench.workload import (  # noqa: E402
     JSONL,
@@ -193,6 +199,31 @@ def explain_search(ctx: Context, versions: int) -> None:
         engine.dispose()
 
 
+def pipeline_row(ctx: Context, key: str, database: str, versions: int | None, timeout: float) -> None:
+    """One row of bench/pipeline.py, as the benchmark runs it, with a time box of its own."""
+    plan = {p.key: p for p in pipeline.FULL}[key]
+    if versions is not None:
+        plan = dataclasses.replace(plan, versions=versions)
+    ctx.box = Box(timeout)
+    result = pipeline._row(ctx, database, plan, timeout)
+    out = result.to_json()
+    visible = result.visible_s
+    print(f"row ({key}), {database}: {plan.describe(None)}")
+    print(f"  ingest floor {result.floor_s:.2f} s (runs: {', '.join(f'{f:.2f}' for f in result.floors_s)})")
+    if visible is None:
+        print(f"  not visible within {timeout:.0f} s: {result.seen:,} of {result.wanted:,} shown")
+    else:
+        print(f"  visible after {visible:.2f} s: {result.floor_s / visible:.1%} of the ingest floor")
+        print(f"  staged after {result.staged_s or 0:.2f} s")
+    if result.store is not None:
+        print(f"  {result.store_share()}; rows {result.store.rows}")
+        if visible is not None:
+            print(f"  the row at {result.store.seconds / visible:.0%} of the store floor")
+    if result.late:
+        stats = out["late_summary"]
+        print(f"  late lines: {len(result.late)}, p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -201,15 +232,24 @@ def main() -> int:
     sub.add_parser("batch").add_argument("--versions", type=int, default=1_000)
     sub.add_parser("history")
     sub.add_parser("search").add_argument("--versions", type=int, default=150_000)
+    row = sub.add_parser("row")
+    row.add_argument("key", choices=[p.key for p in pipeline.FULL])
+    row.add_argument("database", choices=pipeline.DATABASES)
+    row.add_argument("--versions", type=int, help="instead of the full run's")
+    row.add_argument("--timeout", type=float, default=600.0)
+    row.add_argument("--keep", action="store_true", help="keep the scratch folder (the stack's log)")
     args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="sidecar-profile-"))
     ctx = Context(
-        quick=True,
+        quick=args.what != "row",
         redis_url=DEFAULT_REDIS,
         postgres_url=DEFAULT_POSTGRES,
-        workdir=Path(tempfile.mkdtemp(prefix="sidecar-profile-")),
+        workdir=workdir,
     )
     try:
-        if args.what == "ingest":
+        if args.what == "row":
+            pipeline_row(ctx, args.key, args.database, args.versions, args.timeout)
+        elif args.what == "ingest":
             profile_ingest(ctx, args.lines)
         elif args.what == "apply":
             profile_apply(ctx, args.properties)
@@ -221,6 +261,10 @@ def main() -> int:
             explain_search(ctx, args.versions)
     finally:
         ctx.cleanup()
+        if getattr(args, "keep", False):
+            print(f"scratch folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
