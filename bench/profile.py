@@ -222,6 +222,8 @@ def pipeline_row(ctx: Context, key: str, database: str, versions: int | None, ti
     if result.late:
         stats = out["late_summary"]
         print(f"  late lines: {len(result.late)}, p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms")
+        slowest = sorted(range(len(result.late)), key=lambda i: -result.late[i])[:5]
+        print("  slowest (line number: ms):", ", ".join(f"{i}: {result.late[i] * 1000:.0f}" for i in slowest))
 
 
 def main() -> int:
