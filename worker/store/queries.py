@@ -246,17 +246,46 @@ def _narrowed(
     counted = counted.where(compiler.probe(node))
     if ids is None and _over(node, sets):
         return probed, counted, True
-    if ids is None:  # every owner of the kind is listed: its index rows name only listed owners
-        atoms = [node] if isinstance(node, Compare | In | Like | Exists) else []
-        if isinstance(node, And):
-            atoms = [i for i in node.items if isinstance(i, Compare | In | Like | Exists)]
-        if atoms:
-            driver, rest = atoms[0], [i for i in _items(node) if i is not atoms[0]]
-            pi = aliased(PropertyIndex)
-            by_row = Compiler(kind, cast(Any, pi.owner_id), dialect)
-            counted = select(pi.owner_id).where(*by_row.atom(driver, pi), *(by_row.probe(i) for i in rest))
-            return probed, counted, False
+    atoms = [i for i in _items(node) if isinstance(i, Compare | In | Like | Exists)]
+    if ids is None and atoms:  # every owner of the kind is listed: its index rows name only listed owners
+        return probed, _by_atoms(sets, kind, node, atoms, dialect), False
     return probed, counted, False
+
+
+# SQLite counts the owners of each atom up to this many, to drive the capped count by the smallest.
+DRIVER_BOUND = 10 * COUNT_CAP
+
+
+def _by_atoms(sets: OwnerSets, kind: OwnerKind, node: Any, atoms: list[Any], dialect: str) -> Any:
+    """The owners matching `node` (an atom, or an `and` with atoms among its items), read from
+    the atoms' index rows, every owner of the kind listed: what the capped count counts.
+
+    When every atom matches more than COUNT_CAP owners, the count stops at the first
+    COUNT_CAP + 1 matches, and what it costs is how many rows it reads to find them. On
+    PostgreSQL the atoms' index rows are joined by owner (an owner has one row per path, so
+    one row per match): the planner hashes the atom it expects to be smaller and reads the
+    other until the limit. Both read from their value indexes alone, ~40 ms at 1M versions for
+    `defect_rate < 0.001 and shift = "night"` (100,000 and 333,000 rows) in either order; a
+    probe per row of the first atom took 2.4 µs each (30,000 of them) as a semi-join, 4 µs as
+    a correlated subquery. SQLite has no hash join, and its probes are cheap (1.4 µs, from the
+    value index): the smallest atom, counted up to DRIVER_BOUND, is read and the others probed
+    on each of its rows (42 ms; the larger first: 143 ms)."""
+    rest = [i for i in _items(node) if not isinstance(i, Compare | In | Like | Exists)]
+    if dialect == "postgresql":
+        rows = [aliased(PropertyIndex) for _ in atoms]
+        first = rows[0]
+        by_row = Compiler(kind, cast(Any, first.owner_id), dialect)
+        query = select(first.owner_id)
+        for pi in rows[1:]:
+            query = query.join(pi, pi.owner_id == first.owner_id)
+        where = [term for pi, atom in zip(rows, atoms, strict=True) for term in by_row.atom(atom, pi)]
+        return query.where(*where, *(by_row.probe(i) for i in rest))
+    sizes = [sets.size(atom, DRIVER_BOUND) for atom in atoms] if len(atoms) > 1 else [0]
+    driver = atoms[sizes.index(min(sizes))]
+    rest = [i for i in _items(node) if i is not driver]
+    pi = aliased(PropertyIndex)
+    by_row = Compiler(kind, cast(Any, pi.owner_id), dialect)
+    return select(pi.owner_id).where(*by_row.atom(driver, pi), *(by_row.probe(i) for i in rest))
 
 
 def _over(node: Any, sets: OwnerSets) -> bool:

@@ -241,16 +241,25 @@ class OwnerSets:
         raise TypeError(f"not a filter node: {node!r}")  # pragma: no cover
 
     def _read(self, atom: Atom | Violates, limit: int) -> set[int] | None:
-        """All owners matching an atom, when there are at most `limit`; else None."""
+        """All owners matching an atom, when there are at most `limit`; else None.
+
+        The rows are counted in the database (up to `limit` + 1) before any is fetched: an
+        atom over the limit costs an index range, not its ids handed to Python (fetching the
+        10,001 ids of each of two non-selective atoms took 55 ms of a 116 ms page on SQLite)."""
         if atom not in self._exact:
-            query = self.compiler.ids(atom)
-            rows = self.session.scalars(query.limit(limit + 1)).all()
-            if len(rows) > limit:
-                self._over[atom] = max(limit, self._over.get(atom, 0))
+            if self.exceeds(atom, limit) or self.size(atom, limit) > limit:
                 return None
-            self._exact[atom] = set(rows)
+            self._exact[atom] = set(self.session.scalars(self.compiler.ids(atom)))
         owners = self._exact[atom]
         return owners if len(owners) <= limit else None
+
+    def size(self, atom: Atom | Violates, limit: int) -> int:
+        """How many owners match an atom, counted up to `limit` + 1 (index rows, not fetched)."""
+        query = self.compiler.ids(atom).limit(limit + 1).subquery()
+        found = self.session.scalar(select(func.count()).select_from(query)) or 0
+        if found > limit:
+            self._over[atom] = max(limit, self._over.get(atom, 0))
+        return int(found)
 
     def _within(self, node: Node, candidates: set[int]) -> set[int]:
         """Exactly the owners in `candidates` that match `node`."""
@@ -318,15 +327,16 @@ def ids_in(column: Any, ids: Collection[int], dialect: str) -> ColumnElement[boo
 def _typed_in(pi: Any, values: Any, dialect: str) -> ColumnElement[bool]:
     """`in` as one condition per type: `str_key IN (...)` is an index condition a scan can stop
     early on, where an `or` of equalities made PostgreSQL read every match of every value."""
-    strings = [v for v in values if isinstance(v, str)]
-    others = [v for v in values if not isinstance(v, str)]
-    terms = [_typed_compare(pi, "=", v, dialect) for v in others]
-    if len(strings) == 1:
-        terms.append(_typed_compare(pi, "=", strings[0], dialect))
-    elif strings:
-        # A value's str_key is its first STR_KEY_LENGTH characters, so the full-value test decides.
-        keys = sorted({v[:STR_KEY_LENGTH] for v in strings})
-        terms.append(and_(pi.vtype == "string", pi.str_key.in_(keys), pi.str_value.in_(sorted(set(strings)))))
+    strings = sorted({v for v in values if isinstance(v, str)})
+    terms = [_typed_compare(pi, "=", v, dialect) for v in values if not isinstance(v, str)]
+    short = [v for v in strings if len(v) < STR_KEY_LENGTH]
+    if short:
+        terms.append(pi.str_key.in_(short))  # a short string is its own str_key (_typed_compare)
+    long = [v for v in strings if len(v) >= STR_KEY_LENGTH]
+    if long:
+        # A long value's str_key is its first STR_KEY_LENGTH characters: the full value decides.
+        keys = sorted({v[:STR_KEY_LENGTH] for v in long})
+        terms.append(and_(pi.vtype == "string", pi.str_key.in_(keys), pi.str_value.in_(long)))
     return or_(*terms)
 
 
@@ -341,10 +351,25 @@ def _caseless_prefix(pattern: str) -> str:
 
 
 def _typed_compare(pi: Any, op: str, value: Value, dialect: str) -> ColumnElement[bool]:
+    """An atom's comparison on the row of its path, of the value's type.
+
+    Only numbers have a `num` and only strings a `str_key` (`index.index_rows`), so a
+    comparison of either column says the type and no `vtype` test is made. A string shorter
+    than `str_key` compares with a value exactly as with its `str_key` (the two differ within
+    the value's length, or the longer starts with the shorter), so that test is on `str_key`
+    alone. Then the value indexes answer the atom without visiting the table: at 1M versions,
+    reading 30,000 rows of `defect_rate < 0.001` took 160 ms with `vtype` (a table visit per
+    row, in value order) and 4 ms without, on PostgreSQL; 57 and 1.6 ms on SQLite."""
     if isinstance(value, bool):
         return and_(pi.vtype == "boolean", _OPS[op](pi.bool_value, value))
+    condition: ColumnElement[bool]
     if isinstance(value, int | float):
-        return and_(pi.vtype == "number", _OPS[op](pi.num, float(value)))
+        condition = _OPS[op](pi.num, float(value))
+        return condition
+    if len(value) < STR_KEY_LENGTH:
+        # In code-point order: the column is COLLATE "C" on PostgreSQL, BINARY on SQLite.
+        condition = _OPS[op](pi.str_key, value)
+        return condition
     column: Any = pi.str_value
     if dialect == "postgresql":
         column = column.collate("C")  # code-point order, as in Python (and SQLite's BINARY)
