@@ -173,7 +173,21 @@ atoms = st.one_of(
     st.builds(
         Like,
         keys,
-        st.sampled_from(["%", "n%", "%ght", "_ight", "a%b", "a\\%", "x\\y", "%É%", "[*?]", "%-%"]),
+        st.sampled_from(
+            ["%", "n%", "%ght", "_ight", "a%b", "a\\%", "x\\y", "%É%", "[*?]", "%-%"]
+            # A literal prefix and `%` is a range of str_key alone, up to its length.
+            + [
+                "4%",
+                "4%1",
+                "n%x",
+                "[*%",
+                "4_%",
+                "p" * 199 + "%",
+                "p" * 200 + "%",
+                "p" * 201 + "%",
+                "p" * 198 + "_%",
+            ]
+        ),
         st.booleans(),
     ),
     st.builds(Exists, keys),

@@ -20,6 +20,7 @@ filter, both meaning exactly what the plain-Python evaluator `worker.query.match
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from typing import Any, Literal
 
@@ -136,12 +137,14 @@ class Compiler:
             case Like(key, pattern, insensitive):
                 column = pi.str_lower if insensitive else pi.str_value
                 text = lower(pattern) if insensitive else pattern
-                condition = and_(pi.vtype == "string", self._like(column, text))
                 # The literal prefix as a range of the indexed str_key. For `ilike`, only its
                 # leading ASCII digits and punctuation, which no case mapping changes (and
                 # which no other character lowercases to): `ilike "3.%"` is served too.
-                prefix = pattern if not insensitive else _caseless_prefix(text)
-                condition = and_(*prefix_range(pi.str_key, prefix, self.dialect), condition)
+                prefix = _caseless_prefix(text) if insensitive else re.split("[%_]", pattern)[0]
+                terms = prefix_range(pi.str_key, prefix, self.dialect)
+                if not _only_prefix(text, prefix):
+                    terms += [pi.vtype == "string", self._like(column, text)]
+                condition = and_(*terms)
             case Exists(key):
                 condition = None
         where = [pi.owner_kind == self.owner_kind, pi.path == path_text(key.path)]
@@ -360,6 +363,14 @@ def _typed_in(pi: Any, values: Any, dialect: str) -> ColumnElement[bool]:
         keys = sorted({v[:STR_KEY_LENGTH] for v in long})
         terms.append(and_(pi.vtype == "string", pi.str_key.in_(keys), pi.str_value.in_(long)))
     return or_(*terms)
+
+
+def _only_prefix(pattern: str, prefix: str) -> bool:
+    """Whether a `like` pattern is its literal prefix and `%` (`"3.%"`), the prefix no longer
+    than `str_key`: then the range of `prefix_range` is exactly its matches, and the value index
+    answers it alone (a page of 1,000 of `like "3.%"` at 1M versions read the table for the
+    value of each row)."""
+    return 0 < len(prefix) <= STR_KEY_LENGTH and pattern[len(prefix) :] == "%"
 
 
 def _caseless_prefix(pattern: str) -> str:
