@@ -287,12 +287,16 @@ def _by_atoms(sets: OwnerSets, kind: OwnerKind, node: Any, atoms: list[Any], dia
     COUNT_CAP + 1 matches, and what it costs is how many rows it reads to find them. On
     PostgreSQL the atoms' index rows are joined by owner (an owner has one row per path, so
     one row per match): the planner hashes the atom it expects to be smaller and reads the
-    other until the limit. Both read from their value indexes alone, ~40 ms at 1M versions for
+    other until the limit. Both read from their value indexes alone, ~35 ms at 1M versions for
     `defect_rate < 0.001 and shift = "night"` (100,000 and 333,000 rows) in either order; a
     probe per row of the first atom took 2.4 µs each (30,000 of them) as a semi-join, 4 µs as
     a correlated subquery. SQLite has no hash join, and its probes are cheap (1.4 µs, from the
     value index): the smallest atom, counted up to DRIVER_BOUND, is read and the others probed
-    on each of its rows (42 ms; the larger first: 143 ms)."""
+    on each of its rows (42 ms; the larger first: 143 ms).
+
+    The planner's estimates of a (path, value) range are low (12× at 1M versions, the same for
+    every atom), and with two of them close it may hash the larger: `machine = "press-04" and
+    sample_count > 100` hashed the 990,000 rows of the range, spilling to disk (226 ms)."""
     rest = [i for i in _items(node) if not isinstance(i, Compare | In | Like | Exists)]
     if dialect == "postgresql":
         rows = [aliased(PropertyIndex) for _ in atoms]
