@@ -289,11 +289,15 @@ class OwnerSets:
                 # Read the candidates' rows by owner, then test them: a cost bounded by the
                 # candidates, whatever the planner guesses of the atom (it can think 330,000
                 # `shift = "night"` rows are 30, and scan them all for the 1,000 owners asked).
+                # Only the atom's path: one (owner_kind, owner_id, path) entry per candidate, not
+                # each candidate's every row (13 here: 10,000 candidates took 118 ms at 100,000
+                # versions on PostgreSQL, 79 ms on SQLite).
                 rows = (
                     select(PropertyIndex)
                     .where(
                         PropertyIndex.owner_kind == self.compiler.owner_kind,
                         ids_in(PropertyIndex.owner_id, candidates, self.compiler.dialect),
+                        PropertyIndex.path == path_text(node.key.path),
                     )
                     .cte("candidate_rows")
                     .prefix_with("MATERIALIZED")
