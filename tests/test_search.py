@@ -33,11 +33,15 @@ STRINGS = [
     "Ž",
     "[*?]",
 ]
+# Around the indexed prefix (`str_key`, 200 characters): a shorter value is compared with
+# `str_key` alone, a longer one with the whole string. In the search corpus only (a facet
+# lists a string by its `str_key`).
+LONG_STRINGS = ["p" * 199, "p" * 198 + "q", "p" * 199 + "a", "p" * 200, "p" * 201, "p" * 200 + "a"]
 
 
-def corpus(seed: int = 7, size: int = 60) -> list[dict[str, Any]]:
+def corpus(seed: int = 7, size: int = 60, strings: list[str] = STRINGS) -> list[dict[str, Any]]:
     rng = random.Random(seed)
-    values: list[Any] = [*NUMBERS, *STRINGS, True, False, [1, "a"], {"x": 1}, {"x": "night"}, {}]
+    values: list[Any] = [*NUMBERS, *strings, True, False, [1, "a"], {"x": 1}, {"x": "night"}, {}]
     out = []
     for _ in range(size):
         props: dict[str, Any] = {}
@@ -156,20 +160,34 @@ def test_bad_filters_say_where(engine: Engine) -> None:
 # -- the property test: SQL equals Python --------------------------------------------------------
 
 keys = st.sampled_from(KEYS).map(Key)
-literals = st.one_of(st.sampled_from(NUMBERS), st.sampled_from(STRINGS), st.booleans())
+literals = st.one_of(st.sampled_from(NUMBERS), st.sampled_from([*STRINGS, *LONG_STRINGS]), st.booleans())
 atoms = st.one_of(
     st.builds(lambda k, v: Compare(k, "=", v), keys, literals),
     st.builds(
         Compare,
         keys,
         st.sampled_from(["=", "!=", "<", "<=", ">", ">="]),
-        st.one_of(st.sampled_from(NUMBERS), st.sampled_from(STRINGS)),
+        st.one_of(st.sampled_from(NUMBERS), st.sampled_from([*STRINGS, *LONG_STRINGS])),
     ),
     st.builds(lambda k, vs: In(k, tuple(vs)), keys, st.lists(literals, min_size=1, max_size=3)),
     st.builds(
         Like,
         keys,
-        st.sampled_from(["%", "n%", "%ght", "_ight", "a%b", "a\\%", "x\\y", "%É%", "[*?]", "%-%"]),
+        st.sampled_from(
+            ["%", "n%", "%ght", "_ight", "a%b", "a\\%", "x\\y", "%É%", "[*?]", "%-%"]
+            # A literal prefix and `%` is a range of str_key alone, up to its length.
+            + [
+                "4%",
+                "4%1",
+                "n%x",
+                "[*%",
+                "4_%",
+                "p" * 199 + "%",
+                "p" * 200 + "%",
+                "p" * 201 + "%",
+                "p" * 198 + "_%",
+            ]
+        ),
         st.booleans(),
     ),
     st.builds(Exists, keys),
@@ -194,7 +212,7 @@ def test_sql_equals_the_python_evaluator(engine: Engine, node: Node) -> None:
 
 def _populated(engine: Engine) -> list[dict[str, Any]]:
     # Hypothesis runs many examples against one database: fill it on the first only.
-    property_sets = corpus()
+    property_sets = corpus(size=80, strings=[*STRINGS, *LONG_STRINGS])
     if not getattr(engine, "_search_corpus", False):
         populate(engine, property_sets)
         engine._search_corpus = True  # type: ignore[attr-defined]
