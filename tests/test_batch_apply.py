@@ -9,6 +9,7 @@ stage into two prefixes, whose stream ids differ).
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,3 +340,33 @@ def test_an_execution_applied_a_slice_per_transaction_ends_where_one_transaction
         assert got[table] == expected[table], table
     assert sliced.staging.due_targets(-1) == []
     assert [r.reason for r in one.staging.rejects()] == [r.reason for r in sliced.staging.rejects()]
+
+
+def test_a_long_execution_goes_on_in_tasks_of_a_slice_each_at_the_back_of_the_bulk_queue(
+    settings: Settings, engine: Engine, staging: Staging, redis_client: Any
+) -> None:
+    """The batch task applies one slice of a long execution target and sends the rest as a task
+    of its own on the bulk queue (it neither loops on it nor holds the apply queue's worker);
+    running the tasks it sends applies everything, once."""
+    env = Env(engine, staging)
+    lines = [{"file": f"f{i}.csv", "metadata": {"n": i}} for i in range(5)]
+    env.stage("exec-long", lines, 1)
+    staging.complete_execution("exec-long")
+    target = Target.for_execution("exec-long")
+    app = make_app(settings)
+    queue = Keys(settings.redis_prefix).bulk_queue
+    with mock.patch.object(applying, "TRANSACTION_ENTRIES", 2):
+        assert run_batch(app, settings, engine, staging, [target])["applied"] == 2
+        sent: list[str] = []
+        while redis_client.llen(queue):
+            message = orjson.loads(redis_client.rpop(queue))
+            sent.append(message["headers"]["task"])
+            if sent[-1] == "sidecar.apply_batch":
+                keys = orjson.loads(base64.b64decode(message["body"]))[0][0]
+                assert keys == [target.key]
+                run_batch(app, settings, engine, staging, [Target.parse(k) for k in keys])
+    # Slices of 2, 2, then the last 1, which sends nothing more but the execution's checksums.
+    assert sent == ["sidecar.apply_batch", "sidecar.apply_batch", "sidecar.checksums"]
+    got = sorted(d["properties"]["n"] for d in state(engine)["datums"])
+    assert got == [0, 1, 2, 3, 4]
+    assert staging.due_targets(-1) == []

@@ -28,7 +28,7 @@ from celery import Celery, Task
 from sqlalchemy import Engine
 
 from . import bulk, connections, delivering, metrics
-from .applying import ApplyResult, apply_target, apply_targets
+from .applying import ApplyResult, apply_once
 from .checksums import check_execution
 from .errors import NotFound
 from .keys import Keys
@@ -116,7 +116,7 @@ def make_app(settings: Settings) -> Celery:
         target = Target.parse(target_key)
         started = time.perf_counter()
         try:
-            result = apply_target(engine, staging, target)
+            result = apply_once(engine, staging, [target])[0]
         except TRANSIENT as exc:
             metrics.APPLIES.labels("retry").inc()
             raise self.retry(exc=exc, countdown=_backoff(settings, self.request.retries)) from exc
@@ -303,7 +303,7 @@ def run_batch(
     is sent again as its own batch, later. Transient errors of the whole batch are raised."""
     started = time.perf_counter()
     try:
-        results = apply_targets(engine, staging, targets)
+        results = apply_once(engine, staging, targets)
     except TRANSIENT:
         raise
     except Exception as exc:
@@ -334,7 +334,14 @@ def run_batch(
 def _applied(app: Celery, result: ApplyResult) -> None:
     """Count, log and follow up one target's successful apply."""
     target = Target.parse(result.target)
-    if target.kind == "execution" and not result.skipped:
+    if result.more:
+        # One slice of a long execution or dataset target was applied (`apply_once`); the rest
+        # goes to the back of the bulk queue rather than on in this task, so that one target of
+        # 100,000 entries neither holds this worker (the apply queue's, for a late line) nor
+        # keeps a bulk thread from every other target for minutes. Duplicates are harmless:
+        # the next slice starts at the watermark, and one that finds nothing sends nothing.
+        _send(app, BATCH_TASK, [[result.target]])
+    elif target.kind == "execution" and not result.skipped:
         # Even when this apply found nothing new: an API write may have applied the
         # execution's lines inline (it does not send this), and the task is cheap when
         # every datum is checked already (one indexed SELECT).
