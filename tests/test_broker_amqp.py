@@ -521,3 +521,37 @@ def test_an_apply_held_past_the_consumer_timeout_is_applied_once(
     )
     assert version_history(engine, target) == expected_history(metas)  # once, not twice
     print(f"first worker exited with {first.proc.returncode}")
+
+
+# -- the sweep waits while batched applies are queued ----------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_the_enqueuer_is_busy_while_the_bulk_queue_holds_messages(
+    broker: str, settings: Settings, amqp_url: str, redis_client: Any
+) -> None:
+    """`Enqueuer.busy` reads the broker's count of the bulk queue (a passive declare), on Redis
+    and on RabbitMQ: the watcher's sweep sends no drain while it is not empty."""
+    if broker == "rabbitmq":
+        settings = settings.with_(broker_url=amqp_url)
+    keys = Keys(settings.redis_prefix)
+    enqueue = Enqueuer(make_app(settings))
+    try:
+        assert not enqueue.busy()  # no queue yet (RabbitMQ: unknown to the broker), or empty
+        enqueue.drain(5.0)  # a task on the bulk queue, which no worker takes here
+        assert wait_until(enqueue.busy, timeout=DEADLINE, what="the bulk queue counted")
+        enqueue("dataset://busy/v1")  # the apply queue is not what a drain would race
+        with enqueue.app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(keys.bulk_queue)  # type: ignore[attr-defined]  # see above
+        assert not enqueue.busy()
+    finally:
+        if broker == "rabbitmq":
+            _delete_queue(amqp_url, keys.queue)
+            _delete_queue(amqp_url, keys.bulk_queue)
+
+
+def test_a_broker_that_cannot_answer_is_not_busy(settings: Settings) -> None:
+    """The sweep is the backstop: a broker it cannot reach must not turn it off, nor hold the
+    watcher's loop (no connection retries)."""
+    enqueue = Enqueuer(make_app(settings.with_(broker_url=f"redis://127.0.0.1:{free_port()}/0")))
+    assert not enqueue.busy()

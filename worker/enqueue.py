@@ -24,6 +24,9 @@ class Sender(Protocol):
     def drain(self, older_than: float) -> None:
         """An apply of every target due for longer than `older_than` seconds (`Health.sweep`)."""
 
+    def busy(self) -> bool:
+        """Whether batched applies are still queued (then they, not a drain, apply their targets)."""
+
 
 @runtime_checkable
 class Delivers(Protocol):
@@ -48,6 +51,9 @@ class OneByOne:
     def drain(self, older_than: float) -> None:
         for key in self.due(older_than) if self.due is not None else []:
             self.send(key)
+
+    def busy(self) -> bool:
+        return False  # every target is sent at once: nothing waits in a queue
 
 
 def sender(enqueue: Enqueue | Sender, due: Callable[[float], list[str]] | None = None) -> Sender:

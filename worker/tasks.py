@@ -526,6 +526,26 @@ class Enqueuer:
         """A drain of every target due for longer than `older_than` seconds (`Health.sweep`)."""
         _send(self.app, DRAIN_TASK, [older_than])
 
+    def busy(self) -> bool:
+        """Whether the bulk queue holds messages (a passive declare: the broker's count, on
+        Redis and RabbitMQ alike). The sweep waits while it does: in a 100,000-version load every
+        queued target had been due for more than `SIDECAR_SWEEP_AFTER`, so the drains it sent
+        applied them in a race with their own queued batches (the two worker threads taking
+        turns on the same watermark locks, and 99 batches of nothing at ~1.3 s each). A task
+        lost meanwhile is caught by the first sweep after the queue has emptied. A broker that
+        cannot answer counts as not busy: the drain is the backstop, and must not be the one
+        thing a broker hiccup turns off."""
+        try:
+            # No retries: the watcher's loop calls this, and must not wait out a broker outage.
+            with self.app.connection_for_read(connect_timeout=2) as conn:
+                conn.ensure_connection(max_retries=0)
+                name = self.app.conf.sidecar_bulk_queue
+                channel: Any = conn.default_channel  # a transport's Channel; the stubs say StdChannel
+                return bool(channel.queue_declare(queue=name, passive=True).message_count)
+        except Exception as exc:  # an unknown queue (no worker ever declared it), the broker away
+            log.debug("could not count the bulk queue (%s); sweeping", exc)
+            return False
+
     def recheck(self) -> None:
         """After a definition change (the API's PUT and DELETE)."""
         send_recheck(self.app)

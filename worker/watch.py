@@ -320,6 +320,8 @@ class Watcher:
             log.warning("could not enqueue %d applies (%s); the sweep will retry", len(targets), exc)
 
     def _sweep(self) -> None:
+        if self.enqueue.busy():
+            return  # batched applies still queued: a drain now would race them (`Enqueuer.busy`)
         try:
             sent = self.staging.sweep(self.enqueue.drain, older_than=self.settings.sweep_after)
         except RedisError as exc:
