@@ -340,7 +340,10 @@ def _applied(app: Celery, result: ApplyResult) -> None:
         # 100,000 entries neither holds this worker (the apply queue's, for a late line) nor
         # keeps a bulk thread from every other target for minutes. Duplicates are harmless:
         # the next slice starts at the watermark, and one that finds nothing sends nothing.
-        _send(app, BATCH_TASK, [[result.target]])
+        try:
+            _send(app, BATCH_TASK, [[result.target]])
+        except Exception as exc:  # the target stays due (entries after its watermark): the sweep
+            log.warning("could not send the rest of %s (%s); the sweep will apply it", result.target, exc)
     elif target.kind == "execution" and not result.skipped:
         # Even when this apply found nothing new: an API write may have applied the
         # execution's lines inline (it does not send this), and the task is cheap when

@@ -320,8 +320,13 @@ class Watcher:
             log.warning("could not enqueue %d applies (%s); the sweep will retry", len(targets), exc)
 
     def _sweep(self) -> None:
-        if self.enqueue.busy():
-            return  # batched applies still queued: a drain now would race them (`Enqueuer.busy`)
+        # Batched applies still queued will apply their targets: a drain now would race them
+        # (`Enqueuer.busy`). Deliveries are swept all the same.
+        if not self.enqueue.busy():
+            self._send_drain()
+        self._deliveries()
+
+    def _send_drain(self) -> None:
         try:
             sent = self.staging.sweep(self.enqueue.drain, older_than=self.settings.sweep_after)
         except RedisError as exc:
@@ -332,7 +337,6 @@ class Watcher:
             return
         if sent:
             log.info("targets due for over %.1f s: drain sent", self.settings.sweep_after)
-        self._deliveries()
 
     def _deliveries(self) -> None:
         """The backstop of change notifications, and their retries' clock: when a delivery is
